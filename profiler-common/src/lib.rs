@@ -1,0 +1,115 @@
+//! The contract between the eBPF programs (`profiler-ebpf`) and the daemon (`profiler`).
+//!
+//! Everything here crosses a map or the ring buffer, so every type is `#[repr(C)]`, `Copy`,
+//! has explicit padding and a compile-time size assertion. Counter numbers are never reused:
+//! a retired counter keeps its slot.
+#![no_std]
+
+/// Name of the perf_event program that takes one sample per cpu-clock tick.
+pub const PROGRAM_SAMPLE: &str = "sample_cpu";
+/// Ring buffer carrying one [`RawSample`] per sample.
+pub const MAP_SAMPLES: &str = "SAMPLES";
+/// Per-CPU array of `u64` counters indexed by [`Counter`].
+pub const MAP_COUNTERS: &str = "COUNTERS";
+/// Hash of tgids to sample when [`GLOBAL_FILTER_PIDS`] is set.
+pub const MAP_TARGET_PIDS: &str = "TARGET_PIDS";
+/// `.rodata` global: `1` restricts sampling to the tgids in [`MAP_TARGET_PIDS`].
+pub const GLOBAL_FILTER_PIDS: &str = "FILTER_PIDS";
+
+/// Frames kept per stack. It equals the kernel's default `kernel.perf_event_max_stack` (127),
+/// the most `bpf_get_stack` returns without raising that sysctl.
+pub const MAX_STACK_DEPTH: usize = 127;
+/// Length of `task_struct::comm`, NUL included.
+pub const COMM_LEN: usize = 16;
+/// Capacity of [`MAP_TARGET_PIDS`]: more `--pid` flags than this are rejected by the daemon.
+pub const MAX_TARGET_PIDS: u32 = 1024;
+/// Size of the [`MAP_SAMPLES`] ring buffer in bytes (a power of two, a multiple of the page
+/// size). 8 MiB holds ~4,000 records of 2,080 bytes: at 99 Hz on 16 CPUs that is 2.5 s of
+/// slack for the reader, which drains it every time the kernel wakes it.
+pub const SAMPLES_RING_BYTES: u32 = 8 * 1024 * 1024;
+
+/// One sample as the eBPF program writes it into the ring buffer.
+///
+/// The daemon turns it into its own `Sample` (see `profiler::sampler`), keeping only the
+/// `kernel_len`/`user_len` valid frames. Stack arrays hold instruction pointers, leaf first;
+/// entries after the leaf are return addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RawSample {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at the sample.
+    pub ktime_ns: u64,
+    /// Process id as the root pid namespace sees it.
+    pub tgid: u32,
+    /// Thread id as the root pid namespace sees it.
+    pub tid: u32,
+    pub cpu: u32,
+    /// Valid entries in `kernel`.
+    pub kernel_len: u16,
+    /// Valid entries in `user`.
+    pub user_len: u16,
+    /// 0, or the negative errno `bpf_get_stack` returned for the kernel stack.
+    pub kernel_err: i16,
+    /// 0, or the negative errno `bpf_get_stack` returned for the user stack.
+    pub user_err: i16,
+    pub _pad: u32,
+    /// Thread name, NUL-padded.
+    pub comm: [u8; COMM_LEN],
+    pub kernel: [u64; MAX_STACK_DEPTH],
+    pub user: [u64; MAX_STACK_DEPTH],
+}
+
+const _: () = assert!(core::mem::size_of::<RawSample>() == 48 + 2 * 8 * MAX_STACK_DEPTH);
+const _: () = assert!(core::mem::align_of::<RawSample>() == 8);
+
+/// Slots of [`MAP_COUNTERS`]. Numbers are part of the contract and never reused.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// perf events the program ran for (every tick, before any filtering).
+    Events = 0,
+    /// Samples written to the ring buffer.
+    Submitted = 1,
+    /// Ticks that landed in the idle task (pid 0); not CPU use, not recorded.
+    Idle = 2,
+    /// Ticks of processes outside the `--pid` selection.
+    FilteredOut = 3,
+    /// Samples lost because the ring buffer was full.
+    RingFull = 4,
+    /// `bpf_get_stack` failed for the kernel stack (the sample is still sent).
+    KernelStackError = 5,
+    /// `bpf_get_stack` failed for the user stack (the sample is still sent).
+    UserStackError = 6,
+}
+
+/// Number of slots in [`MAP_COUNTERS`] (room to grow without resizing the map).
+pub const COUNTER_SLOTS: u32 = 16;
+
+impl Counter {
+    pub const ALL: [Counter; 7] = [
+        Counter::Events,
+        Counter::Submitted,
+        Counter::Idle,
+        Counter::FilteredOut,
+        Counter::RingFull,
+        Counter::KernelStackError,
+        Counter::UserStackError,
+    ];
+
+    /// Metric-style name used in logs and summaries.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Events => "events",
+            Counter::Submitted => "submitted",
+            Counter::Idle => "idle",
+            Counter::FilteredOut => "filtered_out",
+            Counter::RingFull => "lost_ring_full",
+            Counter::KernelStackError => "kernel_stack_errors",
+            Counter::UserStackError => "user_stack_errors",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: RawSample is repr(C), Copy, made of integers and integer arrays with explicit padding,
+// so every bit pattern is valid.
+unsafe impl aya::Pod for RawSample {}

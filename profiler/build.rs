@@ -1,0 +1,55 @@
+//! Builds the eBPF object (embedded by `bpf::EBPF_OBJECT`) and the pprof protobuf types.
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+
+const SETUP_HINT: &str = "run `cargo xtask setup` to install the eBPF toolchain";
+
+fn main() -> anyhow::Result<()> {
+    println!("cargo:rerun-if-changed=proto/profile.proto");
+    let descriptors =
+        protox::compile(["proto/profile.proto"], ["proto"]).context("compiling proto/profile.proto")?;
+    prost_build::Config::new()
+        .compile_fds(descriptors)
+        .context("generating pprof types")?;
+
+    check_ebpf_toolchain()?;
+    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
+    let ebpf_dir = manifest_dir
+        .parent()
+        .context("profiler crate has no parent directory")?
+        .join("profiler-ebpf");
+    let root_dir = ebpf_dir.to_str().context("profiler-ebpf path is not UTF-8")?;
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: "profiler-ebpf",
+            root_dir,
+            ..Default::default()
+        }],
+        aya_build::Toolchain::Nightly,
+    )
+    .with_context(|| format!("building the eBPF object failed ({SETUP_HINT} if it is missing)"))
+}
+
+/// Fails early, with the fix, when the pieces `aya_build` needs are not installed.
+fn check_ebpf_toolchain() -> anyhow::Result<()> {
+    if std::env::var_os("AYA_BUILD_SKIP").is_some() {
+        return Ok(());
+    }
+    if which::which("bpf-linker").is_err() {
+        bail!("bpf-linker is not on PATH: {SETUP_HINT}");
+    }
+    let sysroot = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--print", "sysroot"])
+        .output();
+    let sysroot = match sysroot {
+        Ok(out) if out.status.success() => {
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        }
+        _ => bail!("the nightly Rust toolchain is not installed: {SETUP_HINT}"),
+    };
+    if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        bail!("the nightly toolchain lacks the rust-src component: {SETUP_HINT}");
+    }
+    Ok(())
+}

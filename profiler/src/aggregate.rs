@@ -1,0 +1,275 @@
+//! Per-interval aggregation: identical (process, stack) pairs are counted once.
+//!
+//! Frames are interned (`Frame` → id) and stacks are interned as id sequences, so a snapshot
+//! carries every distinct frame and stack once, however many samples hit them. User addresses
+//! are resolved to (file, ELF virtual address) here, while the process is most likely still
+//! alive; symbolization happens later, off this thread, in [`crate::report`].
+use std::{collections::HashMap, sync::Arc, time::SystemTime};
+
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use crate::{
+    bpf::CounterSnapshot,
+    process::{FileKey, ObjectFile, ProcessMeta, ProcessRegistry, RegistryStats, UserFrame},
+    sampler::{Message, Sample},
+};
+
+/// One distinct frame of an interval. Non-leaf addresses are return addresses minus one, so
+/// they fall inside the call instruction and name the calling line.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Frame {
+    Kernel(u64),
+    /// Index into [`Snapshot::objects`] and the ELF virtual address in that file.
+    Object {
+        object: u32,
+        vaddr: u64,
+    },
+    /// Non-file executable memory (`[vdso]`, `[anon]`), offset from the mapping start.
+    Special {
+        name: Arc<str>,
+        offset: u64,
+    },
+    /// A user address no mapping explained (the process exited first, or a bad frame pointer).
+    Unknown(u64),
+    /// Both stack walks failed; the sample still counts as CPU time of its process.
+    NoStack,
+}
+
+/// Samples of one process with one stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StackCount {
+    pub pid: u32,
+    pub stack: u32,
+    pub count: u64,
+}
+
+/// Everything one interval produced, ready to be symbolized and encoded.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub frames: Vec<Frame>,
+    /// Frame ids, leaf first: kernel frames, then user frames.
+    pub stacks: Vec<Box<[u32]>>,
+    pub objects: Vec<Arc<ObjectFile>>,
+    pub counts: Vec<StackCount>,
+    pub processes: HashMap<u32, ProcessMeta>,
+    /// Kernel counters over this interval.
+    pub counters: CounterSnapshot,
+    pub registry: RegistryStats,
+    pub last: bool,
+}
+
+impl Snapshot {
+    pub fn samples(&self) -> u64 {
+        self.counts.iter().map(|c| c.count).sum()
+    }
+}
+
+#[derive(Default)]
+struct Interval {
+    frames: Vec<Frame>,
+    frame_ids: HashMap<Frame, u32>,
+    stacks: Vec<Box<[u32]>>,
+    stack_ids: HashMap<Box<[u32]>, u32>,
+    objects: Vec<Arc<ObjectFile>>,
+    object_ids: HashMap<FileKey, u32>,
+    counts: HashMap<(u32, u32), u64>,
+    processes: HashMap<u32, ProcessMeta>,
+}
+
+impl Interval {
+    fn frame(&mut self, frame: Frame) -> u32 {
+        if let Some(&id) = self.frame_ids.get(&frame) {
+            return id;
+        }
+        let id = self.frames.len() as u32;
+        self.frames.push(frame.clone());
+        self.frame_ids.insert(frame, id);
+        id
+    }
+
+    fn object(&mut self, object: Arc<ObjectFile>) -> u32 {
+        if let Some(&id) = self.object_ids.get(&object.key) {
+            return id;
+        }
+        let id = self.objects.len() as u32;
+        self.object_ids.insert(object.key, id);
+        self.objects.push(object);
+        id
+    }
+
+    fn stack(&mut self, ids: Vec<u32>) -> u32 {
+        if let Some(&id) = self.stack_ids.get(ids.as_slice()) {
+            return id;
+        }
+        let id = self.stacks.len() as u32;
+        let ids: Box<[u32]> = ids.into();
+        self.stacks.push(ids.clone());
+        self.stack_ids.insert(ids, id);
+        id
+    }
+}
+
+pub struct Aggregator {
+    registry: ProcessRegistry,
+    interval: Interval,
+    start: SystemTime,
+    counters_at_start: CounterSnapshot,
+}
+
+impl Aggregator {
+    pub fn new(registry: ProcessRegistry, start: SystemTime, counters: CounterSnapshot) -> Self {
+        Self {
+            registry,
+            interval: Interval::default(),
+            start,
+            counters_at_start: counters,
+        }
+    }
+
+    pub fn add(&mut self, sample: &Sample) {
+        let interval = &mut self.interval;
+        let mut ids = Vec::with_capacity(sample.kernel.len() + sample.user.len());
+        for (i, &ip) in sample.kernel.iter().enumerate() {
+            ids.push(interval.frame(Frame::Kernel(caller_adjusted(i, ip))));
+        }
+        for (i, &ip) in sample.user.iter().enumerate() {
+            let addr = caller_adjusted(i, ip);
+            let frame = match self.registry.resolve_user(sample.tgid, addr) {
+                UserFrame::Object { object, vaddr } => Frame::Object {
+                    object: interval.object(object),
+                    vaddr,
+                },
+                UserFrame::Special { name, offset } => Frame::Special { name, offset },
+                UserFrame::Unknown => Frame::Unknown(addr),
+            };
+            ids.push(interval.frame(frame));
+        }
+        if ids.is_empty() {
+            ids.push(interval.frame(Frame::NoStack));
+        }
+        let stack = interval.stack(ids);
+        *interval.counts.entry((sample.tgid, stack)).or_default() += 1;
+        if !interval.processes.contains_key(&sample.tgid) {
+            let mut meta = self.registry.meta(sample.tgid);
+            // A process gone before /proc could be read keeps the name of the sampled thread.
+            meta.comm.get_or_insert_with(|| sample.comm.clone());
+            interval.processes.insert(sample.tgid, meta);
+        }
+    }
+
+    /// Closes the interval at `end` and starts the next one.
+    pub fn flush(&mut self, end: SystemTime, counters: CounterSnapshot, last: bool) -> Snapshot {
+        let interval = std::mem::take(&mut self.interval);
+        let mut counts: Vec<StackCount> = interval
+            .counts
+            .into_iter()
+            .map(|((pid, stack), count)| StackCount { pid, stack, count })
+            .collect();
+        counts.sort_unstable_by_key(|c| (c.pid, c.stack));
+        let snapshot = Snapshot {
+            start: self.start,
+            end,
+            frames: interval.frames,
+            stacks: interval.stacks,
+            objects: interval.objects,
+            counts,
+            processes: interval.processes,
+            counters: counters.since(&self.counters_at_start),
+            registry: self.registry.stats.clone(),
+            last,
+        };
+        self.registry.end_interval();
+        self.start = end;
+        self.counters_at_start = counters;
+        snapshot
+    }
+}
+
+fn caller_adjusted(index: usize, ip: u64) -> u64 {
+    if index == 0 { ip } else { ip.saturating_sub(1) }
+}
+
+/// The aggregator stage: runs on a blocking thread (it reads /proc and parses ELF files) until
+/// it has flushed the last interval. A full report queue blocks it; the sampler then drops and
+/// counts samples instead of growing memory.
+pub fn run(mut aggregator: Aggregator, mut rx: mpsc::Receiver<Message>, tx: mpsc::Sender<Snapshot>) {
+    while let Some(message) = rx.blocking_recv() {
+        match message {
+            Message::Sample(sample) => aggregator.add(&sample),
+            Message::Flush { end, counters, last } => {
+                let snapshot = aggregator.flush(end, counters, last);
+                debug!(
+                    samples = snapshot.samples(),
+                    stacks = snapshot.stacks.len(),
+                    "interval closed"
+                );
+                if tx.blocking_send(snapshot).is_err() || last {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(tgid: u32, kernel: &[u64], user: &[u64]) -> Sample {
+        Sample {
+            ktime_ns: 0,
+            tgid,
+            tid: tgid,
+            cpu: 0,
+            comm: "t".into(),
+            kernel: kernel.to_vec(),
+            user: user.to_vec(),
+            kernel_err: None,
+            user_err: None,
+        }
+    }
+
+    #[test]
+    fn identical_stacks_are_counted_once() {
+        let mut agg = Aggregator::new(
+            ProcessRegistry::default(),
+            SystemTime::now(),
+            CounterSnapshot::default(),
+        );
+        // A pid that does not exist: user frames stay unknown, the sample still counts.
+        let pid = u32::MAX - 7;
+        for _ in 0..3 {
+            agg.add(&sample(
+                pid,
+                &[0xffff_ffff_8100_0010, 0xffff_ffff_8100_0100],
+                &[0x1000, 0x2001],
+            ));
+        }
+        agg.add(&sample(pid, &[], &[]));
+        let snap = agg.flush(SystemTime::now(), CounterSnapshot::default(), false);
+        assert_eq!(snap.samples(), 4);
+        assert_eq!(snap.counts.len(), 2);
+        assert_eq!(snap.stacks.len(), 2);
+        let three = snap.counts.iter().find(|c| c.count == 3).expect("stack with 3");
+        let frames: Vec<&Frame> = snap.stacks[three.stack as usize]
+            .iter()
+            .map(|&f| &snap.frames[f as usize])
+            .collect();
+        assert_eq!(
+            frames,
+            [
+                &Frame::Kernel(0xffff_ffff_8100_0010),
+                &Frame::Kernel(0xffff_ffff_8100_00ff),
+                &Frame::Unknown(0x1000),
+                &Frame::Unknown(0x2000),
+            ]
+        );
+        assert_eq!(snap.processes[&pid].comm.as_deref(), Some("t"));
+        let next = agg.flush(SystemTime::now(), CounterSnapshot::default(), true);
+        assert_eq!(next.samples(), 0);
+        assert!(next.frames.is_empty());
+    }
+}

@@ -1,0 +1,338 @@
+//! Loading the embedded eBPF object and attaching it to every online CPU.
+use std::{fs, io};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{
+        PerfEvent, ProgramError,
+        perf_event::{HardwareEvent, PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+    },
+};
+use profiler_common::{
+    COUNTER_SLOTS, Counter, GLOBAL_FILTER_PIDS, MAP_COUNTERS, MAP_SAMPLES, MAP_TARGET_PIDS, PROGRAM_SAMPLE,
+};
+use tracing::{debug, info};
+
+/// The eBPF object built by build.rs from the `profiler-ebpf` crate.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler-ebpf"));
+
+/// Lines of the verifier log shown in a load error; the decisive lines are at its end.
+const VERIFIER_EXCERPT_LINES: usize = 30;
+
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error(
+        "missing capability {missing}: loading BPF programs and opening perf events needs CAP_BPF \
+         and CAP_PERFMON (or CAP_SYS_ADMIN); run as root, or grant them with \
+         `setcap cap_bpf,cap_perfmon+ep <profiler binary>`"
+    )]
+    MissingCapability { missing: &'static str },
+    #[error("reading capabilities from /proc/self/status: {0}")]
+    Capabilities(String),
+    #[error("loading the eBPF object on kernel {kernel} failed: {source}")]
+    Load {
+        kernel: String,
+        source: Box<aya::EbpfError>,
+    },
+    #[error(
+        "the kernel ({kernel}) rejected eBPF program `{program}`: {io_error}\n\
+         last lines of the verifier log:\n{excerpt}"
+    )]
+    Verifier {
+        program: &'static str,
+        kernel: String,
+        io_error: io::Error,
+        excerpt: String,
+    },
+    #[error("program `{program}` on kernel {kernel}: {source}")]
+    Program {
+        program: &'static str,
+        kernel: String,
+        source: Box<ProgramError>,
+    },
+    #[error("the eBPF object has no {kind} named `{name}`")]
+    Missing { kind: &'static str, name: &'static str },
+    #[error("BPF map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        source: Box<MapError>,
+    },
+    #[error("listing online CPUs ({path}): {source}")]
+    OnlineCpus { path: &'static str, source: io::Error },
+    #[error("perf_event_open for the cpu-clock event on cpu {cpu} failed (kernel {kernel}): {source}")]
+    Attach {
+        cpu: u32,
+        kernel: String,
+        source: Box<ProgramError>,
+    },
+}
+
+/// Which perf event drives sampling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventSource {
+    /// Hardware CPU cycles (where a PMU exists).
+    Cycles,
+    /// The software cpu-clock timer (VMs without a virtual PMU).
+    CpuClock,
+}
+
+impl EventSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            EventSource::Cycles => "cycles",
+            EventSource::CpuClock => "cpu-clock",
+        }
+    }
+}
+
+/// Sums of the per-CPU counters, indexed like [`Counter`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterSnapshot(pub [u64; COUNTER_SLOTS as usize]);
+
+impl CounterSnapshot {
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.0[counter as usize]
+    }
+
+    /// Counts since `earlier` (counters only grow).
+    pub fn since(&self, earlier: &CounterSnapshot) -> CounterSnapshot {
+        let mut out = [0; COUNTER_SLOTS as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = self.0[i].saturating_sub(earlier.0[i]);
+        }
+        CounterSnapshot(out)
+    }
+}
+
+/// A loaded and attached sampler. Dropping it detaches the programs.
+pub struct BpfSession {
+    ebpf: Ebpf,
+    pub event: EventSource,
+    pub cpus: Vec<u32>,
+}
+
+pub fn kernel_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// Checks the effective capabilities before touching BPF, so the error names what is missing
+/// instead of a bare EPERM.
+pub fn check_capabilities() -> Result<(), BpfError> {
+    let status =
+        fs::read_to_string("/proc/self/status").map_err(|e| BpfError::Capabilities(e.to_string()))?;
+    let caps =
+        parse_cap_eff(&status).ok_or_else(|| BpfError::Capabilities("no parsable CapEff line".to_owned()))?;
+    missing_capability(caps).map_or(Ok(()), |missing| Err(BpfError::MissingCapability { missing }))
+}
+
+fn parse_cap_eff(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+fn missing_capability(caps: u64) -> Option<&'static str> {
+    let has = |bit: u32| caps & (1u64 << bit) != 0;
+    if has(CAP_SYS_ADMIN) {
+        return None;
+    }
+    if !has(CAP_BPF) {
+        return Some("CAP_BPF");
+    }
+    if !has(CAP_PERFMON) {
+        return Some("CAP_PERFMON");
+    }
+    None
+}
+
+fn raise_memlock_rlimit() {
+    // Kernels since 5.11 charge BPF memory to the memory cgroup and ignore RLIMIT_MEMLOCK; on
+    // older ones the default 64 KiB limit would fail the 8 MiB ring buffer.
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid, initialized rlimit struct.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+    if rc != 0 {
+        debug!(error = %io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
+    }
+}
+
+fn verifier_excerpt(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    let start = lines.len().saturating_sub(VERIFIER_EXCERPT_LINES);
+    lines[start..].join("\n")
+}
+
+impl BpfSession {
+    /// Loads the programs, restricts them to `pids` (all processes when empty) and attaches
+    /// one perf event per online CPU at `frequency` Hz.
+    pub fn start(frequency: u32, pids: &[u32]) -> Result<Self, BpfError> {
+        check_capabilities()?;
+        raise_memlock_rlimit();
+        let kernel = kernel_release();
+        let filter: u8 = u8::from(!pids.is_empty());
+        let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_FILTER_PIDS, &filter, true)
+            .load(EBPF_OBJECT)
+            .map_err(|source| BpfError::Load {
+                kernel: kernel.clone(),
+                source: Box::new(source),
+            })?;
+
+        if !pids.is_empty() {
+            let map = ebpf.map_mut(MAP_TARGET_PIDS).ok_or(BpfError::Missing {
+                kind: "map",
+                name: MAP_TARGET_PIDS,
+            })?;
+            let mut targets: HashMap<&mut MapData, u32, u8> =
+                HashMap::try_from(map).map_err(|e| BpfError::Map {
+                    name: MAP_TARGET_PIDS,
+                    source: Box::new(e),
+                })?;
+            for pid in pids {
+                targets.insert(pid, 1, 0).map_err(|e| BpfError::Map {
+                    name: MAP_TARGET_PIDS,
+                    source: Box::new(e),
+                })?;
+            }
+        }
+
+        let program: &mut PerfEvent = ebpf
+            .program_mut(PROGRAM_SAMPLE)
+            .ok_or(BpfError::Missing {
+                kind: "program",
+                name: PROGRAM_SAMPLE,
+            })?
+            .try_into()
+            .map_err(|e| BpfError::Program {
+                program: PROGRAM_SAMPLE,
+                kernel: kernel.clone(),
+                source: Box::new(e),
+            })?;
+        program.load().map_err(|e| match e {
+            ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            } => BpfError::Verifier {
+                program: PROGRAM_SAMPLE,
+                kernel: kernel.clone(),
+                io_error,
+                excerpt: verifier_excerpt(&verifier_log.to_string()),
+            },
+            other => BpfError::Program {
+                program: PROGRAM_SAMPLE,
+                kernel: kernel.clone(),
+                source: Box::new(other),
+            },
+        })?;
+
+        let cpus =
+            aya::util::online_cpus().map_err(|(path, source)| BpfError::OnlineCpus { path, source })?;
+        let policy = SamplePolicy::Frequency(u64::from(frequency));
+        let scope = |cpu| PerfEventScope::AllProcessesOneCpu { cpu };
+        let mut event = EventSource::Cycles;
+        for &cpu in &cpus {
+            if event == EventSource::Cycles {
+                let cycles = PerfEventConfig::Hardware(HardwareEvent::CpuCycles);
+                match program.attach(cycles, scope(cpu), policy, false) {
+                    Ok(_) => continue,
+                    Err(e) => {
+                        info!(cpu, error = %e, "no hardware cycles event, sampling with cpu-clock");
+                        event = EventSource::CpuClock;
+                    }
+                }
+            }
+            let clock = PerfEventConfig::Software(SoftwareEvent::CpuClock);
+            program
+                .attach(clock, scope(cpu), policy, false)
+                .map_err(|e| BpfError::Attach {
+                    cpu,
+                    kernel: kernel.clone(),
+                    source: Box::new(e),
+                })?;
+        }
+        info!(
+            event = event.name(),
+            cpus = cpus.len(),
+            frequency,
+            "sampling started"
+        );
+        Ok(Self { ebpf, event, cpus })
+    }
+
+    /// Detaches and unloads the sampling program; maps stay readable.
+    pub fn stop(&mut self) {
+        let program: Option<&mut PerfEvent> = self
+            .ebpf
+            .program_mut(PROGRAM_SAMPLE)
+            .and_then(|p| p.try_into().ok());
+        if let Some(program) = program
+            && let Err(error) = program.unload()
+        {
+            tracing::warn!(%error, "unloading the sampling program failed");
+        }
+    }
+
+    /// Takes the sample ring buffer out of the session (once).
+    pub fn take_samples(&mut self) -> Result<RingBuf<MapData>, BpfError> {
+        let map = self.ebpf.take_map(MAP_SAMPLES).ok_or(BpfError::Missing {
+            kind: "map",
+            name: MAP_SAMPLES,
+        })?;
+        RingBuf::try_from(map).map_err(|e| BpfError::Map {
+            name: MAP_SAMPLES,
+            source: Box::new(e),
+        })
+    }
+
+    /// Reads and sums the per-CPU counters.
+    pub fn counters(&self) -> Result<CounterSnapshot, BpfError> {
+        let map = self.ebpf.map(MAP_COUNTERS).ok_or(BpfError::Missing {
+            kind: "map",
+            name: MAP_COUNTERS,
+        })?;
+        let wrap = |e| BpfError::Map {
+            name: MAP_COUNTERS,
+            source: Box::new(e),
+        };
+        let array: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(wrap)?;
+        let mut out = CounterSnapshot::default();
+        for (i, slot) in out.0.iter_mut().enumerate() {
+            let values = array.get(&(i as u32), 0).map_err(wrap)?;
+            *slot = values.iter().sum();
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capability_check_names_the_missing_one() {
+        assert_eq!(missing_capability(0), Some("CAP_BPF"));
+        assert_eq!(missing_capability(1 << CAP_BPF), Some("CAP_PERFMON"));
+        assert_eq!(missing_capability((1 << CAP_BPF) | (1 << CAP_PERFMON)), None);
+        assert_eq!(missing_capability(1 << CAP_SYS_ADMIN), None);
+        let status = "Name:\tx\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(parse_cap_eff(status), Some(0x1ff_ffff_ffff));
+        assert_eq!(parse_cap_eff("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn verifier_excerpt_keeps_the_end() {
+        let log: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        let excerpt = verifier_excerpt(&log);
+        assert!(excerpt.starts_with("line 70"));
+        assert!(excerpt.ends_with("line 99"));
+    }
+}

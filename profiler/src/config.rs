@@ -1,0 +1,204 @@
+//! Command line and its validation into a typed configuration.
+use std::{num::NonZeroU32, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+/// Highest sampling frequency accepted. The kernel's own default cap
+/// (`kernel.perf_event_max_sample_rate`) is 100 kHz across all events; a CPU profiler gains
+/// nothing above 1 kHz and would pay for it in overhead.
+pub const MAX_FREQUENCY_HZ: u32 = 1000;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "profiler",
+    version,
+    about = "Whole-system eBPF CPU profiler writing pprof profiles"
+)]
+pub struct Cli {
+    /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `profiler=debug`.
+    #[arg(long, env = "PROFILER_LOG", default_value = "info", global = true)]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Record the whole machine (or some processes) once and write one profile.
+    Record(RecordArgs),
+    /// Run continuously, writing one profile per interval into an archive directory.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SamplingArgs {
+    /// Samples per second per CPU [default: 99 for `record`, 19 for `run`].
+    #[arg(long, short = 'F', env = "PROFILER_FREQUENCY", value_name = "HZ")]
+    pub frequency: Option<u32>,
+    /// Only sample this process (host pid); repeat for more. Default: every process.
+    #[arg(long = "pid", short = 'p', value_name = "PID")]
+    pub pids: Vec<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// How long to record, e.g. `10s`, `1m30s`.
+    #[arg(long, short = 'd', default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Where to write the gzip'd pprof profile.
+    #[arg(long, short = 'o', default_value = "profile.pb.gz")]
+    pub output: PathBuf,
+    /// Print this many top functions (by own samples) when done; 0 prints none.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Length of one profile, e.g. `15s`.
+    #[arg(long, env = "PROFILER_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// Directory of the local profile archive (the default exporter).
+    #[arg(
+        long,
+        env = "PROFILER_OUTPUT_DIR",
+        default_value = "/var/lib/profiler/profiles"
+    )]
+    pub output_dir: PathBuf,
+    /// Keep at most this many profiles in the archive; older ones are deleted.
+    #[arg(long, env = "PROFILER_RETAIN_COUNT", default_value_t = 240)]
+    pub retain_count: usize,
+    /// Keep at most this many bytes of profiles (suffixes K, M, G are binary units).
+    #[arg(long, env = "PROFILER_RETAIN_BYTES", default_value = "1G", value_parser = parse_bytes)]
+    pub retain_bytes: u64,
+}
+
+/// Validated sampling settings shared by both commands.
+#[derive(Debug, Clone)]
+pub struct SamplingConfig {
+    pub frequency: NonZeroU32,
+    /// Empty means every process.
+    pub pids: Vec<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--frequency must be between 1 and {MAX_FREQUENCY_HZ} Hz, got {0}")]
+    Frequency(u32),
+    #[error("at most {max} --pid flags are supported, got {got}")]
+    TooManyPids { max: u32, got: usize },
+    #[error("--pid 0 is not a process (pid 0 is the idle task)")]
+    PidZero,
+    #[error("--{flag} must be at least 1s, got {value:?}")]
+    DurationTooShort { flag: &'static str, value: Duration },
+    #[error("--retain-count must be at least 1")]
+    RetainCount,
+}
+
+impl SamplingArgs {
+    pub fn validate(&self, default_hz: u32) -> Result<SamplingConfig, ConfigError> {
+        let hz = self.frequency.unwrap_or(default_hz);
+        let frequency = NonZeroU32::new(hz)
+            .filter(|f| f.get() <= MAX_FREQUENCY_HZ)
+            .ok_or(ConfigError::Frequency(hz))?;
+        let max = profiler_common::MAX_TARGET_PIDS;
+        if self.pids.len() > max as usize {
+            return Err(ConfigError::TooManyPids {
+                max,
+                got: self.pids.len(),
+            });
+        }
+        if self.pids.contains(&0) {
+            return Err(ConfigError::PidZero);
+        }
+        let mut pids = self.pids.clone();
+        pids.sort_unstable();
+        pids.dedup();
+        Ok(SamplingConfig { frequency, pids })
+    }
+}
+
+pub fn check_duration(flag: &'static str, value: Duration) -> Result<Duration, ConfigError> {
+    if value < Duration::from_secs(1) {
+        return Err(ConfigError::DurationTooShort { flag, value });
+    }
+    Ok(value)
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 10s, 500ms, 2m)"))
+}
+
+/// Parses `1048576`, `512K`, `64M`, `1G` (binary units).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (examples: 1048576, 512K, 64M, 1G)"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert_eq!(parse_bytes("2K"), Ok(2048));
+        assert_eq!(parse_bytes("64M"), Ok(64 << 20));
+        assert_eq!(parse_bytes("1G"), Ok(1 << 30));
+        assert!(parse_bytes("ten").unwrap_err().contains("not a size"));
+        assert!(parse_bytes("99999999999G").unwrap_err().contains("too large"));
+    }
+
+    #[test]
+    fn sampling_validation_names_the_bad_value() {
+        let args = SamplingArgs {
+            frequency: Some(0),
+            pids: vec![],
+        };
+        assert_eq!(
+            args.validate(19).unwrap_err().to_string(),
+            "--frequency must be between 1 and 1000 Hz, got 0"
+        );
+        let args = SamplingArgs {
+            frequency: None,
+            pids: vec![7, 3, 7],
+        };
+        let cfg = args.validate(19).expect("valid");
+        assert_eq!(cfg.frequency.get(), 19);
+        assert_eq!(cfg.pids, vec![3, 7]);
+        let args = SamplingArgs {
+            frequency: Some(99),
+            pids: vec![0],
+        };
+        assert!(matches!(args.validate(19), Err(ConfigError::PidZero)));
+    }
+
+    #[test]
+    fn cli_rejects_bad_durations() {
+        let err = Cli::try_parse_from(["profiler", "record", "--duration", "soon"]).unwrap_err();
+        assert!(err.to_string().contains("examples"), "{err}");
+        let cli =
+            Cli::try_parse_from(["profiler", "record", "-d", "3s", "-p", "1", "-p", "2"]).expect("parses");
+        match cli.command {
+            Command::Record(r) => {
+                assert_eq!(r.duration, Duration::from_secs(3));
+                assert_eq!(r.sampling.pids, vec![1, 2]);
+            }
+            Command::Run(_) => panic!("parsed as run"),
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! Whole-system eBPF CPU profiler.
+//!
+//! Data flow (see docs/architecture.md): the eBPF program samples every CPU and streams
+//! [`profiler_common::RawSample`]s through a ring buffer → [`sampler`] decodes them →
+//! [`aggregate`] resolves user addresses through the [`process`] registry and counts identical
+//! stacks per interval → [`report`] symbolizes ([`symbolize`]), encodes pprof ([`encode`]) and
+//! hands the result to the exporters ([`export`]). [`daemon`] owns the lifecycle.
+pub mod aggregate;
+pub mod bpf;
+pub mod config;
+pub mod daemon;
+pub mod encode;
+pub mod export;
+pub mod process;
+pub mod report;
+pub mod sampler;
+pub mod summary;
+pub mod symbolize;
+
+/// Types generated from `proto/profile.proto` (package `perftools.profiles`).
+pub mod pprof {
+    include!(concat!(env!("OUT_DIR"), "/perftools.profiles.rs"));
+}

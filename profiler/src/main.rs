@@ -1,0 +1,100 @@
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use clap::Parser as _;
+use profiler::{
+    config::{Cli, Command, ConfigError, check_duration},
+    daemon::{self, Plan},
+    export::{ArchiveExporter, FileExporter},
+    summary,
+};
+use profiler_common::Counter;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Record(args) => {
+            let sampling = args.sampling.validate(99)?;
+            let duration = check_duration("duration", args.duration)?;
+            let exporter = FileExporter::new(args.output.clone())?;
+            let plan = Plan {
+                sampling,
+                interval: duration,
+                once: true,
+                exporters: vec![Box::new(exporter)],
+            };
+            let summary = daemon::run(plan).await?;
+            if let Some(failure) = summary.export_failures.first() {
+                bail!("the profile was not written: {failure}");
+            }
+            let report = summary.last.context("no profile was produced")?;
+            let processes = report
+                .profile
+                .sample
+                .iter()
+                .filter_map(|s| s.label.first().map(|l| l.num))
+                .collect::<std::collections::HashSet<_>>()
+                .len();
+            println!(
+                "wrote {}: {} samples from {} processes ({} idle ticks not recorded, {} lost)",
+                args.output.display(),
+                summary.samples,
+                processes,
+                summary.counters.get(Counter::Idle),
+                summary.counters.get(Counter::RingFull),
+            );
+            if args.top > 0 {
+                let (total, top) = summary::top_functions(&report.profile, args.top);
+                print!("{}", summary::render(total, &top));
+            }
+            Ok(())
+        }
+        Command::Run(args) => {
+            let sampling = args.sampling.validate(19)?;
+            let interval = check_duration("interval", args.interval)?;
+            if args.retain_count == 0 {
+                return Err(ConfigError::RetainCount.into());
+            }
+            let archive =
+                ArchiveExporter::new(args.output_dir.clone(), args.retain_count, args.retain_bytes)?;
+            tracing::info!(dir = %args.output_dir.display(), interval = ?interval, "writing profiles to the local archive");
+            let plan = Plan {
+                sampling,
+                interval,
+                once: false,
+                exporters: vec![Box::new(archive)],
+            };
+            let summary = daemon::run(plan).await?;
+            tracing::info!(profiles = summary.profiles, samples = summary.samples, "done");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! Process registry: what each sampled process has mapped, read from /proc.
+//!
+//! The aggregator owns it. A process is read on its first sample in an interval (mappings
+//! change with dlopen, and pids get reused), and again when an address falls outside the known
+//! mappings. A process that exited before it could be read is remembered as gone, so its
+//! frames become `[unknown]` instead of costing a /proc read per sample.
+//!
+//! Mapped files are [`ObjectFile`]s, shared by every process that maps the same (device,
+//! inode) and parsed once. They are opened through `/proc/<pid>/root` (the process's own mount
+//! namespace, so container binaries work) or `/proc/<pid>/map_files` (also for deleted files).
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use procfs::process::{MMPermissions, MMapPath, Process};
+use tracing::debug;
+
+use crate::symbolize::elf::ElfImage;
+
+/// Identity of a mapped file as /proc/<pid>/maps shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileKey {
+    pub dev: (i32, i32),
+    pub inode: u64,
+}
+
+/// A file mapped executable by at least one process.
+#[derive(Debug)]
+pub struct ObjectFile {
+    /// Path as the process sees it (without a ` (deleted)` suffix).
+    pub path: String,
+    pub key: FileKey,
+    /// The parsed file, or why it could not be read.
+    pub image: Result<ElfImage, String>,
+}
+
+impl ObjectFile {
+    pub fn build_id(&self) -> Option<&str> {
+        self.image.as_ref().ok()?.build_id.as_deref()
+    }
+
+    /// ELF virtual address of a file offset (the offset itself when the file is unreadable).
+    pub fn vaddr_of_offset(&self, offset: u64) -> u64 {
+        self.image
+            .as_ref()
+            .ok()
+            .and_then(|image| image.vaddr_of_offset(offset))
+            .unwrap_or(offset)
+    }
+
+    /// File name without directories, for synthetic `name+0xoffset` frames.
+    pub fn base_name(&self) -> &str {
+        self.path.rsplit('/').next().unwrap_or(&self.path)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum MappingKind {
+    File {
+        key: FileKey,
+        path: String,
+        deleted: bool,
+    },
+    /// `[vdso]`, anonymous executable memory (JIT code), `[anon:name]`.
+    Special(Arc<str>),
+}
+
+#[derive(Debug, Clone)]
+struct ExecMapping {
+    start: u64,
+    end: u64,
+    offset: u64,
+    kind: MappingKind,
+}
+
+#[derive(Debug)]
+struct ProcessEntry {
+    comm: Option<String>,
+    exe: Option<String>,
+    /// Executable mappings sorted by start.
+    mappings: Vec<ExecMapping>,
+    read_at: Option<Instant>,
+    /// Interval generation of the last read.
+    read_generation: u64,
+    used_generation: u64,
+    gone: bool,
+}
+
+/// Where a user address landed.
+#[derive(Debug, Clone)]
+pub enum UserFrame {
+    Object {
+        object: Arc<ObjectFile>,
+        vaddr: u64,
+    },
+    Special {
+        name: Arc<str>,
+        offset: u64,
+    },
+    /// No mapping holds the address, or the process was gone.
+    Unknown,
+}
+
+/// Process facts that end up as labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessMeta {
+    pub comm: Option<String>,
+    pub exe: Option<String>,
+}
+
+/// Counters of the registry, cumulative.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryStats {
+    pub maps_reads: u64,
+    pub maps_read_failures: u64,
+    pub objects_loaded: u64,
+    pub objects_unreadable: u64,
+    pub objects_evicted: u64,
+}
+
+/// Minimum time between two re-reads of one process's maps on an address miss.
+const REREAD_AFTER_MISS: Duration = Duration::from_secs(1);
+/// Intervals an idle process or file stays cached before eviction.
+const IDLE_GENERATIONS: u64 = 2;
+
+pub struct ProcessRegistry {
+    procfs_root: PathBuf,
+    processes: HashMap<u32, ProcessEntry>,
+    objects: HashMap<FileKey, (Arc<ObjectFile>, u64)>,
+    /// Most files kept parsed at once; past it the least recently used idle ones go first.
+    /// 1,024 covers the distinct executables and libraries of a busy node (typically 200–600).
+    max_objects: usize,
+    generation: u64,
+    pub stats: RegistryStats,
+}
+
+impl Default for ProcessRegistry {
+    fn default() -> Self {
+        Self::new(PathBuf::from("/proc"), 1024)
+    }
+}
+
+impl ProcessRegistry {
+    pub fn new(procfs_root: PathBuf, max_objects: usize) -> Self {
+        Self {
+            procfs_root,
+            processes: HashMap::new(),
+            objects: HashMap::new(),
+            max_objects,
+            generation: 0,
+            stats: RegistryStats::default(),
+        }
+    }
+
+    /// Labels of a process (reading it if it is new).
+    pub fn meta(&mut self, pid: u32) -> ProcessMeta {
+        let entry = self.entry(pid);
+        ProcessMeta {
+            comm: entry.comm.clone(),
+            exe: entry.exe.clone(),
+        }
+    }
+
+    /// Resolves a user-space address of `pid` to a file and ELF virtual address.
+    pub fn resolve_user(&mut self, pid: u32, addr: u64) -> UserFrame {
+        let mut mapping = self.entry(pid).find(addr).cloned();
+        if mapping.is_none() {
+            let entry = self.entry(pid);
+            let stale = entry.read_at.is_none_or(|t| t.elapsed() >= REREAD_AFTER_MISS);
+            if !entry.gone && stale {
+                self.read(pid);
+                mapping = self.entry(pid).find(addr).cloned();
+            }
+        }
+        let Some(mapping) = mapping else {
+            return UserFrame::Unknown;
+        };
+        match mapping.kind {
+            MappingKind::Special(name) => UserFrame::Special {
+                name,
+                offset: addr - mapping.start,
+            },
+            MappingKind::File {
+                key,
+                ref path,
+                deleted,
+            } => {
+                let object = self.object(pid, &mapping, key, path, deleted);
+                let vaddr = object.vaddr_of_offset(addr - mapping.start + mapping.offset);
+                UserFrame::Object { object, vaddr }
+            }
+        }
+    }
+
+    /// Closes an interval: forgets processes and files unused for a while.
+    pub fn end_interval(&mut self) {
+        self.generation += 1;
+        let keep_after = self.generation.saturating_sub(IDLE_GENERATIONS);
+        self.processes.retain(|_, p| p.used_generation >= keep_after);
+        let before = self.objects.len();
+        self.objects
+            .retain(|_, (object, used)| *used >= keep_after || Arc::strong_count(object) > 1);
+        if self.objects.len() > self.max_objects {
+            let mut by_age: Vec<(u64, FileKey)> =
+                self.objects.iter().map(|(k, (_, used))| (*used, *k)).collect();
+            by_age.sort_unstable_by_key(|(used, _)| *used);
+            let excess = self.objects.len() - self.max_objects;
+            for (_, key) in by_age.into_iter().take(excess) {
+                self.objects.remove(&key);
+            }
+        }
+        self.stats.objects_evicted += (before - self.objects.len()) as u64;
+    }
+
+    pub fn cached_objects(&self) -> usize {
+        self.objects.len()
+    }
+
+    fn entry(&mut self, pid: u32) -> &mut ProcessEntry {
+        let generation = self.generation;
+        let needs_read = self
+            .processes
+            .get(&pid)
+            .is_none_or(|p| p.read_generation < generation);
+        if needs_read {
+            self.read(pid);
+        }
+        let entry = self
+            .processes
+            .entry(pid)
+            .or_insert_with(|| ProcessEntry::gone(generation));
+        entry.used_generation = generation;
+        entry
+    }
+
+    fn read(&mut self, pid: u32) {
+        self.stats.maps_reads += 1;
+        let generation = self.generation;
+        let process = Process::new_with_root(self.procfs_root.join(pid.to_string()));
+        let read = process.and_then(|p| {
+            let maps = p.maps()?;
+            let comm = p.stat().ok().map(|s| s.comm);
+            let exe = p.exe().ok().map(|e| e.display().to_string());
+            Ok((maps, comm, exe))
+        });
+        let entry = match read {
+            Ok((maps, comm, exe)) => {
+                let mut mappings: Vec<ExecMapping> = maps
+                    .into_iter()
+                    .filter(|m| m.perms.contains(MMPermissions::EXECUTE))
+                    .map(|m| ExecMapping {
+                        start: m.address.0,
+                        end: m.address.1,
+                        offset: m.offset,
+                        kind: mapping_kind(m.pathname, m.dev, m.inode),
+                    })
+                    .collect();
+                mappings.sort_unstable_by_key(|m| m.start);
+                ProcessEntry {
+                    comm,
+                    exe,
+                    mappings,
+                    read_at: Some(Instant::now()),
+                    read_generation: generation,
+                    used_generation: generation,
+                    gone: false,
+                }
+            }
+            Err(error) => {
+                self.stats.maps_read_failures += 1;
+                debug!(pid, %error, "process maps unreadable (exited?)");
+                // Keep what an earlier read learned: a process that just exited still has
+                // samples in flight whose addresses the old mappings explain.
+                match self.processes.remove(&pid) {
+                    Some(mut old) => {
+                        old.gone = true;
+                        old.read_at = Some(Instant::now());
+                        old.read_generation = generation;
+                        old
+                    }
+                    None => ProcessEntry::gone(generation),
+                }
+            }
+        };
+        self.processes.insert(pid, entry);
+    }
+
+    fn object(
+        &mut self,
+        pid: u32,
+        mapping: &ExecMapping,
+        key: FileKey,
+        path: &str,
+        deleted: bool,
+    ) -> Arc<ObjectFile> {
+        let generation = self.generation;
+        if let Some((object, used)) = self.objects.get_mut(&key) {
+            *used = generation;
+            return Arc::clone(object);
+        }
+        let proc_dir = self.procfs_root.join(pid.to_string());
+        let mut candidates = Vec::with_capacity(2);
+        if !deleted {
+            candidates.push(proc_dir.join("root").join(path.trim_start_matches('/')));
+        }
+        candidates.push(
+            proc_dir
+                .join("map_files")
+                .join(format!("{:x}-{:x}", mapping.start, mapping.end)),
+        );
+        let mut last_error = String::from("no path to open");
+        let mut image = None;
+        for candidate in candidates {
+            match ElfImage::open(&candidate) {
+                Ok(parsed) => {
+                    image = Some(parsed);
+                    break;
+                }
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        self.stats.objects_loaded += 1;
+        let image = image.ok_or_else(|| {
+            self.stats.objects_unreadable += 1;
+            debug!(pid, path, error = %last_error, "mapped file unreadable");
+            last_error
+        });
+        let object = Arc::new(ObjectFile {
+            path: path.to_owned(),
+            key,
+            image,
+        });
+        self.objects.insert(key, (Arc::clone(&object), generation));
+        object
+    }
+}
+
+impl ProcessEntry {
+    fn gone(generation: u64) -> Self {
+        ProcessEntry {
+            comm: None,
+            exe: None,
+            mappings: Vec::new(),
+            read_at: Some(Instant::now()),
+            read_generation: generation,
+            used_generation: generation,
+            gone: true,
+        }
+    }
+
+    fn find(&self, addr: u64) -> Option<&ExecMapping> {
+        let idx = self
+            .mappings
+            .partition_point(|m| m.start <= addr)
+            .checked_sub(1)?;
+        let mapping = &self.mappings[idx];
+        (addr < mapping.end).then_some(mapping)
+    }
+}
+
+fn mapping_kind(path: MMapPath, dev: (i32, i32), inode: u64) -> MappingKind {
+    match path {
+        MMapPath::Path(p) if inode != 0 => {
+            let text = p.to_string_lossy();
+            let (path, deleted) = match text.strip_suffix(" (deleted)") {
+                Some(stripped) => (stripped.to_owned(), true),
+                None => (text.into_owned(), false),
+            };
+            MappingKind::File {
+                key: FileKey { dev, inode },
+                path,
+                deleted,
+            }
+        }
+        MMapPath::Path(p) => MappingKind::Special(p.to_string_lossy().into()),
+        MMapPath::Vdso => MappingKind::Special("[vdso]".into()),
+        MMapPath::Vsyscall => MappingKind::Special("[vsyscall]".into()),
+        MMapPath::Heap => MappingKind::Special("[heap]".into()),
+        MMapPath::Stack | MMapPath::TStack(_) => MappingKind::Special("[stack]".into()),
+        MMapPath::Other(name) => MappingKind::Special(name.into()),
+        MMapPath::Anonymous | MMapPath::Vvar | MMapPath::Rollup | MMapPath::Vsys(_) => {
+            MappingKind::Special("[anon]".into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[inline(never)]
+    fn marker_function() -> u32 {
+        std::hint::black_box(11)
+    }
+
+    #[test]
+    fn resolves_addresses_of_this_process() {
+        let mut registry = ProcessRegistry::default();
+        let pid = std::process::id();
+        let addr = marker_function as *const () as u64;
+        assert_eq!(marker_function(), 11);
+        let UserFrame::Object { object, vaddr } = registry.resolve_user(pid, addr) else {
+            panic!("own code not in a file mapping");
+        };
+        let exe = std::fs::read_link("/proc/self/exe").expect("exe");
+        assert_eq!(object.path, exe.display().to_string());
+        let image = object.image.as_ref().expect("own ELF readable");
+        let symbol = image.symbols.lookup(vaddr).expect("symbol");
+        assert!(
+            crate::symbolize::demangle(symbol).ends_with("marker_function"),
+            "{symbol}"
+        );
+        let meta = registry.meta(pid);
+        assert!(
+            meta.exe
+                .is_some_and(|e| e.ends_with(exe.file_name().and_then(|n| n.to_str()).expect("name")))
+        );
+        // Same file again: one parse, shared.
+        let again = registry.resolve_user(pid, addr);
+        assert!(matches!(again, UserFrame::Object { object: o, .. } if Arc::ptr_eq(&o, &object)));
+        assert_eq!(registry.stats.objects_loaded, 1);
+    }
+
+    #[test]
+    fn exited_process_gives_unknown_frames_without_rereads() {
+        let mut child = std::process::Command::new("true").spawn().expect("spawn true");
+        let pid = child.id();
+        child.wait().expect("wait");
+        let mut registry = ProcessRegistry::default();
+        assert!(matches!(
+            registry.resolve_user(pid, 0x40_1000),
+            UserFrame::Unknown
+        ));
+        assert!(matches!(
+            registry.resolve_user(pid, 0x40_2000),
+            UserFrame::Unknown
+        ));
+        assert_eq!(registry.stats.maps_reads, 1, "a gone process is read once");
+        assert_eq!(registry.meta(pid), ProcessMeta::default());
+    }
+
+    #[test]
+    fn idle_entries_are_evicted() {
+        let mut registry = ProcessRegistry::new(PathBuf::from("/proc"), 1024);
+        let pid = std::process::id();
+        let _ = registry.resolve_user(pid, marker_function as *const () as u64);
+        assert_eq!(registry.cached_objects(), 1);
+        for _ in 0..=IDLE_GENERATIONS + 1 {
+            registry.end_interval();
+        }
+        assert_eq!(registry.cached_objects(), 0);
+        assert_eq!(registry.stats.objects_evicted, 1);
+    }
+}

@@ -1,0 +1,356 @@
+//! The report stage: symbolizes an interval's snapshot, encodes it as pprof and hands it to
+//! the exporters. Runs on its own blocking thread; ELF parsing and kallsyms reads stay off the
+//! sampling path.
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::{
+    aggregate::{Frame, Snapshot},
+    bpf::{CounterSnapshot, EventSource},
+    encode::{LineSpec, MappingSpec, ProfileBuilder, gzip},
+    export::{EncodedProfile, Exporter},
+    pprof,
+    process::ObjectFile,
+    sampler::PipelineStats,
+    symbolize::{FunctionName, SymbolSource, SymbolStats, Unresolved, kernel::KernelSymbols},
+};
+use profiler_common::Counter;
+
+/// kallsyms changes when modules or BPF programs load; re-reading it once a minute keeps new
+/// names without re-reading ~200k lines every interval.
+const KALLSYMS_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// Capacity of the aggregator → reporter queue. Two snapshots: one being reported, one
+/// waiting; a third blocks the aggregator (see [`crate::aggregate::run`]).
+pub const QUEUE_CAPACITY: usize = 2;
+
+pub struct Reporter {
+    kernel: KernelSymbols,
+    kernel_read: Option<Instant>,
+    period_ns: i64,
+    frequency: u32,
+    event: EventSource,
+}
+
+/// One interval, encoded.
+#[derive(Debug)]
+pub struct Report {
+    pub profile: pprof::Profile,
+    pub symbols: SymbolStats,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum MappingKey {
+    Kernel,
+    Object(u32),
+    Special(Arc<str>),
+}
+
+impl Reporter {
+    pub fn new(frequency: u32, event: EventSource) -> Self {
+        Self {
+            kernel: KernelSymbols::empty(),
+            kernel_read: None,
+            period_ns: 1_000_000_000 / i64::from(frequency.max(1)),
+            frequency,
+            event,
+        }
+    }
+
+    fn refresh_kernel_symbols(&mut self) {
+        if self.kernel_read.is_some_and(|t| t.elapsed() < KALLSYMS_MAX_AGE) {
+            return;
+        }
+        self.kernel_read = Some(Instant::now());
+        match KernelSymbols::load() {
+            Ok(symbols) if symbols.is_empty() => {
+                warn!("/proc/kallsyms shows no addresses (kptr_restrict?): kernel frames stay unnamed");
+                self.kernel = symbols;
+            }
+            Ok(symbols) => self.kernel = symbols,
+            Err(error) => warn!(%error, "reading /proc/kallsyms failed: kernel frames stay unnamed"),
+        }
+    }
+
+    pub fn build(&mut self, snap: &Snapshot, pipeline: (u64, u64, u64)) -> Report {
+        if snap.frames.iter().any(|f| matches!(f, Frame::Kernel(_))) {
+            self.refresh_kernel_symbols();
+        }
+        let duration = snap.end.duration_since(snap.start).unwrap_or_default();
+        let mut b = ProfileBuilder::cpu(self.period_ns, snap.start, duration);
+        b.comment(&format!(
+            "event: {} at {} Hz per CPU",
+            self.event.name(),
+            self.frequency
+        ));
+        let c = &snap.counters;
+        b.comment(&format!(
+            "kernel: {} events, {} sampled, {} idle, {} lost (ring buffer full), stack errors kernel {} user {}",
+            c.get(Counter::Events),
+            c.get(Counter::Submitted),
+            c.get(Counter::Idle),
+            c.get(Counter::RingFull),
+            c.get(Counter::KernelStackError),
+            c.get(Counter::UserStackError),
+        ));
+        b.comment(&format!(
+            "daemon (since start): {} received, {} dropped (queue full), {} malformed",
+            pipeline.0, pipeline.1, pipeline.2
+        ));
+
+        let mapping_ids = self.add_mappings(&mut b, snap);
+        let mut symbols = SymbolStats::default();
+        let locations: Vec<u64> = snap
+            .frames
+            .iter()
+            .map(|frame| {
+                let (key, address, outcome) = self.name_frame(frame, &snap.objects);
+                let mapping_id = key.and_then(|k| mapping_ids.get(&k).copied()).unwrap_or(0);
+                let names = match outcome {
+                    Ok(names) => {
+                        symbols.count(Ok(()));
+                        names
+                    }
+                    Err((reason, synthetic)) => {
+                        symbols.count(Err(reason));
+                        vec![FunctionName {
+                            system_name: String::new(),
+                            name: synthetic,
+                            file: None,
+                            line: 0,
+                        }]
+                    }
+                };
+                let lines: Vec<LineSpec<'_>> = names
+                    .iter()
+                    .map(|n| LineSpec {
+                        name: &n.name,
+                        system_name: &n.system_name,
+                        filename: n.file.as_deref().unwrap_or(""),
+                        line: n.line,
+                    })
+                    .collect();
+                b.add_location(mapping_id, address, &lines)
+            })
+            .collect();
+
+        for count in &snap.counts {
+            let Some(stack) = snap.stacks.get(count.stack as usize) else {
+                continue;
+            };
+            let ids = stack
+                .iter()
+                .filter_map(|&f| locations.get(f as usize).copied())
+                .collect();
+            let mut labels = vec![b.num_label("pid", i64::from(count.pid))];
+            if let Some(comm) = snap.processes.get(&count.pid).and_then(|p| p.comm.as_deref()) {
+                labels.push(b.str_label("comm", comm));
+            }
+            b.add_sample(ids, i64::try_from(count.count).unwrap_or(i64::MAX), labels);
+        }
+        Report {
+            profile: b.finish(),
+            symbols,
+        }
+    }
+
+    /// Adds one mapping per kernel / file / special region the frames use. File mappings cover
+    /// the ELF segment holding the code, in ELF virtual addresses (what locations carry), so
+    /// `memory_start - file_offset` is the file's own layout: Pyroscope and Parca can symbolize
+    /// any address again from the build id, and `go tool pprof` finds the same bytes.
+    fn add_mappings(&self, b: &mut ProfileBuilder, snap: &Snapshot) -> HashMap<MappingKey, u64> {
+        let mut ranges: HashMap<MappingKey, (u64, u64)> = HashMap::new();
+        let mut order = Vec::new();
+        for frame in &snap.frames {
+            let (key, addr) = match frame {
+                Frame::Kernel(a) => (MappingKey::Kernel, *a),
+                Frame::Object { object, vaddr } => (MappingKey::Object(*object), *vaddr),
+                Frame::Special { name, offset } => (MappingKey::Special(Arc::clone(name)), *offset),
+                Frame::Unknown(_) | Frame::NoStack => continue,
+            };
+            let range = ranges.entry(key.clone()).or_insert_with(|| {
+                order.push(key);
+                (addr, addr)
+            });
+            range.0 = range.0.min(addr);
+            range.1 = range.1.max(addr);
+        }
+        let mut ids = HashMap::new();
+        for key in order {
+            let (lo, hi) = ranges[&key];
+            let id = match &key {
+                MappingKey::Kernel => b.add_mapping(&MappingSpec {
+                    start: lo,
+                    limit: hi.saturating_add(1),
+                    file_offset: 0,
+                    filename: "[kernel.kallsyms]",
+                    build_id: self.kernel.build_id.as_deref(),
+                    has_functions: true,
+                }),
+                MappingKey::Object(index) => {
+                    let Some(object) = snap.objects.get(*index as usize) else {
+                        continue;
+                    };
+                    b.add_mapping(&object_mapping(object, lo, hi))
+                }
+                MappingKey::Special(name) => b.add_mapping(&MappingSpec {
+                    start: lo,
+                    limit: hi.saturating_add(1),
+                    file_offset: 0,
+                    filename: name,
+                    build_id: None,
+                    has_functions: true,
+                }),
+            };
+            ids.insert(key, id);
+        }
+        ids
+    }
+
+    /// The mapping key, the location address and the names of one frame (or why there are
+    /// none, with the synthetic `module+0xoffset` name that stands in).
+    #[allow(clippy::type_complexity)]
+    fn name_frame(
+        &self,
+        frame: &Frame,
+        objects: &[Arc<ObjectFile>],
+    ) -> (
+        Option<MappingKey>,
+        u64,
+        Result<Vec<FunctionName>, (Unresolved, String)>,
+    ) {
+        match frame {
+            Frame::Kernel(addr) => {
+                let names = self.kernel.resolve(*addr).ok_or_else(|| {
+                    let reason = if self.kernel.is_empty() {
+                        Unresolved::KernelSymbolsUnavailable
+                    } else {
+                        Unresolved::NoSymbol
+                    };
+                    (reason, format!("[kernel.kallsyms]+0x{addr:x}"))
+                });
+                (Some(MappingKey::Kernel), *addr, names)
+            }
+            Frame::Object { object, vaddr } => {
+                let key = Some(MappingKey::Object(*object));
+                let Some(file) = objects.get(*object as usize) else {
+                    return (
+                        None,
+                        *vaddr,
+                        Err((Unresolved::NoMapping, format!("[unknown]+0x{vaddr:x}"))),
+                    );
+                };
+                let synthetic = || format!("{}+0x{vaddr:x}", file.base_name());
+                let names = match &file.image {
+                    Ok(image) => image
+                        .resolve(*vaddr)
+                        .ok_or_else(|| (Unresolved::NoSymbol, synthetic())),
+                    Err(_) => Err((Unresolved::ObjectUnreadable, synthetic())),
+                };
+                (key, *vaddr, names)
+            }
+            Frame::Special { name, offset } => (
+                Some(MappingKey::Special(Arc::clone(name))),
+                *offset,
+                Err((Unresolved::NoFile, format!("{name}+0x{offset:x}"))),
+            ),
+            Frame::Unknown(addr) => (
+                None,
+                *addr,
+                Err((Unresolved::NoMapping, format!("[unknown]+0x{addr:x}"))),
+            ),
+            Frame::NoStack => (None, 0, Err((Unresolved::NoMapping, "[no stack]".to_owned()))),
+        }
+    }
+}
+
+fn object_mapping(object: &ObjectFile, lo: u64, hi: u64) -> MappingSpec<'_> {
+    let segment = object
+        .image
+        .as_ref()
+        .ok()
+        .and_then(|image| image.segment_of_vaddr(lo));
+    let (mut start, mut limit, mut file_offset) = match segment {
+        Some(s) => (s.vaddr, s.vaddr + s.mem_size, s.file_offset),
+        // Unreadable file: locations carry file offsets, so the mapping is the identity.
+        None => (lo, hi.saturating_add(1), lo),
+    };
+    if lo < start {
+        file_offset = file_offset.saturating_sub(start - lo);
+        start = lo;
+    }
+    limit = limit.max(hi.saturating_add(1));
+    MappingSpec {
+        start,
+        limit,
+        file_offset,
+        filename: &object.path,
+        build_id: object.build_id(),
+        has_functions: true,
+    }
+}
+
+/// Totals of a whole run, returned when the report stage ends.
+#[derive(Debug, Default)]
+pub struct RunSummary {
+    pub profiles: u64,
+    pub samples: u64,
+    pub written: Vec<PathBuf>,
+    pub export_failures: Vec<String>,
+    pub counters: CounterSnapshot,
+    /// The last profile built (what `record` summarizes).
+    pub last: Option<Report>,
+}
+
+pub fn run(
+    mut reporter: Reporter,
+    mut rx: mpsc::Receiver<Snapshot>,
+    mut exporters: Vec<Box<dyn Exporter>>,
+    pipeline: Arc<PipelineStats>,
+) -> RunSummary {
+    let mut summary = RunSummary::default();
+    while let Some(snap) = rx.blocking_recv() {
+        let report = reporter.build(&snap, pipeline.load());
+        let samples = snap.samples();
+        let unresolved: u64 = report.symbols.unresolved.values().sum();
+        info!(
+            samples,
+            processes = snap.processes.len(),
+            stacks = snap.stacks.len(),
+            named_frames = report.symbols.named,
+            unnamed_frames = unresolved,
+            lost_ring_full = snap.counters.get(Counter::RingFull),
+            "profile built"
+        );
+        let encoded = EncodedProfile {
+            gzip: gzip(&report.profile),
+            start: snap.start,
+            end: snap.end,
+            samples,
+        };
+        for exporter in &mut exporters {
+            match exporter.export(&encoded) {
+                Ok(Some(path)) => summary.written.push(path),
+                Ok(None) => {}
+                Err(e) => {
+                    error!(exporter = exporter.name(), error = %e, "export failed");
+                    summary.export_failures.push(format!("{}: {e}", exporter.name()));
+                }
+            }
+        }
+        summary.profiles += 1;
+        summary.samples += samples;
+        for (total, add) in summary.counters.0.iter_mut().zip(snap.counters.0) {
+            *total += add;
+        }
+        summary.last = Some(report);
+    }
+    summary
+}

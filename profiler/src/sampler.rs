@@ -1,0 +1,215 @@
+//! Reads the ring buffer and turns kernel records into [`Sample`]s for the aggregator.
+//!
+//! Two types on purpose: [`profiler_common::RawSample`] is the fixed-size record the kernel
+//! writes (stack arrays padded to 127 frames, lengths beside them); [`Sample`] is the
+//! normalized sample the daemon works with (only the valid frames, comm as text, stack errors
+//! as values).
+use std::{
+    io,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::SystemTime,
+};
+
+use aya::maps::{MapData, RingBuf};
+use profiler_common::{MAX_STACK_DEPTH, RawSample};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::mpsc,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::bpf::CounterSnapshot;
+
+/// One on-CPU sample, normalized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    pub ktime_ns: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub cpu: u32,
+    /// Thread name.
+    pub comm: String,
+    /// Kernel instruction pointers, leaf first.
+    pub kernel: Vec<u64>,
+    /// User instruction pointers, leaf first (kernel frame-pointer walk).
+    pub user: Vec<u64>,
+    /// Negative errno of a failed kernel stack walk.
+    pub kernel_err: Option<i16>,
+    /// Negative errno of a failed user stack walk.
+    pub user_err: Option<i16>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("ring buffer record of {got} bytes is shorter than a sample ({want} bytes)")]
+    Short { got: usize, want: usize },
+}
+
+/// Decodes one ring-buffer record. Lengths from the kernel are clamped to the array size.
+pub fn decode(bytes: &[u8]) -> Result<Sample, DecodeError> {
+    let want = size_of::<RawSample>();
+    if bytes.len() < want {
+        return Err(DecodeError::Short {
+            got: bytes.len(),
+            want,
+        });
+    }
+    // SAFETY: the slice holds at least size_of::<RawSample>() bytes, RawSample is Pod (any bit
+    // pattern is valid) and read_unaligned has no alignment requirement.
+    let raw: RawSample = unsafe { bytes.as_ptr().cast::<RawSample>().read_unaligned() };
+    let kernel_len = usize::from(raw.kernel_len).min(MAX_STACK_DEPTH);
+    let user_len = usize::from(raw.user_len).min(MAX_STACK_DEPTH);
+    let comm_end = raw.comm.iter().position(|&b| b == 0).unwrap_or(raw.comm.len());
+    Ok(Sample {
+        ktime_ns: raw.ktime_ns,
+        tgid: raw.tgid,
+        tid: raw.tid,
+        cpu: raw.cpu,
+        comm: String::from_utf8_lossy(&raw.comm[..comm_end]).into_owned(),
+        kernel: raw.kernel[..kernel_len].to_vec(),
+        user: raw.user[..user_len].to_vec(),
+        kernel_err: (raw.kernel_err != 0).then_some(raw.kernel_err),
+        user_err: (raw.user_err != 0).then_some(raw.user_err),
+    })
+}
+
+/// What flows from the sampler (and the interval clock) to the aggregator.
+#[derive(Debug)]
+pub enum Message {
+    Sample(Sample),
+    /// Close the current interval at `end` and report it; `last` ends the aggregator.
+    Flush {
+        end: SystemTime,
+        counters: CounterSnapshot,
+        last: bool,
+    },
+}
+
+/// Counters of the userspace pipeline (the kernel's are in [`CounterSnapshot`]).
+#[derive(Debug, Default)]
+pub struct PipelineStats {
+    pub received: AtomicU64,
+    /// Samples dropped because the aggregator's queue was full (policy: drop newest, count).
+    pub dropped_queue_full: AtomicU64,
+    pub malformed: AtomicU64,
+}
+
+impl PipelineStats {
+    pub fn load(&self) -> (u64, u64, u64) {
+        (
+            self.received.load(Ordering::Relaxed),
+            self.dropped_queue_full.load(Ordering::Relaxed),
+            self.malformed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Capacity of the sampler → aggregator queue. 16,384 samples is over 40 s of a fully busy
+/// 4-CPU machine at 99 Hz; it only fills when the aggregator stalls.
+pub const QUEUE_CAPACITY: usize = 16_384;
+
+/// Drains the ring buffer whenever the kernel signals data, until `cancel`; then drains what
+/// is left once more and returns.
+pub async fn run(
+    ring: RingBuf<MapData>,
+    tx: mpsc::Sender<Message>,
+    stats: Arc<PipelineStats>,
+    cancel: CancellationToken,
+) -> io::Result<()> {
+    // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns the RingBuf, and
+    // nothing else registers or closes it.
+    let mut fd =
+        unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(io::Error::from)?;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => {
+                drain(fd.get_mut(), &tx, &stats);
+                debug!("sampler stopped");
+                return Ok(());
+            }
+            guard = fd.readable_mut() => {
+                let mut guard = guard?;
+                drain(guard.get_inner_mut(), &tx, &stats);
+                guard.clear_ready();
+            }
+        }
+    }
+}
+
+fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Message>, stats: &PipelineStats) {
+    while let Some(item) = ring.next() {
+        match decode(&item) {
+            Ok(sample) => {
+                stats.received.fetch_add(1, Ordering::Relaxed);
+                if tx.try_send(Message::Sample(sample)).is_err() {
+                    stats.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(_) => {
+                stats.malformed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw_bytes(raw: &RawSample) -> Vec<u8> {
+        // SAFETY: RawSample is repr(C) plain data; viewing it as bytes is sound.
+        unsafe { std::slice::from_raw_parts((raw as *const RawSample).cast::<u8>(), size_of::<RawSample>()) }
+            .to_vec()
+    }
+
+    fn raw() -> RawSample {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"burn");
+        RawSample {
+            ktime_ns: 5,
+            tgid: 42,
+            tid: 43,
+            cpu: 1,
+            kernel_len: 2,
+            user_len: 3,
+            kernel_err: 0,
+            user_err: -14,
+            _pad: 0,
+            comm,
+            kernel: [0xffff_ffff_8100_0000; MAX_STACK_DEPTH],
+            user: [0x40_1000; MAX_STACK_DEPTH],
+        }
+    }
+
+    #[test]
+    fn decodes_valid_frames_only() {
+        let sample = decode(&raw_bytes(&raw())).expect("decodes");
+        assert_eq!(sample.tgid, 42);
+        assert_eq!(sample.tid, 43);
+        assert_eq!(sample.comm, "burn");
+        assert_eq!(sample.kernel.len(), 2);
+        assert_eq!(sample.user.len(), 3);
+        assert_eq!(sample.kernel_err, None);
+        assert_eq!(sample.user_err, Some(-14));
+    }
+
+    #[test]
+    fn clamps_lengths_and_rejects_short_records() {
+        let mut r = raw();
+        r.kernel_len = 5000;
+        let sample = decode(&raw_bytes(&r)).expect("decodes");
+        assert_eq!(sample.kernel.len(), MAX_STACK_DEPTH);
+        let bytes = raw_bytes(&r);
+        assert_eq!(
+            decode(&bytes[..100]),
+            Err(DecodeError::Short {
+                got: 100,
+                want: size_of::<RawSample>()
+            })
+        );
+    }
+}

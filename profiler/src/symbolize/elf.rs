@@ -1,0 +1,243 @@
+//! ELF files: GNU build id, loadable segments and `.symtab`/`.dynsym` function symbols.
+use std::{fs::File, io, path::Path};
+
+use memmap2::Mmap;
+use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+
+use super::{FunctionName, SymbolSource, demangle};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ElfError {
+    #[error("opening {path}: {source}")]
+    Open { path: String, source: io::Error },
+    #[error("parsing {path} as ELF: {source}")]
+    Parse { path: String, source: object::Error },
+}
+
+/// A `PT_LOAD` segment: where file bytes land in the ELF's virtual address space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadSegment {
+    pub vaddr: u64,
+    pub mem_size: u64,
+    pub file_offset: u64,
+    pub file_size: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SymbolEntry {
+    addr: u64,
+    size: u64,
+    name_start: u32,
+    name_len: u32,
+}
+
+/// Function symbols sorted by address, names in one arena to keep many small strings cheap.
+#[derive(Debug, Default)]
+pub struct SymbolTable {
+    entries: Vec<SymbolEntry>,
+    names: String,
+}
+
+impl SymbolTable {
+    /// Builds a table from `(address, size, name)`; for several symbols at one address the
+    /// largest (then first) wins.
+    pub fn from_symbols<'a>(symbols: impl IntoIterator<Item = (u64, u64, &'a str)>) -> Self {
+        let mut table = SymbolTable::default();
+        for (addr, size, name) in symbols {
+            let (Ok(name_start), Ok(name_len)) =
+                (u32::try_from(table.names.len()), u32::try_from(name.len()))
+            else {
+                break;
+            };
+            table.names.push_str(name);
+            table.entries.push(SymbolEntry {
+                addr,
+                size,
+                name_start,
+                name_len,
+            });
+        }
+        table
+            .entries
+            .sort_by(|a, b| a.addr.cmp(&b.addr).then(b.size.cmp(&a.size)));
+        table.entries.dedup_by_key(|e| e.addr);
+        table
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The symbol containing `addr`: the last one starting at or before it, if its size (when
+    /// known) reaches `addr`.
+    pub fn lookup(&self, addr: u64) -> Option<&str> {
+        let idx = self.entries.partition_point(|e| e.addr <= addr).checked_sub(1)?;
+        let entry = self.entries[idx];
+        if entry.size != 0 && addr - entry.addr >= entry.size {
+            return None;
+        }
+        let start = entry.name_start as usize;
+        self.names.get(start..start + entry.name_len as usize)
+    }
+}
+
+/// What the daemon keeps of one ELF file.
+#[derive(Debug)]
+pub struct ElfImage {
+    /// Lower-case hex of `.note.gnu.build-id`.
+    pub build_id: Option<String>,
+    pub segments: Vec<LoadSegment>,
+    pub symbols: SymbolTable,
+}
+
+impl ElfImage {
+    pub fn open(path: &Path) -> Result<Self, ElfError> {
+        let display = || path.display().to_string();
+        let file = File::open(path).map_err(|source| ElfError::Open {
+            path: display(),
+            source,
+        })?;
+        // SAFETY: the map is read-only and private; a file truncated underneath us would raise
+        // SIGBUS, the accepted risk of every mmap-based symbolizer (binaries in use are not
+        // truncated: the kernel refuses writes to running executables with ETXTBSY).
+        let map = unsafe { Mmap::map(&file) }.map_err(|source| ElfError::Open {
+            path: display(),
+            source,
+        })?;
+        Self::parse(&map).map_err(|source| ElfError::Parse {
+            path: display(),
+            source,
+        })
+    }
+
+    pub fn parse(data: &[u8]) -> Result<Self, object::Error> {
+        let elf = object::File::parse(data)?;
+        let build_id = elf.build_id()?.map(hex);
+        let segments = elf
+            .segments()
+            .map(|s| {
+                let (file_offset, file_size) = s.file_range();
+                LoadSegment {
+                    vaddr: s.address(),
+                    mem_size: s.size(),
+                    file_offset,
+                    file_size,
+                }
+            })
+            .collect();
+        let functions = elf
+            .symbols()
+            .chain(elf.dynamic_symbols())
+            .filter(|s| s.kind() == SymbolKind::Text && s.is_definition() && s.address() != 0)
+            .filter_map(|s| Some((s.address(), s.size(), s.name().ok()?)))
+            .filter(|(_, _, name)| !name.is_empty());
+        Ok(ElfImage {
+            build_id,
+            segments,
+            symbols: SymbolTable::from_symbols(functions),
+        })
+    }
+
+    /// ELF virtual address of a file offset, through the segment that holds the offset.
+    pub fn vaddr_of_offset(&self, offset: u64) -> Option<u64> {
+        self.segments
+            .iter()
+            .find(|s| offset >= s.file_offset && offset - s.file_offset < s.file_size.max(s.mem_size))
+            .map(|s| s.vaddr + (offset - s.file_offset))
+    }
+
+    /// The first segment holding code at `vaddr`, for the pprof mapping range.
+    pub fn segment_of_vaddr(&self, vaddr: u64) -> Option<&LoadSegment> {
+        self.segments
+            .iter()
+            .find(|s| vaddr >= s.vaddr && vaddr - s.vaddr < s.mem_size)
+    }
+}
+
+impl SymbolSource for ElfImage {
+    fn resolve(&self, addr: u64) -> Option<Vec<FunctionName>> {
+        let raw = self.symbols.lookup(addr)?;
+        Some(vec![FunctionName {
+            name: demangle(raw),
+            system_name: raw.to_owned(),
+            file: None,
+            line: 0,
+        }])
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_respects_sizes_and_gaps() {
+        let table = SymbolTable::from_symbols([
+            (0x2000, 0x100, "second"),
+            (0x1000, 0x10, "first"),
+            (0x1000, 0x0, "alias"),
+            (0x3000, 0, "sizeless"),
+        ]);
+        assert_eq!(table.len(), 3);
+        assert_eq!(table.lookup(0x1000), Some("first"));
+        assert_eq!(table.lookup(0x100f), Some("first"));
+        assert_eq!(table.lookup(0x1010), None, "gap after a sized symbol");
+        assert_eq!(table.lookup(0x20ff), Some("second"));
+        assert_eq!(table.lookup(0x0fff), None);
+        assert_eq!(table.lookup(0x9000), Some("sizeless"));
+    }
+
+    #[inline(never)]
+    fn a_function_to_find() -> u64 {
+        std::hint::black_box(7)
+    }
+
+    /// The symbolizer resolves a function of this very test binary, from its runtime address,
+    /// through /proc/self/maps and the ELF segments, like the daemon does for other processes.
+    #[test]
+    fn resolves_own_function() {
+        assert_eq!(a_function_to_find(), 7);
+        let runtime = a_function_to_find as *const () as u64;
+        let exe = std::fs::read_link("/proc/self/exe").expect("exe link");
+        let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+        let (start, offset) = maps
+            .lines()
+            .find_map(|line| {
+                let mut cols = line.split_whitespace();
+                let range = cols.next()?;
+                let _perms = cols.next()?;
+                let offset = u64::from_str_radix(cols.next()?, 16).ok()?;
+                let path = cols.nth(2)?;
+                let (lo, hi) = range.split_once('-')?;
+                let (lo, hi) = (
+                    u64::from_str_radix(lo, 16).ok()?,
+                    u64::from_str_radix(hi, 16).ok()?,
+                );
+                (path == exe.to_str()? && (lo..hi).contains(&runtime)).then_some((lo, offset))
+            })
+            .expect("own mapping");
+        let image = ElfImage::open(&exe).expect("own ELF");
+        assert!(
+            image.build_id.as_deref().is_some_and(|b| b.len() >= 16),
+            "{:?}",
+            image.build_id
+        );
+        let vaddr = image.vaddr_of_offset(runtime - start + offset).expect("segment");
+        let names = image.resolve(vaddr).expect("symbol");
+        assert!(names[0].name.ends_with("a_function_to_find"), "{names:?}");
+    }
+}

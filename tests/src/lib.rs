@@ -1,0 +1,1 @@
+//! Integration tests live in tests/e2e.rs; fixtures in fixtures/.

@@ -1,0 +1,227 @@
+//! `cargo xtask <task>`: the single entry point for setting up, building, running and testing.
+//!
+//! - `setup`: installs what builds and tests need (idempotent; fast when all is present).
+//! - `build`: `cargo build --release -p profiler` (after setup).
+//! - `run`:   records 10 s of the whole machine and prints the top functions.
+//! - `test`:  every test, the privileged end-to-end ones included (run as root).
+use std::{
+    env,
+    ffi::OsStr,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use clap::{Parser, Subcommand};
+
+/// The bpf-linker release that builds against rustc's LLVM 22 (see DEVELOPERS.md).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the fixtures and the reference reader need.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[("go", "golang-go"), ("gcc", "gcc"), ("setpriv", "util-linux")];
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain (nightly rust-src, bpf-linker) and Debian packages.
+    Setup,
+    /// Build the release daemon with its embedded eBPF object.
+    Build,
+    /// Record the whole machine for 10 s and print the top functions.
+    Run {
+        /// Extra arguments for `profiler record`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test (unit, integration, privileged end-to-end).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let root = workspace_root()?;
+    env::set_current_dir(&root)?;
+    match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::Build => {
+            setup()?;
+            build()
+        }
+        Task::Run { args } => {
+            setup()?;
+            build()?;
+            record(&root, &args)
+        }
+        Task::Test { args } => {
+            setup()?;
+            build()?;
+            test(&root, &args)
+        }
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Ok(manifest
+        .parent()
+        .context("xtask has no parent directory")?
+        .to_owned())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    ensure!(status.success(), "{cmd:?} failed with {status}");
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn on_path(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program} >/dev/null")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn setup() -> Result<()> {
+    setup_debian()?;
+    setup_nightly()?;
+    setup_bpf_linker()?;
+    Ok(())
+}
+
+fn setup_debian() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(program, _)| !on_path(program))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    ensure!(
+        on_path("apt-get"),
+        "missing packages {missing:?} and no apt-get to install them"
+    );
+    let root = output(Command::new("id").arg("-u")).is_some_and(|uid| uid == "0");
+    ensure!(
+        root,
+        "missing Debian packages {missing:?}: run `cargo xtask setup` as root or install them"
+    );
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn nightly_sysroot() -> Result<PathBuf> {
+    let sysroot = output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))
+        .context("the nightly toolchain is not installed (`rustup toolchain install nightly`)")?;
+    Ok(PathBuf::from(sysroot))
+}
+
+fn setup_nightly() -> Result<()> {
+    let sysroot = nightly_sysroot()?;
+    if sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        return Ok(());
+    }
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn setup_bpf_linker() -> Result<()> {
+    let version = output(Command::new("bpf-linker").arg("--version"));
+    if version.as_deref().is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
+        return Ok(());
+    }
+    // bpf-linker links against an LLVM of the same major version as the nightly rustc; rustup
+    // ships that LLVM as a shared library, so point LLVM_PREFIX at a directory exposing it.
+    let sysroot = nightly_sysroot()?;
+    let libdir = sysroot.join("lib");
+    let llvm = fs::read_dir(&libdir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .find(|n| {
+            n.to_str()
+                .is_some_and(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-"))
+        })
+        .with_context(|| format!("no libLLVM.so.*-rust-* in {}", libdir.display()))?;
+    let name = llvm.to_string_lossy().into_owned();
+    let major = name
+        .trim_start_matches("libLLVM.so.")
+        .split('.')
+        .next()
+        .filter(|m| m.chars().all(|c| c.is_ascii_digit()))
+        .with_context(|| format!("cannot read the LLVM version from {name}"))?
+        .to_owned();
+    let prefix = env::temp_dir().join(format!("profiler-llvm-prefix-{major}"));
+    fs::create_dir_all(prefix.join("lib"))?;
+    let link = prefix.join("lib/libLLVM.so");
+    let _ = fs::remove_file(&link);
+    std::os::unix::fs::symlink(libdir.join(&llvm), &link)?;
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+        ])
+        .args(["--features", &format!("llvm-{major}")])
+        .env("LLVM_PREFIX", &prefix)
+        .env("LD_LIBRARY_PATH", &libdir))?;
+    ensure!(
+        on_path("bpf-linker"),
+        "bpf-linker was installed but is not on PATH (add ~/.cargo/bin)"
+    );
+    Ok(())
+}
+
+fn build() -> Result<()> {
+    run(Command::new("cargo").args(["build", "--release", "-p", "profiler"]))
+}
+
+fn record(root: &Path, args: &[String]) -> Result<()> {
+    let dir = root.join("target/profiles");
+    fs::create_dir_all(&dir)?;
+    let output_path = dir.join("xtask-run.pb.gz");
+    let mut cmd = Command::new(root.join("target/release/profiler"));
+    cmd.args(["record", "--duration", "10s", "--top", "15", "--output"])
+        .arg(&output_path);
+    cmd.args(args);
+    run(&mut cmd)?;
+    eprintln!(
+        "xtask: open it with `go tool pprof -top {}`",
+        output_path.display()
+    );
+    Ok(())
+}
+
+fn test(root: &Path, args: &[String]) -> Result<()> {
+    let profiler = root.join("target/release/profiler");
+    if !profiler.is_file() {
+        bail!("{} was not built", profiler.display());
+    }
+    let mut cmd = Command::new("cargo");
+    cmd.args(["test", "--release", "--workspace", "--exclude", "profiler-ebpf"])
+        .args(args.iter().map(OsStr::new))
+        .env("PROFILER_BIN", &profiler)
+        // Under the project's test command a missing privilege is a failure, not a skip.
+        .env("PROFILER_REQUIRE_PRIVILEGED", "1");
+    run(&mut cmd)
+}
