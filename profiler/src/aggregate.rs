@@ -152,11 +152,11 @@ impl Aggregator {
         }
         let stack = interval.stack(ids);
         *interval.counts.entry((sample.tgid, stack)).or_default() += 1;
-        if !interval.processes.contains_key(&sample.tgid) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = interval.processes.entry(sample.tgid) {
             let mut meta = self.registry.meta(sample.tgid);
             // A process gone before /proc could be read keeps the name of the sampled thread.
             meta.comm.get_or_insert_with(|| sample.comm.clone());
-            interval.processes.insert(sample.tgid, meta);
+            slot.insert(meta);
         }
     }
 

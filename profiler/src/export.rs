@@ -206,9 +206,9 @@ mod tests {
         assert_eq!(
             names,
             [
-                "cpu-20231114T222250.000Z.pb.gz",
-                "cpu-20231114T222305.000Z.pb.gz",
-                "cpu-20231114T222320.000Z.pb.gz"
+                "cpu-20231114T221350.000Z.pb.gz",
+                "cpu-20231114T221405.000Z.pb.gz",
+                "cpu-20231114T221420.000Z.pb.gz"
             ]
         );
 

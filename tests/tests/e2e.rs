@@ -1,1 +1,601 @@
+//! End-to-end tests: the real daemon binary, real BPF, real fixture processes.
+//!
+//! Privileged tests need root (CAP_BPF + CAP_PERFMON). Under `cargo xtask test`
+//! (PROFILER_REQUIRE_PRIVILEGED=1) a missing privilege fails the test; under a plain
+//! `cargo test` as an ordinary user they are skipped with the reason printed.
+use std::{
+    collections::{HashMap, HashSet},
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{Mutex, MutexGuard, OnceLock},
+    thread,
+    time::{Duration, Instant},
+};
 
+use object::{Object as _, read::File as ElfFile};
+use profiler::{encode::decode, pprof::Profile};
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+fn profiler_bin() -> PathBuf {
+    std::env::var_os("PROFILER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/release/profiler"))
+}
+
+/// One privileged test at a time: they share two CPUs and would skew each other's samples.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        assert!(
+            profiler_bin().is_file(),
+            "{} is missing: run `cargo xtask build`",
+            profiler_bin().display()
+        );
+        return true;
+    }
+    if std::env::var_os("PROFILER_REQUIRE_PRIVILEGED").is_some() {
+        panic!("privileged test run without root: run `cargo xtask test` as root");
+    }
+    eprintln!("skipped: needs root for BPF and perf events");
+    false
+}
+
+fn fixtures_dir() -> PathBuf {
+    workspace().join("tests/fixtures")
+}
+
+fn build_dir() -> PathBuf {
+    let dir = workspace().join("target/fixtures");
+    std::fs::create_dir_all(&dir).expect("fixture build dir");
+    dir
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The C fixture, with frame pointers. -O0 because GCC 12 shrink-wraps the frame setup out of
+/// leaf functions at -O1 and above even with -mno-omit-leaf-frame-pointer, and a leaf without a
+/// frame hides its caller from a frame-pointer walk (frame-pointer-less code is issue 3's).
+fn c_fixture() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = build_dir().join("burn");
+        run_ok(
+            Command::new("gcc")
+                .args(["-O0", "-g", "-fno-omit-frame-pointer", "-Wl,--build-id", "-o"])
+                .arg(&out)
+                .arg(fixtures_dir().join("burn.c")),
+        );
+        out
+    })
+}
+
+fn go_fixture() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = build_dir().join("gohot");
+        let cache = build_dir().join("gocache");
+        run_ok(
+            Command::new("go")
+                .args(["build", "-o"])
+                .arg(&out)
+                .arg("main.go")
+                .current_dir(fixtures_dir().join("gohot"))
+                .env("GOCACHE", &cache)
+                .env("GOPATH", build_dir().join("gopath"))
+                .env("GO111MODULE", "off")
+                .env("CGO_ENABLED", "0"),
+        );
+        out
+    })
+}
+
+/// A running fixture, killed on drop.
+struct Fixture(Child);
+
+impl Fixture {
+    fn start(bin: &Path, seconds: u32) -> Self {
+        let mut child = Command::new(bin)
+            .arg(seconds.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("fixture output");
+        assert_eq!(line.trim(), "ready", "fixture did not start");
+        Fixture(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs the profiler to completion (bounded by `limit`).
+fn profiler(args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(profiler_bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start profiler");
+    let start = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("profiler {args:?} did not finish within {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("profiler output")
+}
+
+fn record(extra: &[&str], seconds: u32, out: &Path) -> Profile {
+    let duration = format!("{seconds}s");
+    let mut args = vec![
+        "record",
+        "--duration",
+        &duration,
+        "--output",
+        out.to_str().expect("utf8"),
+    ];
+    args.extend_from_slice(extra);
+    let output = profiler(&args, Duration::from_secs(u64::from(seconds) + 30));
+    assert!(
+        output.status.success(),
+        "profiler record failed:\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    decode(&std::fs::read(out).expect("profile written")).expect("profile decodes")
+}
+
+/// A decoded profile, indexed for the questions a user asks of it.
+struct View<'a> {
+    p: &'a Profile,
+    locations: HashMap<u64, &'a profiler::pprof::Location>,
+    functions: HashMap<u64, &'a str>,
+}
+
+impl<'a> View<'a> {
+    fn new(p: &'a Profile) -> Self {
+        let functions = p
+            .function
+            .iter()
+            .map(|f| (f.id, p.string_table[f.name as usize].as_str()))
+            .collect();
+        let locations = p.location.iter().map(|l| (l.id, l)).collect();
+        Self {
+            p,
+            locations,
+            functions,
+        }
+    }
+
+    fn s(&self, i: i64) -> &str {
+        &self.p.string_table[i as usize]
+    }
+
+    /// Function names of a sample's stack, leaf first (innermost line first).
+    fn stack(&self, sample: &profiler::pprof::Sample) -> Vec<&str> {
+        sample
+            .location_id
+            .iter()
+            .flat_map(|id| {
+                self.locations[id]
+                    .line
+                    .iter()
+                    .map(|l| self.functions[&l.function_id])
+            })
+            .collect()
+    }
+
+    fn label(&self, sample: &profiler::pprof::Sample, key: &str) -> Option<(i64, String)> {
+        sample
+            .label
+            .iter()
+            .find(|l| self.s(l.key) == key)
+            .map(|l| (l.num, self.s(l.str).to_owned()))
+    }
+
+    fn samples_of(&self, pid: u32) -> Vec<&'a profiler::pprof::Sample> {
+        self.p
+            .sample
+            .iter()
+            .filter(|s| self.label(s, "pid").is_some_and(|(n, _)| n == i64::from(pid)))
+            .collect()
+    }
+
+    fn count(sample: &profiler::pprof::Sample) -> i64 {
+        sample.value[0]
+    }
+}
+
+fn build_id_of(path: &Path) -> String {
+    let data = std::fs::read(path).expect("read fixture");
+    let elf = ElfFile::parse(data.as_slice()).expect("parse fixture");
+    let id = elf.build_id().expect("notes").expect("fixture has a build id");
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn go_tool_pprof(args: &[&str], profile: &Path) -> String {
+    let out = Command::new("go")
+        .args(["tool", "pprof"])
+        .args(args)
+        .arg(profile)
+        .env("PPROF_TMPDIR", build_dir())
+        .output()
+        .expect("go tool pprof runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "go tool pprof {args:?} rejected the profile:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("error") && !stderr.contains("failed"),
+        "go tool pprof complained:\n{stderr}"
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn c_fixture_profile_has_known_ratio_main_kernel_names_and_reads_in_go_pprof() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    let bin = c_fixture();
+    let fixture = Fixture::start(bin, 60);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("c.pb.gz");
+    let pid = fixture.pid().to_string();
+    let profile = record(&["--pid", &pid, "--frequency", "250"], 4, &out);
+    drop(fixture);
+    let view = View::new(&profile);
+
+    let samples = view.samples_of(fixture_pid(&pid));
+    let total: i64 = samples.iter().map(|s| View::count(s)).sum();
+    assert!(total > 300, "expected a busy CPU's worth of samples, got {total}");
+    assert_eq!(
+        total,
+        profile.sample.iter().map(View::count).sum::<i64>(),
+        "--pid recorded other processes"
+    );
+
+    let leaf_count = |name: &str| -> i64 {
+        samples
+            .iter()
+            .filter(|s| view.stack(s).first() == Some(&name))
+            .map(|s| View::count(s))
+            .sum()
+    };
+    let (a, b) = (leaf_count("hot_a"), leaf_count("hot_b"));
+    let ratio = a as f64 / b.max(1) as f64;
+    assert!(
+        (2.2..=4.0).contains(&ratio),
+        "hot_a:hot_b should be ~3:1, got {a}:{b}"
+    );
+
+    let hot: Vec<_> = samples
+        .iter()
+        .filter(|s| matches!(view.stack(s).first(), Some(&"hot_a" | &"hot_b")))
+        .collect();
+    let with_main = hot.iter().filter(|s| view.stack(s).contains(&"main")).count();
+    assert!(
+        with_main * 100 >= hot.len() * 95,
+        "main in {with_main} of {} hot stacks",
+        hot.len()
+    );
+
+    for s in &samples {
+        assert_eq!(view.label(s, "comm").map(|(_, c)| c).as_deref(), Some("burn"));
+    }
+    let thread_label = profile.sample.iter().flat_map(|s| &s.label).any(|l| {
+        let key = view.s(l.key);
+        key == "tid" || key == "thread_id"
+    });
+    assert!(!thread_label, "thread ids must not be labels");
+
+    // Kernel time under read(/dev/zero) has named kernel frames.
+    let kernel = profile
+        .mapping
+        .iter()
+        .find(|m| view.s(m.filename) == "[kernel.kallsyms]")
+        .expect("a kernel mapping");
+    assert!(kernel.has_functions);
+    let kernel_locations: Vec<_> = profile
+        .location
+        .iter()
+        .filter(|l| l.mapping_id == kernel.id)
+        .collect();
+    let unnamed = kernel_locations
+        .iter()
+        .filter(|l| view.functions[&l.line[0].function_id].starts_with("[kernel.kallsyms]+"))
+        .count();
+    assert!(
+        !kernel_locations.is_empty() && unnamed == 0,
+        "{unnamed} of {} kernel frames unnamed",
+        kernel_locations.len()
+    );
+    let read_stacks = samples
+        .iter()
+        .filter(|s| view.stack(s).contains(&"read_zero"))
+        .count();
+    let kernel_read = samples
+        .iter()
+        .filter(|s| {
+            view.stack(s)
+                .iter()
+                .any(|f| f.contains("vfs_read") || f.contains("ksys_read"))
+        })
+        .count();
+    assert!(
+        read_stacks > 0 && kernel_read > 0,
+        "read_zero stacks {read_stacks}, kernel read frames {kernel_read}"
+    );
+
+    // The fixture's mapping carries its GNU build id and says it is symbolized.
+    let fixture_mapping = profile
+        .mapping
+        .iter()
+        .find(|m| view.s(m.filename) == bin.to_str().expect("utf8"))
+        .expect("a mapping for the fixture binary");
+    assert_eq!(view.s(fixture_mapping.build_id), build_id_of(bin));
+    assert!(fixture_mapping.has_functions);
+    for m in &profile.mapping {
+        assert!(m.memory_start < m.memory_limit, "empty mapping {m:?}");
+    }
+    for l in &profile.location {
+        if l.mapping_id != 0 {
+            let m = &profile.mapping[l.mapping_id as usize - 1];
+            assert!(
+                (m.memory_start..m.memory_limit).contains(&l.address),
+                "location {l:?} outside {m:?}"
+            );
+        }
+    }
+
+    // The reference reader accepts it and sees the same hot functions.
+    let top = go_tool_pprof(&["-top"], &out);
+    assert!(top.contains("hot_a") && top.contains("hot_b"), "{top}");
+    let raw = go_tool_pprof(&["-raw"], &out);
+    assert!(
+        raw.contains("PeriodType: cpu nanoseconds") && raw.contains("comm:[burn]"),
+        "{raw}"
+    );
+}
+
+fn fixture_pid(pid: &str) -> u32 {
+    pid.parse().expect("pid")
+}
+
+#[test]
+fn go_fixture_frames_are_named() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    let bin = go_fixture();
+    let fixture = Fixture::start(bin, 60);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("go.pb.gz");
+    let pid = fixture.pid();
+    let profile = record(&["--pid", &pid.to_string(), "--frequency", "250"], 3, &out);
+    drop(fixture);
+    let view = View::new(&profile);
+    let samples = view.samples_of(pid);
+    let total: i64 = samples.iter().map(|s| View::count(s)).sum();
+    assert!(total > 200, "got {total} samples");
+    let with = |name: &str| -> i64 {
+        samples
+            .iter()
+            .filter(|s| view.stack(s).contains(&name))
+            .map(|s| View::count(s))
+            .sum()
+    };
+    let (a, b, main) = (with("main.hotA"), with("main.hotB"), with("main.main"));
+    assert!(a > 0 && b > 0, "main.hotA {a}, main.hotB {b}");
+    let ratio = a as f64 / b as f64;
+    assert!(
+        (2.2..=4.0).contains(&ratio),
+        "main.hotA:main.hotB should be ~3:1, got {a}:{b}"
+    );
+    assert!(
+        main * 100 >= (a + b) * 95,
+        "main.main in {main} of {} hot samples",
+        a + b
+    );
+    let user_unnamed = profile
+        .location
+        .iter()
+        .filter(|l| l.mapping_id != 0)
+        .filter(|l| {
+            view.s(profile.mapping[l.mapping_id as usize - 1].filename) == bin.to_str().expect("utf8")
+        })
+        .filter(|l| view.functions[&l.line[0].function_id].starts_with("gohot+"))
+        .count();
+    assert_eq!(user_unnamed, 0, "Go frames without names");
+    let top = go_tool_pprof(&["-top"], &out);
+    assert!(top.contains("main.hotA"), "{top}");
+}
+
+#[test]
+fn whole_system_recording_sees_every_busy_process() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    let c = Fixture::start(c_fixture(), 60);
+    let go = Fixture::start(go_fixture(), 60);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("all.pb.gz");
+    let profile = record(&[], 3, &out);
+    let view = View::new(&profile);
+    let pids: HashSet<i64> = profile
+        .sample
+        .iter()
+        .filter_map(|s| view.label(s, "pid"))
+        .map(|(n, _)| n)
+        .collect();
+    assert!(
+        pids.contains(&i64::from(c.pid())),
+        "C fixture missing from {pids:?}"
+    );
+    assert!(
+        pids.contains(&i64::from(go.pid())),
+        "Go fixture missing from {pids:?}"
+    );
+    for s in &profile.sample {
+        assert!(!s.location_id.is_empty(), "sample without frames");
+        assert!(view.label(s, "comm").is_some(), "sample without comm");
+    }
+    assert!(
+        profile.time_nanos > 0 && profile.duration_nanos >= 2_900_000_000,
+        "time/duration unset"
+    );
+    assert_eq!(
+        profile.period,
+        1_000_000_000 / 99,
+        "default record frequency is 99 Hz"
+    );
+    go_tool_pprof(&["-top"], &out);
+}
+
+#[test]
+fn run_writes_one_profile_per_interval_keeps_retention_and_flushes_on_sigterm() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    let fixture = Fixture::start(c_fixture(), 60);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = dir.path().join("archive");
+    let child = Command::new(profiler_bin())
+        .args([
+            "run",
+            "--interval",
+            "1s",
+            "--retain-count",
+            "3",
+            "--pid",
+            &fixture.pid().to_string(),
+        ])
+        .arg("--output-dir")
+        .arg(&archive)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start profiler run");
+    thread::sleep(Duration::from_millis(5500));
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().expect("profiler exits");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "profiler run did not exit cleanly on SIGTERM:\n{stderr}"
+    );
+    assert!(stderr.contains("stopping"), "{stderr}");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&archive)
+        .expect("archive dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 3, "retention keeps 3 of ~6 profiles: {files:?}");
+    for file in &files {
+        let name = file.file_name().and_then(|n| n.to_str()).expect("name");
+        assert!(name.starts_with("cpu-") && name.ends_with(".pb.gz"), "{name}");
+        let p = decode(&std::fs::read(file).expect("read")).expect("decodes");
+        assert!(
+            p.duration_nanos > 0 && p.duration_nanos < 2_000_000_000,
+            "one interval per file"
+        );
+        assert_eq!(p.period, 1_000_000_000 / 19, "default run frequency is 19 Hz");
+    }
+    // Full intervals of a busy process hold ~19 samples.
+    let full = decode(&std::fs::read(&files[0]).expect("read")).expect("decodes");
+    let samples: i64 = full.sample.iter().map(View::count).sum();
+    assert!(
+        (10..=30).contains(&samples),
+        "{samples} samples in a 1 s interval at 19 Hz"
+    );
+}
+
+fn expect_failure(args: &[&str], needle: &str) {
+    let out = profiler(args, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert!(
+        stderr.contains(needle),
+        "{args:?}: expected `{needle}` in:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn user_errors_are_named() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    expect_failure(
+        &["record", "--pid", "4000000", "-d", "1s"],
+        "no process with pid 4000000",
+    );
+    expect_failure(
+        &["record", "--frequency", "0"],
+        "--frequency must be between 1 and 1000 Hz, got 0",
+    );
+    expect_failure(&["record", "--bogus"], "unexpected argument '--bogus'");
+    expect_failure(
+        &["record", "--duration", "100ms"],
+        "--duration must be at least 1s",
+    );
+    expect_failure(
+        &["record", "-o", "/nonexistent-dir/x.pb.gz"],
+        "the directory /nonexistent-dir does not exist",
+    );
+    expect_failure(&["run", "--retain-bytes", "lots"], "is not a size");
+
+    // Without capabilities (root with an empty bounding set), the error names the capability.
+    let out = Command::new("setpriv")
+        .args(["--bounding-set=-all", "--inh-caps=-all", "--"])
+        .arg(profiler_bin())
+        .args(["record", "-d", "1s", "-o", "/tmp/never.pb.gz"])
+        .output()
+        .expect("setpriv runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "recording without capabilities should fail"
+    );
+    assert!(stderr.contains("missing capability CAP_BPF"), "{stderr}");
+}
