@@ -169,14 +169,23 @@ fn setup_bpf_linker() -> Result<()> {
         .filter(|m| m.chars().all(|c| c.is_ascii_digit()))
         .with_context(|| format!("cannot read the LLVM version from {name}"))?
         .to_owned();
-    let prefix = env::temp_dir().join(format!("profiler-llvm-prefix-{major}"));
+    // The prefix outlives the install: bpf-linker's RUNPATH points into it, so it holds the
+    // library under both the link-time name and its soname.
+    let cargo_home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    let prefix = cargo_home.join(format!("bpf-linker-llvm-{major}"));
     fs::create_dir_all(prefix.join("lib"))?;
-    let link = prefix.join("lib/libLLVM.so");
-    let _ = fs::remove_file(&link);
-    std::os::unix::fs::symlink(libdir.join(&llvm), &link)?;
+    for name in [OsStr::new("libLLVM.so"), llvm.as_os_str()] {
+        let link = prefix.join("lib").join(name);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(libdir.join(&llvm), &link)?;
+    }
     run(Command::new("cargo")
         .args([
             "install",
+            "--force",
             "bpf-linker",
             "--version",
             BPF_LINKER_VERSION,
