@@ -12,7 +12,11 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tokio::{sync::mpsc, task::JoinError, time::Instant};
+use tokio::{
+    sync::mpsc,
+    task::JoinError,
+    time::{Instant, MissedTickBehavior},
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -106,6 +110,8 @@ pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
     let stop = shutdown_signal();
     tokio::pin!(stop);
     let mut clock = tokio::time::interval_at(Instant::now() + plan.interval, plan.interval);
+    // A late tick (stalled runtime) starts the next interval late instead of flushing twice.
+    clock.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = clock.tick() => {

@@ -46,6 +46,9 @@ pub struct Report {
     pub symbols: SymbolStats,
 }
 
+/// The functions at a frame, or why there are none and the synthetic name that stands in.
+type Naming = Result<Vec<FunctionName>, (Unresolved, String)>;
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum MappingKey {
     Kernel,
@@ -216,16 +219,7 @@ impl Reporter {
 
     /// The mapping key, the location address and the names of one frame (or why there are
     /// none, with the synthetic `module+0xoffset` name that stands in).
-    #[allow(clippy::type_complexity)]
-    fn name_frame(
-        &self,
-        frame: &Frame,
-        objects: &[Arc<ObjectFile>],
-    ) -> (
-        Option<MappingKey>,
-        u64,
-        Result<Vec<FunctionName>, (Unresolved, String)>,
-    ) {
+    fn name_frame(&self, frame: &Frame, objects: &[Arc<ObjectFile>]) -> (Option<MappingKey>, u64, Naming) {
         match frame {
             Frame::Kernel(addr) => {
                 let names = self.kernel.resolve(*addr).ok_or_else(|| {

@@ -8,8 +8,9 @@ use std::{
     env,
     ffi::OsStr,
     fs,
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -231,6 +232,78 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         .args(args.iter().map(OsStr::new))
         .env("PROFILER_BIN", &profiler)
         // Under the project's test command a missing privilege is a failure, not a skip.
-        .env("PROFILER_REQUIRE_PRIVILEGED", "1");
-    run(&mut cmd)
+        .env("PROFILER_REQUIRE_PRIVILEGED", "1")
+        .stdout(Stdio::piped());
+    eprintln!("xtask: running {cmd:?}");
+    let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let mut totals = TestTotals::default();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        totals.add(&line);
+    }
+    let status = child.wait()?;
+    // One closing line for the whole run: cargo's own last line is a crate's doc-tests.
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    ensure!(status.success(), "cargo test failed with {status}");
+    ensure!(totals.passed > 0, "no test ran");
+    Ok(())
+}
+
+/// Sums of cargo's `test result: ok. 5 passed; 0 failed; 1 ignored; …` lines.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl TestTotals {
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(kind), Some(count)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(count) = count.parse::<u64>() else {
+                continue;
+            };
+            match kind {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                "ignored" => self.ignored += count,
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_totals_sum_cargo_result_lines() {
+        let mut totals = TestTotals::default();
+        totals.add(
+            "test result: ok. 22 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.00s",
+        );
+        totals.add("test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out");
+        totals.add("test something ... ok");
+        assert_eq!(
+            totals,
+            TestTotals {
+                passed: 25,
+                failed: 2,
+                ignored: 1
+            }
+        );
+    }
 }
