@@ -28,6 +28,13 @@ pub const MAX_TARGET_PIDS: u32 = 1024;
 /// slack for the reader, which drains it every time the kernel wakes it.
 pub const SAMPLES_RING_BYTES: u32 = 8 * 1024 * 1024;
 
+/// Unread bytes in [`MAP_SAMPLES`] at which the program wakes the reader. Below it, records are
+/// submitted without a wakeup and the reader drains the ring on its own timer
+/// (`profiler::sampler::DRAIN_EVERY`): one wakeup per sample would cost the daemon more CPU than
+/// everything else it does per sample. A quarter of the ring leaves 6 MiB of room for the reader
+/// to respond before anything is lost.
+pub const SAMPLES_WAKEUP_BYTES: u64 = SAMPLES_RING_BYTES as u64 / 4;
+
 /// One sample as the eBPF program writes it into the ring buffer.
 ///
 /// The daemon turns it into its own `Sample` (see `profiler::sampler`), keeping only the

@@ -10,7 +10,7 @@ use core::ptr::{addr_of_mut, read_volatile};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::BPF_F_USER_STACK,
+    bindings::{BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_get_stack,
         bpf_ktime_get_ns,
@@ -21,6 +21,7 @@ use aya_ebpf::{
 };
 use profiler_common::{
     COUNTER_SLOTS, Counter, MAX_STACK_DEPTH, MAX_TARGET_PIDS, RawSample, SAMPLES_RING_BYTES,
+    SAMPLES_WAKEUP_BYTES,
 };
 
 #[map(name = "SAMPLES")]
@@ -118,7 +119,12 @@ fn try_sample(ctx: &PerfEventContext) {
             (*record).user_err = 0;
         }
     }
-    entry.submit(0);
+    let wakeup = if SAMPLES.query(BPF_RB_AVAIL_DATA as u64) >= SAMPLES_WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(wakeup as u64);
     bump(Counter::Submitted);
 }
 

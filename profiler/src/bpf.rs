@@ -12,7 +12,7 @@ use aya::{
 use profiler_common::{
     COUNTER_SLOTS, Counter, GLOBAL_FILTER_PIDS, MAP_COUNTERS, MAP_SAMPLES, MAP_TARGET_PIDS, PROGRAM_SAMPLE,
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// The eBPF object built by build.rs from the `profiler-ebpf` crate.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler-ebpf"));
@@ -20,7 +20,9 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 /// Lines of the verifier log shown in a load error; the decisive lines are at its end.
 const VERIFIER_EXCERPT_LINES: usize = 30;
 
+const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_SYSLOG: u32 = 34;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
@@ -29,7 +31,8 @@ pub enum BpfError {
     #[error(
         "missing capability {missing}: loading BPF programs and opening perf events needs CAP_BPF \
          and CAP_PERFMON (or CAP_SYS_ADMIN); run as root, or grant them with \
-         `setcap cap_bpf,cap_perfmon+ep <profiler binary>`"
+         `setcap cap_bpf,cap_perfmon,cap_sys_ptrace,cap_syslog+ep <profiler binary>` (the last two \
+         let it name frames of every process and of the kernel)"
     )]
     MissingCapability { missing: &'static str },
     #[error("reading capabilities from /proc/self/status: {0}")]
@@ -137,6 +140,27 @@ fn parse_cap_eff(status: &str) -> Option<u64> {
     u64::from_str_radix(hex.trim(), 16).ok()
 }
 
+/// Capabilities that do not stop sampling but cost names: reading other users' processes'
+/// files through /proc/<pid>/root needs ptrace access (CAP_SYS_PTRACE), and kallsyms shows
+/// addresses only with CAP_SYSLOG when kptr_restrict is 1.
+pub fn missing_symbolization_capabilities() -> Vec<&'static str> {
+    let Some(caps) = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| parse_cap_eff(&s))
+    else {
+        return Vec::new();
+    };
+    let has = |bit: u32| caps & (1u64 << bit) != 0;
+    if has(CAP_SYS_ADMIN) {
+        return Vec::new();
+    }
+    [(CAP_SYS_PTRACE, "CAP_SYS_PTRACE"), (CAP_SYSLOG, "CAP_SYSLOG")]
+        .into_iter()
+        .filter(|(bit, _)| !has(*bit))
+        .map(|(_, name)| name)
+        .collect()
+}
+
 fn missing_capability(caps: u64) -> Option<&'static str> {
     let has = |bit: u32| caps & (1u64 << bit) != 0;
     if has(CAP_SYS_ADMIN) {
@@ -176,6 +200,13 @@ impl BpfSession {
     /// one perf event per online CPU at `frequency` Hz.
     pub fn start(frequency: u32, pids: &[u32]) -> Result<Self, BpfError> {
         check_capabilities()?;
+        let missing = missing_symbolization_capabilities();
+        if !missing.is_empty() {
+            warn!(
+                missing = ?missing,
+                "without these capabilities some user frames (other users' processes) or kernel frames stay unnamed"
+            );
+        }
         raise_memlock_rlimit();
         let kernel = kernel_release();
         let filter: u8 = u8::from(!pids.is_empty());
@@ -238,26 +269,37 @@ impl BpfSession {
             aya::util::online_cpus().map_err(|(path, source)| BpfError::OnlineCpus { path, source })?;
         let policy = SamplePolicy::Frequency(u64::from(frequency));
         let scope = |cpu| PerfEventScope::AllProcessesOneCpu { cpu };
+        // One event for every CPU, so `period` means the same everywhere: cycles only if every
+        // CPU has it, else cpu-clock on all (VMs without a virtual PMU).
+        let cycles = PerfEventConfig::Hardware(HardwareEvent::CpuCycles);
+        let mut links = Vec::with_capacity(cpus.len());
         let mut event = EventSource::Cycles;
         for &cpu in &cpus {
-            if event == EventSource::Cycles {
-                let cycles = PerfEventConfig::Hardware(HardwareEvent::CpuCycles);
-                match program.attach(cycles, scope(cpu), policy, false) {
-                    Ok(_) => continue,
-                    Err(e) => {
-                        info!(cpu, error = %e, "no hardware cycles event, sampling with cpu-clock");
-                        event = EventSource::CpuClock;
-                    }
+            match program.attach(cycles, scope(cpu), policy, false) {
+                Ok(link) => links.push(link),
+                Err(error) => {
+                    info!(cpu, %error, "no hardware cycles event, sampling with cpu-clock");
+                    event = EventSource::CpuClock;
+                    break;
+                }
+            }
+        }
+        if event == EventSource::CpuClock {
+            for link in links.drain(..) {
+                if let Err(error) = program.detach(link) {
+                    warn!(%error, "detaching a cycles event failed");
                 }
             }
             let clock = PerfEventConfig::Software(SoftwareEvent::CpuClock);
-            program
-                .attach(clock, scope(cpu), policy, false)
-                .map_err(|e| BpfError::Attach {
-                    cpu,
-                    kernel: kernel.clone(),
-                    source: Box::new(e),
-                })?;
+            for &cpu in &cpus {
+                program
+                    .attach(clock, scope(cpu), policy, false)
+                    .map_err(|e| BpfError::Attach {
+                        cpu,
+                        kernel: kernel.clone(),
+                        source: Box::new(e),
+                    })?;
+            }
         }
         info!(
             event = event.name(),

@@ -112,6 +112,8 @@ pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
     let mut clock = tokio::time::interval_at(Instant::now() + plan.interval, plan.interval);
     // A late tick (stalled runtime) starts the next interval late instead of flushing twice.
     clock.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut sampler_task = Some(sampler_task);
+    let mut sampler_result = None;
     loop {
         tokio::select! {
             _ = clock.tick() => {
@@ -124,7 +126,18 @@ pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
                 }
             }
             () = &mut stop => {
-                info!("stopping: flushing the current interval");
+                info!("stopping: flushing the current interval (signal again to exit at once)");
+                tokio::spawn(async {
+                    shutdown_signal().await;
+                    warn!("second stop signal: exiting without flushing");
+                    std::process::exit(130);
+                });
+                break;
+            }
+            // The sampler only ends early on an error: stop instead of writing empty profiles.
+            result = async { sampler_task.as_mut().expect("present until taken").await }, if sampler_task.is_some() => {
+                sampler_task = None;
+                sampler_result = Some(result);
                 break;
             }
         }
@@ -133,7 +146,11 @@ pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
     session.stop();
     let counters = session.counters()?;
     cancel.cancel();
-    let sampled = sampler_task.await?;
+    let sampled = match (sampler_task, sampler_result) {
+        (Some(task), _) => task.await?,
+        (None, Some(result)) => result?,
+        (None, None) => Ok(()),
+    };
     // Whatever the sampler's fate, flush what was aggregated.
     let _ = tx
         .send(Message::Flush {

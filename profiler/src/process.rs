@@ -20,11 +20,14 @@ use tracing::debug;
 
 use crate::symbolize::elf::ElfImage;
 
-/// Identity of a mapped file as /proc/<pid>/maps shows it.
+/// Identity of a mapped file: device and inode as /proc/<pid>/maps shows them, plus size and
+/// modification time from stat, because filesystems reuse the inode of a deleted file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileKey {
     pub dev: (i32, i32),
     pub inode: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
 }
 
 /// A file mapped executable by at least one process.
@@ -60,7 +63,8 @@ impl ObjectFile {
 #[derive(Debug, Clone)]
 enum MappingKind {
     File {
-        key: FileKey,
+        dev: (i32, i32),
+        inode: u64,
         path: String,
         deleted: bool,
     },
@@ -74,6 +78,8 @@ struct ExecMapping {
     end: u64,
     offset: u64,
     kind: MappingKind,
+    /// The file, once resolved for this read of the process (one stat per mapping and read).
+    object: Option<Arc<ObjectFile>>,
 }
 
 #[derive(Debug)]
@@ -166,33 +172,62 @@ impl ProcessRegistry {
 
     /// Resolves a user-space address of `pid` to a file and ELF virtual address.
     pub fn resolve_user(&mut self, pid: u32, addr: u64) -> UserFrame {
-        let mut mapping = self.entry(pid).find(addr).cloned();
-        if mapping.is_none() {
-            let entry = self.entry(pid);
-            let stale = entry.read_at.is_none_or(|t| t.elapsed() >= REREAD_AFTER_MISS);
-            if !entry.gone && stale {
+        let mut index = self.entry(pid).find(addr);
+        if index.is_none() {
+            // A miss may be a new mapping (dlopen) or a reused pid: re-read, at most once a
+            // second per process.
+            let stale = self
+                .entry(pid)
+                .read_at
+                .is_none_or(|t| t.elapsed() >= REREAD_AFTER_MISS);
+            if stale {
                 self.read(pid);
-                mapping = self.entry(pid).find(addr).cloned();
+                index = self.entry(pid).find(addr);
             }
         }
-        let Some(mapping) = mapping else {
+        let Some(index) = index else {
             return UserFrame::Unknown;
         };
-        match mapping.kind {
-            MappingKind::Special(name) => UserFrame::Special {
-                name,
-                offset: addr - mapping.start,
-            },
-            MappingKind::File {
-                key,
-                ref path,
-                deleted,
-            } => {
-                let object = self.object(pid, &mapping, key, path, deleted);
-                let vaddr = object.vaddr_of_offset(addr - mapping.start + mapping.offset);
-                UserFrame::Object { object, vaddr }
+        let Some(mapping) = self
+            .processes
+            .get(&pid)
+            .and_then(|p| p.mappings.get(index))
+            .cloned()
+        else {
+            return UserFrame::Unknown;
+        };
+        let offset_in_mapping = addr.saturating_sub(mapping.start);
+        let object = match (&mapping.kind, mapping.object) {
+            (MappingKind::Special(name), _) => {
+                return UserFrame::Special {
+                    name: Arc::clone(name),
+                    offset: offset_in_mapping,
+                };
             }
-        }
+            (MappingKind::File { .. }, Some(object)) => object,
+            (
+                MappingKind::File {
+                    dev,
+                    inode,
+                    path,
+                    deleted,
+                },
+                None,
+            ) => {
+                let range = (mapping.start, mapping.end);
+                let object = self.object(pid, range, (*dev, *inode), path, *deleted);
+                if let Some(slot) = self
+                    .processes
+                    .get_mut(&pid)
+                    .and_then(|p| p.mappings.get_mut(index))
+                {
+                    slot.object = Some(Arc::clone(&object));
+                }
+                object
+            }
+        };
+        let vaddr = object.vaddr_of_offset(offset_in_mapping.saturating_add(mapping.offset));
+        UserFrame::Object { object, vaddr }
     }
 
     /// Closes an interval: forgets processes and files unused for a while.
@@ -256,6 +291,7 @@ impl ProcessRegistry {
                         end: m.address.1,
                         offset: m.offset,
                         kind: mapping_kind(m.pathname, m.dev, m.inode),
+                        object: None,
                     })
                     .collect();
                 mappings.sort_unstable_by_key(|m| m.start);
@@ -288,52 +324,89 @@ impl ProcessRegistry {
         self.processes.insert(pid, entry);
     }
 
+    /// The parsed file behind a mapping. The candidate paths are stat'ed (never opened
+    /// blindly) so the cache key carries size and mtime; a path that now names another inode
+    /// is skipped.
     fn object(
         &mut self,
         pid: u32,
-        mapping: &ExecMapping,
-        key: FileKey,
+        (start, end): (u64, u64),
+        (dev, inode): ((i32, i32), u64),
         path: &str,
         deleted: bool,
     ) -> Arc<ObjectFile> {
+        use std::os::unix::fs::MetadataExt as _;
         let generation = self.generation;
-        if let Some((object, used)) = self.objects.get_mut(&key) {
-            *used = generation;
-            return Arc::clone(object);
-        }
         let proc_dir = self.procfs_root.join(pid.to_string());
         let mut candidates = Vec::with_capacity(2);
         if !deleted {
             candidates.push(proc_dir.join("root").join(path.trim_start_matches('/')));
         }
-        candidates.push(
-            proc_dir
-                .join("map_files")
-                .join(format!("{:x}-{:x}", mapping.start, mapping.end)),
-        );
+        candidates.push(proc_dir.join("map_files").join(format!("{start:x}-{end:x}")));
         let mut last_error = String::from("no path to open");
-        let mut image = None;
+        let mut unread_key = FileKey {
+            dev,
+            inode,
+            size: 0,
+            mtime_ns: 0,
+        };
         for candidate in candidates {
-            match ElfImage::open(&candidate) {
-                Ok(parsed) => {
-                    image = Some(parsed);
-                    break;
+            let meta = match std::fs::metadata(&candidate) {
+                Ok(meta) if meta.is_file() && meta.ino() == inode => meta,
+                Ok(meta) => {
+                    last_error = format!(
+                        "{} is not the mapped file (inode {} instead of {inode})",
+                        candidate.display(),
+                        meta.ino()
+                    );
+                    continue;
                 }
-                Err(e) => last_error = e.to_string(),
+                Err(e) => {
+                    last_error = format!("{}: {e}", candidate.display());
+                    continue;
+                }
+            };
+            let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+            let key = FileKey {
+                dev,
+                inode,
+                size: meta.len(),
+                mtime_ns,
+            };
+            if let Some((object, used)) = self.objects.get_mut(&key) {
+                *used = generation;
+                return Arc::clone(object);
+            }
+            match ElfImage::open(&candidate, Some(inode)) {
+                Ok(image) => return self.insert_object(key, path, Ok(image)),
+                Err(e) => {
+                    last_error = e.to_string();
+                    unread_key = key;
+                }
             }
         }
+        if let Some((object, used)) = self.objects.get_mut(&unread_key) {
+            *used = generation;
+            return Arc::clone(object);
+        }
+        self.stats.objects_unreadable += 1;
+        debug!(pid, path, error = %last_error, "mapped file unreadable");
+        self.insert_object(unread_key, path, Err(last_error))
+    }
+
+    fn insert_object(
+        &mut self,
+        key: FileKey,
+        path: &str,
+        image: Result<ElfImage, String>,
+    ) -> Arc<ObjectFile> {
         self.stats.objects_loaded += 1;
-        let image = image.ok_or_else(|| {
-            self.stats.objects_unreadable += 1;
-            debug!(pid, path, error = %last_error, "mapped file unreadable");
-            last_error
-        });
         let object = Arc::new(ObjectFile {
             path: path.to_owned(),
             key,
             image,
         });
-        self.objects.insert(key, (Arc::clone(&object), generation));
+        self.objects.insert(key, (Arc::clone(&object), self.generation));
         object
     }
 }
@@ -351,13 +424,12 @@ impl ProcessEntry {
         }
     }
 
-    fn find(&self, addr: u64) -> Option<&ExecMapping> {
+    fn find(&self, addr: u64) -> Option<usize> {
         let idx = self
             .mappings
             .partition_point(|m| m.start <= addr)
             .checked_sub(1)?;
-        let mapping = &self.mappings[idx];
-        (addr < mapping.end).then_some(mapping)
+        (addr < self.mappings[idx].end).then_some(idx)
     }
 }
 
@@ -370,7 +442,8 @@ fn mapping_kind(path: MMapPath, dev: (i32, i32), inode: u64) -> MappingKind {
                 None => (text.into_owned(), false),
             };
             MappingKind::File {
-                key: FileKey { dev, inode },
+                dev,
+                inode,
                 path,
                 deleted,
             }
@@ -440,6 +513,64 @@ mod tests {
         ));
         assert_eq!(registry.stats.maps_reads, 1, "a gone process is read once");
         assert_eq!(registry.meta(pid), ProcessMeta::default());
+    }
+
+    /// (start, path) of the first executable file mapping of `pid` whose path ends in `suffix`.
+    fn exec_mapping(pid: u32, suffix: &str) -> u64 {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+        maps.lines()
+            .find(|l| l.split_whitespace().nth(1).is_some_and(|p| p.contains('x')) && l.ends_with(suffix))
+            .and_then(|l| l.split('-').next())
+            .and_then(|a| u64::from_str_radix(a, 16).ok())
+            .expect("exec mapping")
+    }
+
+    /// A file rewritten in place keeps its inode; the registry must not reuse what it parsed
+    /// from the old contents.
+    #[test]
+    fn file_rewritten_in_place_is_parsed_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = dir.path().join("app");
+        let run = |source: &str| {
+            std::fs::write(&app, std::fs::read(source).expect("read binary")).expect("write app");
+            let mut perms = std::fs::metadata(&app).expect("meta").permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+            std::fs::set_permissions(&app, perms).expect("chmod");
+            // `sleep 30` sleeps; `cat 30` would exit at once, so both also get a blocking stdin
+            // and `cat` reads it.
+            let arg = if source.ends_with("sleep") { "30" } else { "-" };
+            std::process::Command::new(&app)
+                .arg(arg)
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn app")
+        };
+        let mut registry = ProcessRegistry::default();
+        let mut first = run("/bin/sleep");
+        std::thread::sleep(Duration::from_millis(100));
+        let addr = exec_mapping(first.id(), "/app");
+        let UserFrame::Object { object: a, .. } = registry.resolve_user(first.id(), addr) else {
+            panic!("first app not resolved");
+        };
+        first.kill().expect("kill");
+        first.wait().expect("wait");
+
+        let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&app).expect("meta"));
+        let mut second = run("/bin/cat");
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&app).expect("meta")),
+            inode
+        );
+        let addr = exec_mapping(second.id(), "/app");
+        let resolved = registry.resolve_user(second.id(), addr);
+        second.kill().expect("kill");
+        second.wait().expect("wait");
+        let UserFrame::Object { object: b, .. } = resolved else {
+            panic!("second app not resolved");
+        };
+        assert!(!Arc::ptr_eq(&a, &b), "same inode, new contents: parsed again");
+        assert_ne!(a.build_id(), b.build_id());
     }
 
     #[test]

@@ -272,7 +272,7 @@ fn object_mapping(object: &ObjectFile, lo: u64, hi: u64) -> MappingSpec<'_> {
         .ok()
         .and_then(|image| image.segment_of_vaddr(lo));
     let (mut start, mut limit, mut file_offset) = match segment {
-        Some(s) => (s.vaddr, s.vaddr + s.mem_size, s.file_offset),
+        Some(s) => (s.vaddr, s.vaddr.saturating_add(s.mem_size), s.file_offset),
         // Unreadable file: locations carry file offsets, so the mapping is the identity.
         None => (lo, hi.saturating_add(1), lo),
     };

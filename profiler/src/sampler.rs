@@ -112,8 +112,13 @@ impl PipelineStats {
 /// 4-CPU machine at 99 Hz; it only fills when the aggregator stalls.
 pub const QUEUE_CAPACITY: usize = 16_384;
 
-/// Drains the ring buffer whenever the kernel signals data, until `cancel`; then drains what
-/// is left once more and returns.
+/// How often the ring buffer is drained without a wakeup from the kernel. The program wakes
+/// the reader only when the ring is a quarter full
+/// ([`profiler_common::SAMPLES_WAKEUP_BYTES`]); below that, samples wait at most this long.
+pub const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Drains the ring buffer every [`DRAIN_EVERY`] and whenever the kernel signals that it is
+/// filling, until `cancel`; then drains what is left once more and returns.
 pub async fn run(
     ring: RingBuf<MapData>,
     tx: mpsc::Sender<Message>,
@@ -124,6 +129,8 @@ pub async fn run(
     // nothing else registers or closes it.
     let mut fd =
         unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(io::Error::from)?;
+    let mut timer = tokio::time::interval(DRAIN_EVERY);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = cancel.cancelled() => {
@@ -131,6 +138,7 @@ pub async fn run(
                 debug!("sampler stopped");
                 return Ok(());
             }
+            _ = timer.tick() => drain(fd.get_mut(), &tx, &stats),
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
                 drain(guard.get_inner_mut(), &tx, &stats);

@@ -1,8 +1,7 @@
 //! ELF files: GNU build id, loadable segments and `.symtab`/`.dynsym` function symbols.
-use std::{fs::File, io, path::Path};
+use std::{io, path::Path};
 
-use memmap2::Mmap;
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+use object::{Object, ObjectSegment, ObjectSymbol, ReadCache, ReadRef, SymbolKind};
 
 use super::{FunctionName, SymbolSource, demangle};
 
@@ -12,6 +11,10 @@ pub enum ElfError {
     Open { path: String, source: io::Error },
     #[error("parsing {path} as ELF: {source}")]
     Parse { path: String, source: object::Error },
+    #[error("{path} is not a regular file")]
+    NotRegular { path: String },
+    #[error("{path} is inode {found}, not the mapped inode {expected} (replaced since it was mapped)")]
+    Replaced { path: String, expected: u64, found: u64 },
 }
 
 /// A `PT_LOAD` segment: where file bytes land in the ELF's virtual address space.
@@ -95,26 +98,46 @@ pub struct ElfImage {
 }
 
 impl ElfImage {
-    pub fn open(path: &Path) -> Result<Self, ElfError> {
+    /// Opens and parses the file at `path`. With `inode`, the file must be that inode: a path
+    /// seen in /proc/<pid>/maps may since have been replaced. Opening never blocks (a path
+    /// swapped for a FIFO would otherwise hang the caller), only regular files are read, and
+    /// reads go through `read(2)` rather than mmap, so a file truncated underneath cannot
+    /// raise SIGBUS in the daemon.
+    pub fn open(path: &Path, inode: Option<u64>) -> Result<Self, ElfError> {
+        use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
         let display = || path.display().to_string();
-        let file = File::open(path).map_err(|source| ElfError::Open {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)
+            .map_err(|source| ElfError::Open {
+                path: display(),
+                source,
+            })?;
+        let meta = file.metadata().map_err(|source| ElfError::Open {
             path: display(),
             source,
         })?;
-        // SAFETY: the map is read-only and private; a file truncated underneath us would raise
-        // SIGBUS, the accepted risk of every mmap-based symbolizer (binaries in use are not
-        // truncated: the kernel refuses writes to running executables with ETXTBSY).
-        let map = unsafe { Mmap::map(&file) }.map_err(|source| ElfError::Open {
-            path: display(),
-            source,
-        })?;
-        Self::parse(&map).map_err(|source| ElfError::Parse {
+        if !meta.is_file() {
+            return Err(ElfError::NotRegular { path: display() });
+        }
+        if let Some(expected) = inode
+            && meta.ino() != expected
+        {
+            return Err(ElfError::Replaced {
+                path: display(),
+                expected,
+                found: meta.ino(),
+            });
+        }
+        let cache = ReadCache::new(file);
+        Self::parse(&cache).map_err(|source| ElfError::Parse {
             path: display(),
             source,
         })
     }
 
-    pub fn parse(data: &[u8]) -> Result<Self, object::Error> {
+    pub fn parse<'data, R: ReadRef<'data>>(data: R) -> Result<Self, object::Error> {
         let elf = object::File::parse(data)?;
         let build_id = elf.build_id()?.map(hex);
         let segments = elf
@@ -127,6 +150,12 @@ impl ElfImage {
                     file_offset,
                     file_size,
                 }
+            })
+            // Header values are untrusted: a segment whose end overflows is dropped, so all
+            // later arithmetic on the kept ones is in range.
+            .filter(|s| {
+                s.vaddr.checked_add(s.mem_size.max(s.file_size)).is_some()
+                    && s.file_offset.checked_add(s.file_size).is_some()
             })
             .collect();
         let functions = elf
@@ -147,7 +176,7 @@ impl ElfImage {
         self.segments
             .iter()
             .find(|s| offset >= s.file_offset && offset - s.file_offset < s.file_size.max(s.mem_size))
-            .map(|s| s.vaddr + (offset - s.file_offset))
+            .and_then(|s| s.vaddr.checked_add(offset - s.file_offset))
     }
 
     /// The first segment holding code at `vaddr`, for the pprof mapping range.
@@ -183,6 +212,21 @@ pub fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refuses_fifos_and_replaced_files_without_blocking() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().expect("utf8")).expect("cstring");
+        // SAFETY: mkfifo reads a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = ElfImage::open(&fifo, None).expect_err("a FIFO is not an ELF file");
+        assert!(matches!(err, ElfError::NotRegular { .. }), "{err}");
+
+        let exe = std::fs::read_link("/proc/self/exe").expect("exe");
+        let err = ElfImage::open(&exe, Some(1)).expect_err("wrong inode");
+        assert!(err.to_string().contains("replaced since it was mapped"), "{err}");
+    }
 
     #[test]
     fn lookup_respects_sizes_and_gaps() {
@@ -230,7 +274,7 @@ mod tests {
                 (path == exe.to_str()? && (lo..hi).contains(&runtime)).then_some((lo, offset))
             })
             .expect("own mapping");
-        let image = ElfImage::open(&exe).expect("own ELF");
+        let image = ElfImage::open(&exe, None).expect("own ELF");
         assert!(
             image.build_id.as_deref().is_some_and(|b| b.len() >= 16),
             "{:?}",
