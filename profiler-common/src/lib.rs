@@ -7,10 +7,12 @@
 
 /// Name of the perf_event program that takes one sample per cpu-clock tick.
 pub const PROGRAM_SAMPLE: &str = "sample_cpu";
-/// Ring buffer carrying one [`RawSample`] per sample.
+/// Ring buffer carrying one variable-length [`RawSample`] record per sample.
 pub const MAP_SAMPLES: &str = "SAMPLES";
 /// Per-CPU array of `u64` counters indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
+/// Per-CPU array with one [`RawSample`] slot where the program assembles a record.
+pub const MAP_SCRATCH: &str = "SCRATCH";
 /// Hash of tgids to sample when [`GLOBAL_FILTER_PIDS`] is set.
 pub const MAP_TARGET_PIDS: &str = "TARGET_PIDS";
 /// `.rodata` global: `1` restricts sampling to the tgids in [`MAP_TARGET_PIDS`].
@@ -24,8 +26,8 @@ pub const COMM_LEN: usize = 16;
 /// Capacity of [`MAP_TARGET_PIDS`]: more `--pid` flags than this are rejected by the daemon.
 pub const MAX_TARGET_PIDS: u32 = 1024;
 /// Size of the [`MAP_SAMPLES`] ring buffer in bytes (a power of two, a multiple of the page
-/// size). 8 MiB holds ~4,000 records of 2,080 bytes: at 99 Hz on 16 CPUs that is 2.5 s of
-/// slack for the reader, which drains it every time the kernel wakes it.
+/// size). 8 MiB holds ~4,000 full-depth records (2,080 bytes) or ~28,000 typical ones
+/// (~300 bytes): at 99 Hz on 16 CPUs, seconds of slack for a reader that drains every 100 ms.
 pub const SAMPLES_RING_BYTES: u32 = 8 * 1024 * 1024;
 
 /// Unread bytes in [`MAP_SAMPLES`] at which the program wakes the reader. Below it, records are
@@ -35,14 +37,10 @@ pub const SAMPLES_RING_BYTES: u32 = 8 * 1024 * 1024;
 /// to respond before anything is lost.
 pub const SAMPLES_WAKEUP_BYTES: u64 = SAMPLES_RING_BYTES as u64 / 4;
 
-/// One sample as the eBPF program writes it into the ring buffer.
-///
-/// The daemon turns it into its own `Sample` (see `profiler::sampler`), keeping only the
-/// `kernel_len`/`user_len` valid frames. Stack arrays hold instruction pointers, leaf first;
-/// entries after the leaf are return addresses.
+/// Fixed part of a sample record.
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct RawSample {
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RawSampleHeader {
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at the sample.
     pub ktime_ns: u64,
     /// Process id as the root pid namespace sees it.
@@ -50,9 +48,9 @@ pub struct RawSample {
     /// Thread id as the root pid namespace sees it.
     pub tid: u32,
     pub cpu: u32,
-    /// Valid entries in `kernel`.
+    /// Kernel frames at the start of `frames`.
     pub kernel_len: u16,
-    /// Valid entries in `user`.
+    /// User frames right after the kernel frames.
     pub user_len: u16,
     /// 0, or the negative errno `bpf_get_stack` returned for the kernel stack.
     pub kernel_err: i16,
@@ -61,11 +59,26 @@ pub struct RawSample {
     pub _pad: u32,
     /// Thread name, NUL-padded.
     pub comm: [u8; COMM_LEN],
-    pub kernel: [u64; MAX_STACK_DEPTH],
-    pub user: [u64; MAX_STACK_DEPTH],
 }
 
-const _: () = assert!(core::mem::size_of::<RawSample>() == 48 + 2 * 8 * MAX_STACK_DEPTH);
+/// Bytes of [`RawSampleHeader`] at the start of every ring-buffer record.
+pub const HEADER_BYTES: usize = 48;
+const _: () = assert!(core::mem::size_of::<RawSampleHeader>() == HEADER_BYTES);
+
+/// One sample as the eBPF program assembles it (in a per-CPU scratch slot).
+///
+/// Only the used part goes into the ring buffer: the header, then `kernel_len` kernel
+/// instruction pointers, then `user_len` user ones, each leaf first (entries after the leaf are
+/// return addresses). A 30-frame sample is 288 bytes instead of the full 2,080. The daemon
+/// turns a record into its own `Sample` (`profiler::sampler`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RawSample {
+    pub header: RawSampleHeader,
+    pub frames: [u64; 2 * MAX_STACK_DEPTH],
+}
+
+const _: () = assert!(core::mem::size_of::<RawSample>() == HEADER_BYTES + 2 * 8 * MAX_STACK_DEPTH);
 const _: () = assert!(core::mem::align_of::<RawSample>() == 8);
 
 /// Slots of [`MAP_COUNTERS`]. Numbers are part of the contract and never reused.
@@ -117,6 +130,6 @@ impl Counter {
 }
 
 #[cfg(feature = "user")]
-// SAFETY: RawSample is repr(C), Copy, made of integers and integer arrays with explicit padding,
-// so every bit pattern is valid.
-unsafe impl aya::Pod for RawSample {}
+// SAFETY: repr(C), Copy, integers and integer arrays with explicit padding: every bit pattern
+// is valid.
+unsafe impl aya::Pod for RawSampleHeader {}

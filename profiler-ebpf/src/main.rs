@@ -20,7 +20,7 @@ use aya_ebpf::{
     programs::PerfEventContext,
 };
 use profiler_common::{
-    COUNTER_SLOTS, Counter, MAX_STACK_DEPTH, MAX_TARGET_PIDS, RawSample, SAMPLES_RING_BYTES,
+    COUNTER_SLOTS, Counter, HEADER_BYTES, MAX_STACK_DEPTH, MAX_TARGET_PIDS, RawSample, SAMPLES_RING_BYTES,
     SAMPLES_WAKEUP_BYTES,
 };
 
@@ -29,6 +29,9 @@ static SAMPLES: RingBuf = RingBuf::with_byte_size(SAMPLES_RING_BYTES, 0);
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+#[map(name = "SCRATCH")]
+static SCRATCH: PerCpuArray<RawSample> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "TARGET_PIDS")]
 static TARGET_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TARGET_PIDS, 0);
@@ -73,59 +76,65 @@ fn try_sample(ctx: &PerfEventContext) {
         }
     }
 
-    let Some(mut entry) = SAMPLES.reserve::<RawSample>(0) else {
-        bump(Counter::RingFull);
+    let Some(record) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
-    let record = entry.as_mut_ptr();
-    // SAFETY: `record` points at a reserved, exclusively owned RawSample-sized slot. Every field
-    // is written below before submit; the stack arrays are filled by bpf_get_stack, which zeroes
-    // what it does not write.
+    // SAFETY: `record` points at this CPU's scratch slot, which nothing else uses while this
+    // program runs (perf_event programs do not nest on a CPU). Stack writes stay in bounds:
+    // kernel frames fill frames[0..127]; user frames start at frames[kernel_len], kernel_len is
+    // clamped to 127, and 127 + 127 slots fit the 254 of `frames`.
     unsafe {
-        (*record).ktime_ns = bpf_ktime_get_ns();
-        (*record).tgid = tgid;
-        (*record).tid = tid;
-        (*record).cpu = bpf_get_smp_processor_id();
-        (*record)._pad = 0;
-        (*record).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        let header = &mut (*record).header;
+        header.ktime_ns = bpf_ktime_get_ns();
+        header.tgid = tgid;
+        header.tid = tid;
+        header.cpu = bpf_get_smp_processor_id();
+        header._pad = 0;
+        header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
 
-        let kernel = bpf_get_stack(
-            ctx.as_ptr(),
-            addr_of_mut!((*record).kernel).cast(),
-            STACK_BYTES,
-            0,
-        );
+        let frames = addr_of_mut!((*record).frames).cast::<u64>();
+        let kernel = bpf_get_stack(ctx.as_ptr(), frames.cast(), STACK_BYTES, 0);
+        let mut kernel_len = 0usize;
         if kernel < 0 {
             bump(Counter::KernelStackError);
-            (*record).kernel_len = 0;
-            (*record).kernel_err = kernel as i16;
+            header.kernel_err = kernel as i16;
         } else {
-            (*record).kernel_len = (kernel / 8) as u16;
-            (*record).kernel_err = 0;
+            kernel_len = (kernel as usize / 8).min(MAX_STACK_DEPTH);
+            header.kernel_err = 0;
         }
+        header.kernel_len = kernel_len as u16;
 
         let user = bpf_get_stack(
             ctx.as_ptr(),
-            addr_of_mut!((*record).user).cast(),
+            frames.add(kernel_len).cast(),
             STACK_BYTES,
             BPF_F_USER_STACK as u64,
         );
+        let mut user_len = 0usize;
         if user < 0 {
             bump(Counter::UserStackError);
-            (*record).user_len = 0;
-            (*record).user_err = user as i16;
+            header.user_err = user as i16;
         } else {
-            (*record).user_len = (user / 8) as u16;
-            (*record).user_err = 0;
+            user_len = (user as usize / 8).min(MAX_STACK_DEPTH);
+            header.user_err = 0;
+        }
+        header.user_len = user_len as u16;
+
+        let len = HEADER_BYTES + (kernel_len + user_len) * 8;
+        if len > size_of::<RawSample>() {
+            return;
+        }
+        let wakeup = if SAMPLES.query(BPF_RB_AVAIL_DATA as u64) >= SAMPLES_WAKEUP_BYTES {
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        };
+        let bytes = core::slice::from_raw_parts(record.cast::<u8>(), len);
+        match SAMPLES.output::<[u8]>(bytes, wakeup as u64) {
+            Ok(()) => bump(Counter::Submitted),
+            Err(_) => bump(Counter::RingFull),
         }
     }
-    let wakeup = if SAMPLES.query(BPF_RB_AVAIL_DATA as u64) >= SAMPLES_WAKEUP_BYTES {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
-    entry.submit(wakeup as u64);
-    bump(Counter::Submitted);
 }
 
 #[cfg(not(test))]

@@ -4,7 +4,9 @@
 //! carries every distinct frame and stack once, however many samples hit them. User addresses
 //! are resolved to (file, ELF virtual address) here, while the process is most likely still
 //! alive; symbolization happens later, off this thread, in [`crate::report`].
-use std::{collections::HashMap, sync::Arc, time::SystemTime};
+use std::{sync::Arc, time::SystemTime};
+
+use foldhash::HashMap;
 
 use tokio::sync::mpsc;
 use tracing::debug;
@@ -135,9 +137,15 @@ impl Aggregator {
         for (i, &ip) in sample.kernel.iter().enumerate() {
             ids.push(interval.frame(Frame::Kernel(caller_adjusted(i, ip))));
         }
-        for (i, &ip) in sample.user.iter().enumerate() {
-            let addr = caller_adjusted(i, ip);
-            let frame = match self.registry.resolve_user(sample.tgid, addr) {
+        // The frame-pointer walk can end on a zero return address (Go's runtime frames do);
+        // nothing executes in the first page, so such entries mark the end, not a frame.
+        let user = sample.user.iter().take_while(|&&ip| ip >= FIRST_CODE_ADDRESS);
+        let addrs = user.enumerate().map(|(i, &ip)| caller_adjusted(i, ip));
+        let mut frames = Vec::with_capacity(sample.user.len());
+        self.registry
+            .resolve_user_stack(sample.tgid, addrs.clone(), &mut frames);
+        for (frame, addr) in frames.into_iter().zip(addrs) {
+            let frame = match frame {
                 UserFrame::Object { object, vaddr } => Frame::Object {
                     object: interval.object(object),
                     vaddr,
@@ -187,6 +195,9 @@ impl Aggregator {
         snapshot
     }
 }
+
+/// Addresses below this (the zero page) are never code.
+const FIRST_CODE_ADDRESS: u64 = 0x1000;
 
 fn caller_adjusted(index: usize, ip: u64) -> u64 {
     if index == 0 { ip } else { ip.saturating_sub(1) }

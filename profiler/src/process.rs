@@ -9,12 +9,12 @@
 //! inode) and parsed once. They are opened through `/proc/<pid>/root` (the process's own mount
 //! namespace, so container binaries work) or `/proc/<pid>/map_files` (also for deleted files).
 use std::{
-    collections::HashMap,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
 
+use foldhash::HashMap;
 use procfs::process::{MMPermissions, MMapPath, Process};
 use tracing::debug;
 
@@ -153,8 +153,8 @@ impl ProcessRegistry {
     pub fn new(procfs_root: PathBuf, max_objects: usize) -> Self {
         Self {
             procfs_root,
-            processes: HashMap::new(),
-            objects: HashMap::new(),
+            processes: HashMap::default(),
+            objects: HashMap::default(),
             max_objects,
             generation: 0,
             stats: RegistryStats::default(),
@@ -172,39 +172,52 @@ impl ProcessRegistry {
 
     /// Resolves a user-space address of `pid` to a file and ELF virtual address.
     pub fn resolve_user(&mut self, pid: u32, addr: u64) -> UserFrame {
-        let mut index = self.entry(pid).find(addr);
-        if index.is_none() {
-            // A miss may be a new mapping (dlopen) or a reused pid: re-read, at most once a
-            // second per process.
-            let stale = self
-                .entry(pid)
-                .read_at
-                .is_none_or(|t| t.elapsed() >= REREAD_AFTER_MISS);
-            if stale {
-                self.read(pid);
-                index = self.entry(pid).find(addr);
-            }
-        }
-        let Some(index) = index else {
-            return UserFrame::Unknown;
+        let mut out = Vec::with_capacity(1);
+        self.resolve_user_stack(pid, [addr], &mut out);
+        out.pop().unwrap_or(UserFrame::Unknown)
+    }
+
+    /// Resolves the user addresses of one sample, appending one frame per address to `out`.
+    /// The process is looked up once per sample, not once per frame.
+    pub fn resolve_user_stack(
+        &mut self,
+        pid: u32,
+        addrs: impl IntoIterator<Item = u64>,
+        out: &mut Vec<UserFrame>,
+    ) {
+        self.entry(pid);
+        let Some(mut entry) = self.processes.remove(&pid) else {
+            return;
         };
-        let Some(mapping) = self
-            .processes
-            .get(&pid)
-            .and_then(|p| p.mappings.get(index))
-            .cloned()
-        else {
+        for addr in addrs {
+            out.push(self.resolve_in(&mut entry, pid, addr));
+        }
+        self.processes.insert(pid, entry);
+    }
+
+    fn resolve_in(&mut self, entry: &mut ProcessEntry, pid: u32, addr: u64) -> UserFrame {
+        let mut index = entry.find(addr);
+        // A miss may be a new mapping (dlopen) or a reused pid: re-read, at most once a second
+        // per process.
+        if index.is_none() && entry.read_at.is_none_or(|t| t.elapsed() >= REREAD_AFTER_MISS) {
+            let previous = std::mem::replace(entry, ProcessEntry::gone(self.generation));
+            *entry = self.read_entry(pid, Some(previous));
+            entry.used_generation = self.generation;
+            index = entry.find(addr);
+        }
+        let Some(mapping) = index.and_then(|i| entry.mappings.get_mut(i)) else {
             return UserFrame::Unknown;
         };
         let offset_in_mapping = addr.saturating_sub(mapping.start);
-        let object = match (&mapping.kind, mapping.object) {
+        let file_offset = offset_in_mapping.saturating_add(mapping.offset);
+        let object = match (&mapping.kind, &mapping.object) {
             (MappingKind::Special(name), _) => {
                 return UserFrame::Special {
                     name: Arc::clone(name),
                     offset: offset_in_mapping,
                 };
             }
-            (MappingKind::File { .. }, Some(object)) => object,
+            (MappingKind::File { .. }, Some(object)) => Arc::clone(object),
             (
                 MappingKind::File {
                     dev,
@@ -214,19 +227,12 @@ impl ProcessRegistry {
                 },
                 None,
             ) => {
-                let range = (mapping.start, mapping.end);
-                let object = self.object(pid, range, (*dev, *inode), path, *deleted);
-                if let Some(slot) = self
-                    .processes
-                    .get_mut(&pid)
-                    .and_then(|p| p.mappings.get_mut(index))
-                {
-                    slot.object = Some(Arc::clone(&object));
-                }
+                let object = self.object(pid, (mapping.start, mapping.end), (*dev, *inode), path, *deleted);
+                mapping.object = Some(Arc::clone(&object));
                 object
             }
         };
-        let vaddr = object.vaddr_of_offset(offset_in_mapping.saturating_add(mapping.offset));
+        let vaddr = object.vaddr_of_offset(file_offset);
         UserFrame::Object { object, vaddr }
     }
 
@@ -272,6 +278,13 @@ impl ProcessRegistry {
     }
 
     fn read(&mut self, pid: u32) {
+        let previous = self.processes.remove(&pid);
+        let entry = self.read_entry(pid, previous);
+        self.processes.insert(pid, entry);
+    }
+
+    /// Reads a process from /proc; `previous` is what an earlier read learned.
+    fn read_entry(&mut self, pid: u32, previous: Option<ProcessEntry>) -> ProcessEntry {
         self.stats.maps_reads += 1;
         let generation = self.generation;
         let process = Process::new_with_root(self.procfs_root.join(pid.to_string()));
@@ -281,7 +294,7 @@ impl ProcessRegistry {
             let exe = p.exe().ok().map(|e| e.display().to_string());
             Ok((maps, comm, exe))
         });
-        let entry = match read {
+        match read {
             Ok((maps, comm, exe)) => {
                 let mut mappings: Vec<ExecMapping> = maps
                     .into_iter()
@@ -310,7 +323,7 @@ impl ProcessRegistry {
                 debug!(pid, %error, "process maps unreadable (exited?)");
                 // Keep what an earlier read learned: a process that just exited still has
                 // samples in flight whose addresses the old mappings explain.
-                match self.processes.remove(&pid) {
+                match previous {
                     Some(mut old) => {
                         old.gone = true;
                         old.read_at = Some(Instant::now());
@@ -320,8 +333,7 @@ impl ProcessRegistry {
                     None => ProcessEntry::gone(generation),
                 }
             }
-        };
-        self.processes.insert(pid, entry);
+        }
     }
 
     /// The parsed file behind a mapping. The candidate paths are stat'ed (never opened

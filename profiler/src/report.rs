@@ -23,9 +23,10 @@ use crate::{
 };
 use profiler_common::Counter;
 
-/// kallsyms changes when modules or BPF programs load; re-reading it once a minute keeps new
-/// names without re-reading ~200k lines every interval.
-const KALLSYMS_MAX_AGE: Duration = Duration::from_secs(60);
+/// kallsyms changes only when modules or BPF programs load, and reading it is the most
+/// expensive thing the daemon does (the kernel formats ~200k lines: 30–40 ms of CPU). It is read
+/// once, and again only after a kernel address found no symbol, at most this often.
+const KALLSYMS_MIN_REREAD: Duration = Duration::from_secs(60);
 
 /// Capacity of the aggregator → reporter queue. Two snapshots: one being reported, one
 /// waiting; a third blocks the aggregator (see [`crate::aggregate::run`]).
@@ -34,6 +35,8 @@ pub const QUEUE_CAPACITY: usize = 2;
 pub struct Reporter {
     kernel: KernelSymbols,
     kernel_read: Option<Instant>,
+    /// A kernel address missed the table in the last report.
+    kernel_missed: bool,
     period_ns: i64,
     frequency: u32,
     event: EventSource,
@@ -61,6 +64,7 @@ impl Reporter {
         Self {
             kernel: KernelSymbols::empty(),
             kernel_read: None,
+            kernel_missed: false,
             period_ns: 1_000_000_000 / i64::from(frequency.max(1)),
             frequency,
             event,
@@ -68,9 +72,14 @@ impl Reporter {
     }
 
     fn refresh_kernel_symbols(&mut self) {
-        if self.kernel_read.is_some_and(|t| t.elapsed() < KALLSYMS_MAX_AGE) {
+        let due = match self.kernel_read {
+            None => true,
+            Some(read) => self.kernel_missed && read.elapsed() >= KALLSYMS_MIN_REREAD,
+        };
+        if !due {
             return;
         }
+        self.kernel_missed = false;
         self.kernel_read = Some(Instant::now());
         match KernelSymbols::load() {
             Ok(symbols) if symbols.is_empty() => {
@@ -110,11 +119,16 @@ impl Reporter {
 
         let mapping_ids = self.add_mappings(&mut b, snap);
         let mut symbols = SymbolStats::default();
+        let mut kernel_missed = false;
         let locations: Vec<u64> = snap
             .frames
             .iter()
             .map(|frame| {
                 let (key, address, outcome) = self.name_frame(frame, &snap.objects);
+                kernel_missed |= matches!(
+                    (frame, &outcome),
+                    (Frame::Kernel(_), Err((Unresolved::NoSymbol, _)))
+                );
                 let mapping_id = key.and_then(|k| mapping_ids.get(&k).copied()).unwrap_or(0);
                 let names = match outcome {
                     Ok(names) => {
@@ -144,6 +158,7 @@ impl Reporter {
             })
             .collect();
 
+        self.kernel_missed |= kernel_missed;
         for count in &snap.counts {
             let Some(stack) = snap.stacks.get(count.stack as usize) else {
                 continue;

@@ -14,7 +14,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use profiler_common::{MAX_STACK_DEPTH, RawSample};
+use profiler_common::{HEADER_BYTES, MAX_STACK_DEPTH, RawSampleHeader};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::mpsc,
@@ -45,24 +45,29 @@ pub struct Sample {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
-    #[error("ring buffer record of {got} bytes is shorter than a sample ({want} bytes)")]
-    Short { got: usize, want: usize },
+    #[error("ring buffer record of {got} bytes is shorter than a sample header ({HEADER_BYTES} bytes)")]
+    Short { got: usize },
+    #[error("record claims {kernel} kernel and {user} user frames but holds {room}")]
+    Frames { kernel: usize, user: usize, room: usize },
 }
 
-/// Decodes one ring-buffer record. Lengths from the kernel are clamped to the array size.
+/// Decodes one ring-buffer record: a [`RawSampleHeader`], then `kernel_len` kernel and
+/// `user_len` user frames.
 pub fn decode(bytes: &[u8]) -> Result<Sample, DecodeError> {
-    let want = size_of::<RawSample>();
-    if bytes.len() < want {
-        return Err(DecodeError::Short {
-            got: bytes.len(),
-            want,
-        });
+    let header_bytes = bytes
+        .get(..HEADER_BYTES)
+        .ok_or(DecodeError::Short { got: bytes.len() })?;
+    // SAFETY: the slice holds HEADER_BYTES = size_of::<RawSampleHeader>() bytes, the header is
+    // plain integers (any bit pattern is valid) and read_unaligned has no alignment requirement.
+    let raw: RawSampleHeader = unsafe { header_bytes.as_ptr().cast::<RawSampleHeader>().read_unaligned() };
+    let (kernel, user) = (usize::from(raw.kernel_len), usize::from(raw.user_len));
+    let room = (bytes.len() - HEADER_BYTES) / 8;
+    if kernel > MAX_STACK_DEPTH || user > MAX_STACK_DEPTH || kernel + user > room {
+        return Err(DecodeError::Frames { kernel, user, room });
     }
-    // SAFETY: the slice holds at least size_of::<RawSample>() bytes, RawSample is Pod (any bit
-    // pattern is valid) and read_unaligned has no alignment requirement.
-    let raw: RawSample = unsafe { bytes.as_ptr().cast::<RawSample>().read_unaligned() };
-    let kernel_len = usize::from(raw.kernel_len).min(MAX_STACK_DEPTH);
-    let user_len = usize::from(raw.user_len).min(MAX_STACK_DEPTH);
+    let mut frames = bytes[HEADER_BYTES..]
+        .chunks_exact(8)
+        .map(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]));
     let comm_end = raw.comm.iter().position(|&b| b == 0).unwrap_or(raw.comm.len());
     Ok(Sample {
         ktime_ns: raw.ktime_ns,
@@ -70,8 +75,8 @@ pub fn decode(bytes: &[u8]) -> Result<Sample, DecodeError> {
         tid: raw.tid,
         cpu: raw.cpu,
         comm: String::from_utf8_lossy(&raw.comm[..comm_end]).into_owned(),
-        kernel: raw.kernel[..kernel_len].to_vec(),
-        user: raw.user[..user_len].to_vec(),
+        kernel: frames.by_ref().take(kernel).collect(),
+        user: frames.take(user).collect(),
         kernel_err: (raw.kernel_err != 0).then_some(raw.kernel_err),
         user_err: (raw.user_err != 0).then_some(raw.user_err),
     })
@@ -168,56 +173,64 @@ fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Message>, stats: &Pipeli
 mod tests {
     use super::*;
 
-    fn raw_bytes(raw: &RawSample) -> Vec<u8> {
-        // SAFETY: RawSample is repr(C) plain data; viewing it as bytes is sound.
-        unsafe { std::slice::from_raw_parts((raw as *const RawSample).cast::<u8>(), size_of::<RawSample>()) }
-            .to_vec()
-    }
-
-    fn raw() -> RawSample {
+    fn record(kernel: &[u64], user: &[u64], kernel_len: u16, user_len: u16) -> Vec<u8> {
         let mut comm = [0u8; 16];
         comm[..4].copy_from_slice(b"burn");
-        RawSample {
+        let header = RawSampleHeader {
             ktime_ns: 5,
             tgid: 42,
             tid: 43,
             cpu: 1,
-            kernel_len: 2,
-            user_len: 3,
+            kernel_len,
+            user_len,
             kernel_err: 0,
             user_err: -14,
             _pad: 0,
             comm,
-            kernel: [0xffff_ffff_8100_0000; MAX_STACK_DEPTH],
-            user: [0x40_1000; MAX_STACK_DEPTH],
+        };
+        // SAFETY: the header is repr(C) plain data; viewing it as bytes is sound.
+        let mut bytes =
+            unsafe { std::slice::from_raw_parts((&raw const header).cast::<u8>(), HEADER_BYTES) }.to_vec();
+        for frame in kernel.iter().chain(user) {
+            bytes.extend(frame.to_ne_bytes());
         }
+        bytes
     }
 
     #[test]
-    fn decodes_valid_frames_only() {
-        let sample = decode(&raw_bytes(&raw())).expect("decodes");
-        assert_eq!(sample.tgid, 42);
-        assert_eq!(sample.tid, 43);
+    fn decodes_kernel_then_user_frames() {
+        let bytes = record(
+            &[0xffff_ffff_8100_0000, 0xffff_ffff_8100_0100],
+            &[0x40_1000, 0x40_2000, 0x40_3000],
+            2,
+            3,
+        );
+        assert_eq!(bytes.len(), HEADER_BYTES + 5 * 8);
+        let sample = decode(&bytes).expect("decodes");
+        assert_eq!((sample.tgid, sample.tid, sample.cpu), (42, 43, 1));
         assert_eq!(sample.comm, "burn");
-        assert_eq!(sample.kernel.len(), 2);
-        assert_eq!(sample.user.len(), 3);
+        assert_eq!(sample.kernel, [0xffff_ffff_8100_0000, 0xffff_ffff_8100_0100]);
+        assert_eq!(sample.user, [0x40_1000, 0x40_2000, 0x40_3000]);
         assert_eq!(sample.kernel_err, None);
         assert_eq!(sample.user_err, Some(-14));
     }
 
     #[test]
-    fn clamps_lengths_and_rejects_short_records() {
-        let mut r = raw();
-        r.kernel_len = 5000;
-        let sample = decode(&raw_bytes(&r)).expect("decodes");
-        assert_eq!(sample.kernel.len(), MAX_STACK_DEPTH);
-        let bytes = raw_bytes(&r);
+    fn rejects_records_that_lie_about_their_frames() {
+        let bytes = record(&[1, 2], &[3], 2, 5);
         assert_eq!(
-            decode(&bytes[..100]),
-            Err(DecodeError::Short {
-                got: 100,
-                want: size_of::<RawSample>()
+            decode(&bytes),
+            Err(DecodeError::Frames {
+                kernel: 2,
+                user: 5,
+                room: 3
             })
         );
+        let bytes = record(&[], &[], 200, 0);
+        assert!(matches!(
+            decode(&bytes),
+            Err(DecodeError::Frames { kernel: 200, .. })
+        ));
+        assert_eq!(decode(&bytes[..20]), Err(DecodeError::Short { got: 20 }));
     }
 }

@@ -1,1 +1,113 @@
-//! Integration tests live in tests/e2e.rs; fixtures in fixtures/.
+//! Test support shared by the end-to-end tests and the overhead benchmark: the workspace
+//! paths, the fixture programs (built from `tests/fixtures` on first use) and a handle that
+//! kills a running fixture when dropped.
+//!
+//! Panics are the failure mode here: this code runs only inside tests and benchmarks.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::OnceLock,
+};
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+pub fn profiler_bin() -> PathBuf {
+    std::env::var_os("PROFILER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/release/profiler"))
+}
+
+pub fn fixtures_dir() -> PathBuf {
+    workspace().join("tests/fixtures")
+}
+
+pub fn build_dir() -> PathBuf {
+    let dir = workspace().join("target/fixtures");
+    std::fs::create_dir_all(&dir).expect("fixture build dir");
+    dir
+}
+
+pub fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The C fixture, with frame pointers. -O0 because GCC 12 shrink-wraps the frame setup out of
+/// leaf functions at -O1 and above even with -mno-omit-leaf-frame-pointer, and a leaf without a
+/// frame hides its caller from a frame-pointer walk (frame-pointer-less code is issue 3's).
+pub fn c_fixture() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = build_dir().join("burn");
+        run_ok(
+            Command::new("gcc")
+                .args(["-O0", "-g", "-fno-omit-frame-pointer", "-Wl,--build-id", "-o"])
+                .arg(&out)
+                .arg(fixtures_dir().join("burn.c")),
+        );
+        out
+    })
+}
+
+pub fn go_fixture() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = build_dir().join("gohot");
+        let cache = build_dir().join("gocache");
+        run_ok(
+            Command::new("go")
+                .args(["build", "-o"])
+                .arg(&out)
+                .arg("main.go")
+                .current_dir(fixtures_dir().join("gohot"))
+                .env("GOCACHE", &cache)
+                .env("GOPATH", build_dir().join("gopath"))
+                .env("GO111MODULE", "off")
+                .env("CGO_ENABLED", "0"),
+        );
+        out
+    })
+}
+
+/// A running fixture, killed on drop.
+pub struct Fixture(Child);
+
+impl Fixture {
+    pub fn start(bin: &Path, seconds: u32) -> Self {
+        let mut child = Command::new(bin)
+            .arg(seconds.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("fixture output");
+        assert_eq!(line.trim(), "ready", "fixture did not start");
+        Fixture(child)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

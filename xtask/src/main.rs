@@ -4,6 +4,7 @@
 //! - `build`: `cargo build --release -p profiler` (after setup).
 //! - `run`:   records 10 s of the whole machine and prints the top functions.
 //! - `test`:  every test, the privileged end-to-end ones included (run as root).
+//! - `bench`: overhead beside perf and bpftrace, plus hot-path benchmarks (docs/benchmarks.md).
 use std::{
     env,
     ffi::OsStr,
@@ -20,6 +21,8 @@ use clap::{Parser, Subcommand};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the fixtures and the reference reader need.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[("go", "golang-go"), ("gcc", "gcc"), ("setpriv", "util-linux")];
+/// The peers the benchmark measures beside the daemon.
+const BENCH_PACKAGES: &[(&str, &str)] = &[("perf", "linux-perf"), ("bpftrace", "bpftrace")];
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -39,6 +42,18 @@ enum Task {
         /// Extra arguments for `profiler record`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Measure overhead beside perf and bpftrace, and the hot paths (docs/benchmarks.md).
+    Bench {
+        /// Fail when a result is over the README's budget beyond the noise margin.
+        #[arg(long)]
+        check: bool,
+        /// Seconds per recording.
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// Skip the criterion hot-path benchmarks.
+        #[arg(long)]
+        no_hot_paths: bool,
     },
     /// Run every test (unit, integration, privileged end-to-end).
     Test {
@@ -66,6 +81,16 @@ fn main() -> Result<()> {
             setup()?;
             build()?;
             test(&root, &args)
+        }
+        Task::Bench {
+            check,
+            seconds,
+            no_hot_paths,
+        } => {
+            setup()?;
+            install_debian(BENCH_PACKAGES)?;
+            build()?;
+            bench(&root, check, seconds, !no_hot_paths)
         }
     }
 }
@@ -100,14 +125,14 @@ fn on_path(program: &str) -> bool {
 }
 
 fn setup() -> Result<()> {
-    setup_debian()?;
+    install_debian(DEBIAN_PACKAGES)?;
     setup_nightly()?;
     setup_bpf_linker()?;
     Ok(())
 }
 
-fn setup_debian() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+fn install_debian(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(program, _)| !on_path(program))
         .map(|(_, package)| *package)
@@ -219,6 +244,22 @@ fn record(root: &Path, args: &[String]) -> Result<()> {
         "xtask: open it with `go tool pprof -top {}`",
         output_path.display()
     );
+    Ok(())
+}
+
+fn bench(root: &Path, check: bool, seconds: u32, hot_paths: bool) -> Result<()> {
+    run(Command::new("cargo").args(["build", "--release", "-p", "bench"]))?;
+    let mut cmd = Command::new(root.join("target/release/bench"));
+    cmd.arg("--profiler")
+        .arg(root.join("target/release/profiler"))
+        .args(["--seconds", &seconds.to_string()]);
+    if check {
+        cmd.arg("--check");
+    }
+    run(&mut cmd)?;
+    if hot_paths {
+        run(Command::new("cargo").args(["bench", "-p", "profiler", "--bench", "hot_paths"]))?;
+    }
     Ok(())
 }
 

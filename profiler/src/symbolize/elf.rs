@@ -17,6 +17,10 @@ pub enum ElfError {
     Replaced { path: String, expected: u64, found: u64 },
 }
 
+/// Files up to this size are read whole (one pass, fastest); larger ones are read piecewise
+/// on demand, which costs a syscall per symbol name but keeps the daemon's memory bounded.
+const READ_WHOLE_MAX: u64 = 32 * 1024 * 1024;
+
 /// A `PT_LOAD` segment: where file bytes land in the ELF's virtual address space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoadSegment {
@@ -102,7 +106,7 @@ impl ElfImage {
     /// seen in /proc/<pid>/maps may since have been replaced. Opening never blocks (a path
     /// swapped for a FIFO would otherwise hang the caller), only regular files are read, and
     /// reads go through `read(2)` rather than mmap, so a file truncated underneath cannot
-    /// raise SIGBUS in the daemon.
+    /// raise SIGBUS in the daemon. The file's data is dropped once the tables are built.
     pub fn open(path: &Path, inode: Option<u64>) -> Result<Self, ElfError> {
         use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
         let display = || path.display().to_string();
@@ -130,11 +134,20 @@ impl ElfImage {
                 found: meta.ino(),
             });
         }
-        let cache = ReadCache::new(file);
-        Self::parse(&cache).map_err(|source| ElfError::Parse {
+        let parse_error = |source| ElfError::Parse {
             path: display(),
             source,
-        })
+        };
+        if meta.len() <= READ_WHOLE_MAX {
+            let mut data = Vec::with_capacity(meta.len() as usize);
+            std::io::Read::read_to_end(&mut &file, &mut data).map_err(|source| ElfError::Open {
+                path: display(),
+                source,
+            })?;
+            return Self::parse(data.as_slice()).map_err(parse_error);
+        }
+        let cache = ReadCache::new(file);
+        Self::parse(&cache).map_err(parse_error)
     }
 
     pub fn parse<'data, R: ReadRef<'data>>(data: R) -> Result<Self, object::Error> {

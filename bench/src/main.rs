@@ -1,0 +1,437 @@
+//! `cargo xtask bench`: what the profiler costs, side by side with `perf record` and
+//! bpftrace on the same load in the same run (docs/benchmarks.md).
+//!
+//! Needs root (BPF, perf events, `kernel.bpf_stats_enabled`), which it switches on for the run
+//! and restores after.
+mod measure;
+
+use std::{
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use clap::Parser;
+use measure::Measured;
+use profiler::{
+    encode::decode,
+    symbolize::{SymbolSource as _, elf::ElfImage},
+};
+use tests::{Fixture, c_fixture, go_fixture};
+
+#[derive(Parser)]
+#[command(about = "Measure the profiler's overhead against perf record and bpftrace")]
+struct Args {
+    /// The release daemon to measure.
+    #[arg(long)]
+    profiler: PathBuf,
+    /// Length of each recording.
+    #[arg(long, default_value_t = 10)]
+    seconds: u32,
+    /// Compare against the budget in the README; exit non-zero when worse beyond the margin.
+    #[arg(long)]
+    check: bool,
+    #[arg(long, default_value = "README.md")]
+    readme: PathBuf,
+    /// Where the results table is written (and printed).
+    #[arg(long, default_value = "target/bench/results.md")]
+    out: PathBuf,
+}
+
+/// A budget counts as broken only when the result is worse by more than this fraction:
+/// repeated runs on the 2-CPU VM varied by up to ±15%.
+const NOISE_MARGIN: f64 = 0.20;
+
+const FREQUENCIES: [u32; 2] = [19, 99];
+const IDLE_PROCESSES: [usize; 3] = [1, 100, 1000];
+
+struct BpfStatsGuard(String);
+
+impl BpfStatsGuard {
+    const PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn enable() -> Result<Self> {
+        let old = fs::read_to_string(Self::PATH).context("reading kernel.bpf_stats_enabled")?;
+        fs::write(Self::PATH, "1").context("enabling kernel.bpf_stats_enabled (run as root)")?;
+        Ok(Self(old.trim().to_owned()))
+    }
+}
+
+impl Drop for BpfStatsGuard {
+    fn drop(&mut self) {
+        let _ = fs::write(Self::PATH, &self.0);
+    }
+}
+
+struct Idle(Vec<Child>);
+
+impl Idle {
+    fn start(n: usize) -> Result<Self> {
+        let mut children = Vec::with_capacity(n);
+        for _ in 0..n {
+            children.push(Command::new("sleep").arg("3600").stdout(Stdio::null()).spawn()?);
+        }
+        Ok(Self(children))
+    }
+}
+
+impl Drop for Idle {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ToolRun {
+    tool: &'static str,
+    hz: u32,
+    m: Measured,
+    samples: u64,
+    output_bytes: u64,
+}
+
+fn cpus() -> u64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
+}
+
+fn ours(args: &Args, hz: u32, scratch: &Path) -> Result<ToolRun> {
+    let out = scratch.join("ours.pb.gz");
+    let m = measure::run(
+        Command::new(&args.profiler)
+            .args(["record", "--top", "0", "--frequency", &hz.to_string()])
+            .args(["--duration", &format!("{}s", args.seconds), "--output"])
+            .arg(&out),
+        scratch,
+    )?;
+    let bytes = fs::read(&out)?;
+    let profile = decode(&bytes)?;
+    let samples = profile
+        .sample
+        .iter()
+        .map(|s| s.value.first().copied().unwrap_or(0) as u64)
+        .sum();
+    Ok(ToolRun {
+        tool: "profiler",
+        hz,
+        m,
+        samples,
+        output_bytes: bytes.len() as u64,
+    })
+}
+
+fn perf(args: &Args, hz: u32, scratch: &Path) -> Result<ToolRun> {
+    let out = scratch.join("perf.data");
+    let m = measure::run(
+        Command::new("perf")
+            .args(["record", "-F", &hz.to_string(), "-a", "-g", "-o"])
+            .arg(&out)
+            .args(["--", "sleep", &args.seconds.to_string()]),
+        scratch,
+    )?;
+    // "[ perf record: Captured and wrote 0.210 MB perf.data (1975 samples) ]"
+    let samples = m
+        .stderr
+        .rsplit_once(" samples)")
+        .and_then(|(head, _)| head.rsplit_once('(').map(|(_, n)| n.trim().parse().unwrap_or(0)))
+        .unwrap_or(0);
+    let output_bytes = fs::metadata(&out)?.len();
+    Ok(ToolRun {
+        tool: "perf record -g",
+        hz,
+        m,
+        samples,
+        output_bytes,
+    })
+}
+
+fn bpftrace(args: &Args, hz: u32, scratch: &Path) -> Result<ToolRun> {
+    let program = format!(
+        "profile:hz:{hz} {{ @[kstack, ustack, pid] = count(); }} interval:s:{} {{ exit(); }}",
+        args.seconds
+    );
+    let m = measure::run(Command::new("bpftrace").args(["-e", &program]), scratch)?;
+    let samples = m.bpf.runs;
+    let output_bytes = m.stdout.len() as u64;
+    Ok(ToolRun {
+        tool: "bpftrace",
+        hz,
+        m,
+        samples,
+        output_bytes,
+    })
+}
+
+struct Symbolization {
+    files: usize,
+    cold_ms_per_file: f64,
+    addresses: usize,
+    cached_per_second: f64,
+}
+
+/// Cold: parse each file and build its symbol table. Cached: resolve addresses across its text
+/// segment (every 16 bytes) in files already parsed, as the reporter does per distinct frame.
+fn symbolization(files: &[PathBuf]) -> Result<Symbolization> {
+    let start = Instant::now();
+    let images: Vec<ElfImage> = files
+        .iter()
+        .map(|f| ElfImage::open(f, None).with_context(|| f.display().to_string()))
+        .collect::<Result<_>>()?;
+    let cold_ms_per_file = start.elapsed().as_secs_f64() * 1000.0 / files.len() as f64;
+    let mut addresses = Vec::new();
+    for (i, image) in images.iter().enumerate() {
+        for seg in &image.segments {
+            let end = seg.vaddr + seg.mem_size.min(4 << 20);
+            addresses.extend((seg.vaddr..end).step_by(16).map(|a| (i, a)));
+        }
+    }
+    ensure!(!addresses.is_empty(), "no text to symbolize");
+    let start = Instant::now();
+    let mut resolved = 0usize;
+    let mut rounds = 0;
+    while start.elapsed() < Duration::from_secs(1) || rounds == 0 {
+        for &(i, addr) in &addresses {
+            if let Some(names) = images[i].resolve(addr) {
+                resolved += names.len();
+            }
+        }
+        rounds += 1;
+    }
+    std::hint::black_box(resolved);
+    let per_second = (addresses.len() * rounds) as f64 / start.elapsed().as_secs_f64();
+    Ok(Symbolization {
+        files: files.len(),
+        cold_ms_per_file,
+        addresses: addresses.len(),
+        cached_per_second: per_second,
+    })
+}
+
+struct Budget {
+    name: String,
+    at_most: bool,
+    limit: f64,
+}
+
+/// Reads `budget: <name> <= <value>` / `>=` lines from the README.
+fn budgets(readme: &Path) -> Result<Vec<Budget>> {
+    let text = fs::read_to_string(readme).with_context(|| readme.display().to_string())?;
+    let mut out = Vec::new();
+    for line in text.lines().filter_map(|l| l.trim().strip_prefix("budget:")) {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let [name, op, value] = parts.as_slice() else {
+            bail!("malformed budget line `{line}` (want `budget: name <= value`)");
+        };
+        let limit = value
+            .replace(',', "")
+            .parse()
+            .with_context(|| format!("budget value in `{line}`"))?;
+        let at_most = match *op {
+            "<=" => true,
+            ">=" => false,
+            other => bail!("budget operator `{other}` in `{line}` is not <= or >="),
+        };
+        out.push(Budget {
+            name: (*name).to_owned(),
+            at_most,
+            limit,
+        });
+    }
+    ensure!(!out.is_empty(), "no `budget:` lines in {}", readme.display());
+    Ok(out)
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let _stats = BpfStatsGuard::enable()?;
+    let scratch = tempfile_dir()?;
+    let cpus = cpus();
+
+    // The fixed load: one busy fixture per CPU, C and Go alternating.
+    let load: Vec<Fixture> = (0..cpus)
+        .map(|i| Fixture::start(if i % 2 == 0 { c_fixture() } else { go_fixture() }, 3600))
+        .collect();
+    eprintln!(
+        "bench: load of {} fixtures on {cpus} CPUs, {} s per recording",
+        load.len(),
+        args.seconds
+    );
+
+    let mut runs = Vec::new();
+    for hz in FREQUENCIES {
+        for (name, tool) in [
+            ("profiler", ours as fn(&Args, u32, &Path) -> Result<ToolRun>),
+            ("perf", perf),
+            ("bpftrace", bpftrace),
+        ] {
+            eprintln!("bench: {name} at {hz} Hz");
+            runs.push(tool(&args, hz, &scratch)?);
+        }
+    }
+    let mut scaling = Vec::new();
+    for n in IDLE_PROCESSES {
+        eprintln!("bench: profiler at 99 Hz with {n} idle processes");
+        let idle = Idle::start(n)?;
+        let run = ours(&args, 99, &scratch)?;
+        drop(idle);
+        scaling.push((n, run));
+    }
+    drop(load);
+    let libc_path = PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6");
+    let mut files = vec![
+        c_fixture().to_owned(),
+        go_fixture().to_owned(),
+        args.profiler.clone(),
+    ];
+    if libc_path.is_file() {
+        files.push(libc_path);
+    }
+    let sym = symbolization(&files)?;
+
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "Load: {} busy fixtures (C and Go) on {cpus} CPUs; {} s per recording; kernel {}.\n",
+        cpus,
+        args.seconds,
+        profiler::bpf::kernel_release()
+    );
+    let _ = writeln!(
+        md,
+        "| tool | Hz | CPU (s) | steady CPU (ms/s) | BPF (ns/sample) | BPF (% of a CPU) | samples / expected | peak RSS (MiB) | steady RSS (MiB) | output (KiB) |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+    for r in &runs {
+        let expected = u64::from(r.hz) * cpus * u64::from(args.seconds);
+        let bpf = if r.m.bpf.runs > 0 {
+            format!("{:.0}", r.m.bpf.ns_per_run())
+        } else {
+            "—".into()
+        };
+        let share = if r.m.bpf.runs > 0 {
+            format!("{:.3}", 100.0 * r.m.bpf.cpu_share())
+        } else {
+            "—".into()
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.3} | {:.2} | {bpf} | {share} | {} / {expected} | {:.1} | {:.1} | {:.0} |",
+            r.tool,
+            r.hz,
+            r.m.cpu.as_secs_f64(),
+            1000.0 * r.m.steady_cpu_per_second,
+            r.samples,
+            mib(r.m.peak_rss_kib),
+            mib(r.m.steady_rss_kib),
+            r.output_bytes as f64 / 1024.0
+        );
+    }
+    let find = |tool: &str, hz: u32| runs.iter().find(|r| r.tool.starts_with(tool) && r.hz == hz);
+    let mut metrics: Vec<(String, f64)> = Vec::new();
+    let _ = writeln!(
+        md,
+        "\nRatios, ours ÷ peer (same load, same run):\n\n| Hz | CPU ÷ perf | steady CPU ÷ perf | CPU ÷ bpftrace | BPF ns/sample ÷ bpftrace |\n|---|---|---|---|---|"
+    );
+    for hz in FREQUENCIES {
+        let (Some(o), Some(p), Some(b)) = (find("profiler", hz), find("perf", hz), find("bpftrace", hz))
+        else {
+            continue;
+        };
+        let cpu_perf = o.m.cpu.as_secs_f64() / p.m.cpu.as_secs_f64().max(1e-9);
+        let cpu_bt = o.m.cpu.as_secs_f64() / b.m.cpu.as_secs_f64().max(1e-9);
+        let bpf_bt = o.m.bpf.ns_per_run() / b.m.bpf.ns_per_run().max(1e-9);
+        let steady_perf = o.m.steady_cpu_per_second / p.m.steady_cpu_per_second.max(1e-12);
+        let _ = writeln!(
+            md,
+            "| {hz} | {cpu_perf:.2} | {steady_perf:.2} | {cpu_bt:.2} | {bpf_bt:.2} |"
+        );
+        metrics.push((format!("daemon_cpu_vs_perf_{hz}hz"), cpu_perf));
+        metrics.push((format!("bpf_ns_per_sample_vs_bpftrace_{hz}hz"), bpf_bt));
+    }
+    let _ = writeln!(
+        md,
+        "\nScaling at 99 Hz (profiler only):\n\n| idle processes | steady CPU (ms/s) | BPF (ns/sample) | samples | steady RSS (MiB) |\n|---|---|---|---|---|"
+    );
+    for (n, r) in &scaling {
+        let _ = writeln!(
+            md,
+            "| {n} | {:.2} | {:.0} | {} | {:.1} |",
+            1000.0 * r.m.steady_cpu_per_second,
+            r.m.bpf.ns_per_run(),
+            r.samples,
+            mib(r.m.steady_rss_kib)
+        );
+    }
+    let steady_rss = runs
+        .iter()
+        .chain(scaling.iter().map(|(_, r)| r))
+        .filter(|r| r.tool == "profiler")
+        .map(|r| mib(r.m.steady_rss_kib))
+        .fold(0.0, f64::max);
+    metrics.push(("steady_rss_mib".into(), steady_rss));
+    let _ = writeln!(
+        md,
+        "\nSymbolization: {} files parsed cold in {:.1} ms each; {} cached lookups at {:.2} M addresses/s.",
+        sym.files,
+        sym.cold_ms_per_file,
+        sym.addresses,
+        sym.cached_per_second / 1e6
+    );
+    metrics.push(("cached_symbolization_per_s".into(), sym.cached_per_second));
+
+    if let Some(dir) = args.out.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(&args.out, &md)?;
+    println!("{md}");
+    eprintln!("bench: results written to {}", args.out.display());
+
+    let budgets = budgets(&args.readme)?;
+    let mut broken = Vec::new();
+    println!("| budget | limit | measured | status |\n|---|---|---|---|");
+    for b in &budgets {
+        let Some((_, value)) = metrics.iter().find(|(name, _)| *name == b.name) else {
+            bail!(
+                "the README budget `{}` is not something this benchmark measures",
+                b.name
+            );
+        };
+        let (op, ok) = if b.at_most {
+            ("≤", *value <= b.limit * (1.0 + NOISE_MARGIN))
+        } else {
+            ("≥", *value >= b.limit / (1.0 + NOISE_MARGIN))
+        };
+        println!(
+            "| {} | {op} {} | {value:.3} | {} |",
+            b.name,
+            b.limit,
+            if ok { "ok" } else { "OVER BUDGET" }
+        );
+        if !ok {
+            broken.push(b.name.clone());
+        }
+    }
+    if args.check && !broken.is_empty() {
+        bail!(
+            "over budget (beyond the {:.0}% noise margin): {}",
+            NOISE_MARGIN * 100.0,
+            broken.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("profiler-bench-{}", std::process::id()));
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

@@ -1,0 +1,182 @@
+//! Running a tool to completion while watching its CPU, memory and BPF programs.
+use std::{
+    collections::HashMap,
+    fs,
+    path::Path,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// How often a running tool's RSS and BPF program stats are read.
+const POLL: Duration = Duration::from_millis(200);
+
+/// Totals of the BPF programs a process holds (from /proc/<pid>/fdinfo of its program fds),
+/// over the window in which they ran.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BpfTime {
+    pub run_ns: u64,
+    pub runs: u64,
+    pub window: Duration,
+}
+
+impl BpfTime {
+    pub fn ns_per_run(&self) -> f64 {
+        self.run_ns as f64 / self.runs.max(1) as f64
+    }
+
+    /// Fraction of one CPU spent in the programs.
+    pub fn cpu_share(&self) -> f64 {
+        self.run_ns as f64 / self.window.as_nanos().max(1) as f64
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Measured {
+    pub wall: Duration,
+    /// User + system CPU of the process (and children it waited for), from wait4.
+    pub cpu: Duration,
+    pub peak_rss_kib: u64,
+    /// Median RSS over the second half of the run.
+    pub steady_rss_kib: u64,
+    pub bpf: BpfTime,
+    /// CPU per second of wall time after start-up (from 1 s in to the last poll before exit),
+    /// from the threads' schedstat.
+    pub steady_cpu_per_second: f64,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Nanoseconds on CPU of all threads of `pid` (/proc/<pid>/task/*/schedstat, first field).
+fn cpu_ns(pid: i32) -> Option<u64> {
+    let mut total = 0;
+    for task in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let text = fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        total += text
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(total)
+}
+
+/// Time after start from which CPU use counts as steady state.
+const STEADY_AFTER: Duration = Duration::from_secs(1);
+
+fn rss_kib(pid: i32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// (run_time_ns, run_cnt) per BPF program id held open by `pid`.
+fn bpf_programs(pid: i32) -> HashMap<u64, (u64, u64)> {
+    let mut out = HashMap::new();
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Ok(text) = fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let (Some(id), Some(ns), Some(cnt)) = (field("prog_id:"), field("run_time_ns:"), field("run_cnt:"))
+        {
+            out.insert(id, (ns, cnt));
+        }
+    }
+    out
+}
+
+/// Runs `cmd` to completion, polling it, and returns what it cost.
+pub fn run(cmd: &mut Command, scratch: &Path) -> Result<Measured> {
+    let out_path = scratch.join("stdout");
+    let err_path = scratch.join("stderr");
+    cmd.stdin(Stdio::null())
+        .stdout(fs::File::create(&out_path)?)
+        .stderr(fs::File::create(&err_path)?);
+    let start = Instant::now();
+    let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+    let pid = child.id() as i32;
+    let mut rss = Vec::new();
+    let mut first: Option<(Instant, u64, u64)> = None;
+    let mut last: Option<(Instant, u64, u64)> = None;
+    let mut steady: Option<(Instant, u64)> = None;
+    let mut steady_last: Option<(Instant, u64)> = None;
+    let (status, usage) = loop {
+        let mut status = 0;
+        // SAFETY: rusage is plain data that wait4 fills in.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: waiting for our own child with valid pointers.
+        let rc = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if rc == pid {
+            break (status, usage);
+        }
+        if rc < 0 {
+            bail!("wait4 on {cmd:?}: {}", std::io::Error::last_os_error());
+        }
+        if let Some(kib) = rss_kib(pid) {
+            rss.push(kib);
+        }
+        if start.elapsed() >= STEADY_AFTER
+            && let Some(ns) = cpu_ns(pid)
+        {
+            steady.get_or_insert((Instant::now(), ns));
+            steady_last = Some((Instant::now(), ns));
+        }
+        let progs = bpf_programs(pid);
+        if !progs.is_empty() {
+            let (ns, cnt) = progs.values().fold((0, 0), |(a, b), (ns, cnt)| (a + ns, b + cnt));
+            let now = (Instant::now(), ns, cnt);
+            first.get_or_insert(now);
+            last = Some(now);
+        }
+        thread::sleep(POLL);
+    };
+    let wall = start.elapsed();
+    let stdout = fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = fs::read_to_string(&err_path).unwrap_or_default();
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("{cmd:?} failed (status {status}):\n{stderr}");
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    let second_half = &rss[rss.len() / 2..];
+    let mut sorted = second_half.to_vec();
+    sorted.sort_unstable();
+    let bpf = match (first, last) {
+        (Some((t0, ns0, cnt0)), Some((t1, ns1, cnt1))) => BpfTime {
+            run_ns: ns1.saturating_sub(ns0),
+            runs: cnt1.saturating_sub(cnt0),
+            window: t1 - t0,
+        },
+        _ => BpfTime::default(),
+    };
+    let steady_cpu_per_second = match (steady, steady_last) {
+        (Some((t0, ns0)), Some((t1, ns1))) if t1 > t0 => {
+            ns1.saturating_sub(ns0) as f64 / (t1 - t0).as_nanos() as f64
+        }
+        _ => 0.0,
+    };
+    Ok(Measured {
+        wall,
+        steady_cpu_per_second,
+        cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
+        peak_rss_kib: usage.ru_maxrss as u64,
+        steady_rss_kib: sorted.get(sorted.len() / 2).copied().unwrap_or(0),
+        bpf,
+        stdout,
+        stderr,
+    })
+}

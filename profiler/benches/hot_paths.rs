@@ -1,0 +1,130 @@
+//! Hot paths of the daemon, on this process's own code and the running kernel's symbols:
+//! - decode + aggregate: ring-buffer records → interned, counted stacks (per sample);
+//! - report: symbolize and pprof-encode an aggregated interval (per profile);
+//! - symbolize: ELF symbol lookups in a parsed file (cached) and parsing a file (cold).
+use std::{hint::black_box, time::SystemTime};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use profiler::{
+    aggregate::Aggregator,
+    bpf::{CounterSnapshot, EventSource},
+    encode::gzip,
+    process::ProcessRegistry,
+    report::Reporter,
+    sampler::decode,
+    symbolize::{SymbolSource as _, elf::ElfImage},
+};
+use profiler_common::{HEADER_BYTES, RawSampleHeader};
+
+/// Executable mappings of this process: (start, end).
+fn own_text() -> Vec<(u64, u64)> {
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+    maps.lines()
+        .filter(|l| l.split_whitespace().nth(1).is_some_and(|p| p.contains('x')))
+        .filter(|l| l.split_whitespace().nth(5).is_some_and(|p| p.starts_with('/')))
+        .filter_map(|l| {
+            let (lo, hi) = l.split_whitespace().next()?.split_once('-')?;
+            Some((
+                u64::from_str_radix(lo, 16).ok()?,
+                u64::from_str_radix(hi, 16).ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// 1,000 records of 8 kernel and 24 user frames spread over this process's code: about 50
+/// distinct stacks, as a busy service shows in one interval.
+fn records() -> Vec<Vec<u8>> {
+    let text = own_text();
+    let user_span: Vec<u64> = text
+        .iter()
+        .flat_map(|&(lo, hi)| (lo..hi).step_by(4099).take(200))
+        .collect();
+    (0..1000u64)
+        .map(|i| {
+            let header = RawSampleHeader {
+                ktime_ns: i,
+                tgid: std::process::id(),
+                tid: std::process::id(),
+                cpu: 0,
+                kernel_len: 8,
+                user_len: 24,
+                comm: *b"bench\0\0\0\0\0\0\0\0\0\0\0",
+                ..Default::default()
+            };
+            // SAFETY: the header is repr(C) plain data.
+            let mut bytes =
+                unsafe { std::slice::from_raw_parts((&raw const header).cast::<u8>(), HEADER_BYTES) }
+                    .to_vec();
+            for k in 0..8u64 {
+                bytes.extend((0xffff_ffff_8100_0000u64 + (i % 50) * 0x1000 + k * 0x40).to_ne_bytes());
+            }
+            for u in 0..24u64 {
+                let idx = ((i % 50) * 3 + u) as usize % user_span.len();
+                bytes.extend(user_span[idx].to_ne_bytes());
+            }
+            bytes
+        })
+        .collect()
+}
+
+fn decode_and_aggregate(c: &mut Criterion) {
+    let records = records();
+    let mut agg = Aggregator::new(
+        ProcessRegistry::default(),
+        SystemTime::now(),
+        CounterSnapshot::default(),
+    );
+    c.bench_function("decode+aggregate 1000 samples", |b| {
+        b.iter(|| {
+            for r in &records {
+                if let Ok(sample) = decode(r) {
+                    agg.add(&sample);
+                }
+            }
+        })
+    });
+}
+
+fn report(c: &mut Criterion) {
+    let records = records();
+    let mut agg = Aggregator::new(
+        ProcessRegistry::default(),
+        SystemTime::now(),
+        CounterSnapshot::default(),
+    );
+    for r in &records {
+        agg.add(&decode(r).expect("decodes"));
+    }
+    let snapshot = agg.flush(SystemTime::now(), CounterSnapshot::default(), false);
+    let mut reporter = Reporter::new(99, EventSource::CpuClock);
+    // First build reads kallsyms; measure the steady state after it.
+    let _ = reporter.build(&snapshot, (0, 0, 0));
+    c.bench_function("symbolize+encode+gzip one interval", |b| {
+        b.iter(|| gzip(&reporter.build(black_box(&snapshot), (0, 0, 0)).profile))
+    });
+}
+
+fn symbolize(c: &mut Criterion) {
+    let exe = std::fs::read_link("/proc/self/exe").expect("exe");
+    let image = ElfImage::open(&exe, None).expect("own ELF");
+    let addrs: Vec<u64> = image
+        .segments
+        .iter()
+        .flat_map(|s| (s.vaddr..s.vaddr + s.mem_size.min(1 << 20)).step_by(97))
+        .take(10_000)
+        .collect();
+    c.bench_function("symbolize 10000 addresses (cached file)", |b| {
+        b.iter(|| addrs.iter().filter_map(|&a| image.resolve(a)).count())
+    });
+    c.bench_function("parse own executable (cold)", |b| {
+        b.iter(|| ElfImage::open(&exe, None).expect("parse"))
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_secs(1)).measurement_time(std::time::Duration::from_secs(3));
+    targets = decode_and_aggregate, report, symbolize
+}
+criterion_main!(benches);
