@@ -35,7 +35,6 @@ impl BpfTime {
 
 #[derive(Debug, Clone, Default)]
 pub struct Measured {
-    pub wall: Duration,
     /// User + system CPU of the process (and children it waited for), from wait4.
     pub cpu: Duration,
     pub peak_rss_kib: u64,
@@ -145,7 +144,6 @@ pub fn run(cmd: &mut Command, scratch: &Path) -> Result<Measured> {
         }
         thread::sleep(POLL);
     };
-    let wall = start.elapsed();
     let stdout = fs::read_to_string(&out_path).unwrap_or_default();
     let stderr = fs::read_to_string(&err_path).unwrap_or_default();
     if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
@@ -170,7 +168,6 @@ pub fn run(cmd: &mut Command, scratch: &Path) -> Result<Measured> {
         _ => 0.0,
     };
     Ok(Measured {
-        wall,
         steady_cpu_per_second,
         cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
         peak_rss_kib: usage.ru_maxrss as u64,
