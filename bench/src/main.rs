@@ -96,6 +96,11 @@ struct ToolRun {
     output_bytes: u64,
 }
 
+/// End of the steady-state window: one second before the recording ends.
+fn steady_until(args: &Args) -> Duration {
+    Duration::from_secs(u64::from(args.seconds.saturating_sub(1)).max(2))
+}
+
 fn cpus() -> u64 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
 }
@@ -108,6 +113,7 @@ fn ours(args: &Args, hz: u32, scratch: &Path) -> Result<ToolRun> {
             .args(["--duration", &format!("{}s", args.seconds), "--output"])
             .arg(&out),
         scratch,
+        steady_until(args),
     )?;
     let bytes = fs::read(&out)?;
     let profile = decode(&bytes)?;
@@ -133,6 +139,7 @@ fn perf(args: &Args, hz: u32, scratch: &Path) -> Result<ToolRun> {
             .arg(&out)
             .args(["--", "sleep", &args.seconds.to_string()]),
         scratch,
+        steady_until(args),
     )?;
     // "[ perf record: Captured and wrote 0.210 MB perf.data (1975 samples) ]"
     let samples = m
@@ -155,7 +162,11 @@ fn bpftrace(args: &Args, hz: u32, scratch: &Path) -> Result<ToolRun> {
         "profile:hz:{hz} {{ @[kstack, ustack, pid] = count(); }} interval:s:{} {{ exit(); }}",
         args.seconds
     );
-    let m = measure::run(Command::new("bpftrace").args(["-e", &program]), scratch)?;
+    let m = measure::run(
+        Command::new("bpftrace").args(["-e", &program]),
+        scratch,
+        steady_until(args),
+    )?;
     let samples = m.bpf.runs;
     let output_bytes = m.stdout.len() as u64;
     Ok(ToolRun {

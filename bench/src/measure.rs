@@ -41,8 +41,8 @@ pub struct Measured {
     /// Median RSS over the second half of the run.
     pub steady_rss_kib: u64,
     pub bpf: BpfTime,
-    /// CPU per second of wall time after start-up (from 1 s in to the last poll before exit),
-    /// from the threads' schedstat.
+    /// CPU per second of wall time between start-up and shutdown (1 s in to 1 s before the
+    /// end), from the threads' schedstat.
     pub steady_cpu_per_second: f64,
     pub stdout: String,
     pub stderr: String,
@@ -99,8 +99,9 @@ fn bpf_programs(pid: i32) -> HashMap<u64, (u64, u64)> {
     out
 }
 
-/// Runs `cmd` to completion, polling it, and returns what it cost.
-pub fn run(cmd: &mut Command, scratch: &Path) -> Result<Measured> {
+/// Runs `cmd` to completion, polling it, and returns what it cost. CPU between 1 s after the
+/// start and `steady_until` (before the tool's own shutdown work) is the steady-state rate.
+pub fn run(cmd: &mut Command, scratch: &Path, steady_until: Duration) -> Result<Measured> {
     let out_path = scratch.join("stdout");
     let err_path = scratch.join("stderr");
     cmd.stdin(Stdio::null())
@@ -129,7 +130,7 @@ pub fn run(cmd: &mut Command, scratch: &Path) -> Result<Measured> {
         if let Some(kib) = rss_kib(pid) {
             rss.push(kib);
         }
-        if start.elapsed() >= STEADY_AFTER
+        if (STEADY_AFTER..=steady_until).contains(&start.elapsed())
             && let Some(ns) = cpu_ns(pid)
         {
             steady.get_or_insert((Instant::now(), ns));

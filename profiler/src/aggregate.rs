@@ -209,7 +209,7 @@ fn caller_adjusted(index: usize, ip: u64) -> u64 {
 pub fn run(mut aggregator: Aggregator, mut rx: mpsc::Receiver<Message>, tx: mpsc::Sender<Snapshot>) {
     while let Some(message) = rx.blocking_recv() {
         match message {
-            Message::Sample(sample) => aggregator.add(&sample),
+            Message::Samples(samples) => samples.iter().for_each(|s| aggregator.add(s)),
             Message::Flush { end, counters, last } => {
                 let snapshot = aggregator.flush(end, counters, last);
                 debug!(

@@ -1,7 +1,7 @@
 //! Lifecycle: check → load BPF → spawn the stages → run the interval clock → stop cleanly.
 //!
 //! Stages and queues:
-//! sampler (tokio task) → [`sampler::QUEUE_CAPACITY`] samples, full: drop newest + count →
+//! sampler (tokio task) → [`sampler::QUEUE_CAPACITY`] batches, full: drop newest + count →
 //! aggregator (blocking thread) → [`report::QUEUE_CAPACITY`] snapshots, full: block →
 //! reporter (blocking thread) → exporters.
 //! Ctrl-C or SIGTERM: detach the programs, drain the ring buffer, flush the open interval,
