@@ -22,6 +22,8 @@ pub struct MappingSpec<'a> {
     pub filename: &'a str,
     pub build_id: Option<&'a str>,
     pub has_functions: bool,
+    /// Locations carry source files, lines and inlined calls (DWARF).
+    pub has_lines: bool,
 }
 
 /// One line of a location: a function and its source line (0 when unknown).
@@ -97,7 +99,9 @@ impl ProfileBuilder {
             filename,
             build_id,
             has_functions: spec.has_functions,
-            ..Default::default()
+            has_filenames: spec.has_lines,
+            has_line_numbers: spec.has_lines,
+            has_inline_frames: spec.has_lines,
         });
         id
     }
@@ -224,6 +228,7 @@ mod tests {
             filename: "/usr/bin/app",
             build_id: Some("abcd"),
             has_functions: true,
+            has_lines: false,
         });
         let main = LineSpec {
             name: "main",

@@ -125,6 +125,8 @@ pub struct RegistryStats {
     pub objects_loaded: u64,
     pub objects_unreadable: u64,
     pub objects_evicted: u64,
+    /// Separate debug files found (.gnu_debuglink or /usr/lib/debug/.build-id).
+    pub debug_files: u64,
 }
 
 /// Minimum time between two re-reads of one process's maps on an address miss.
@@ -390,7 +392,12 @@ impl ProcessRegistry {
                 return Arc::clone(object);
             }
             match ElfImage::open(&candidate, Some(inode)) {
-                Ok(image) => return self.insert_object(key, path, Ok(image)),
+                Ok(mut image) => {
+                    if image.wants_debug_file() {
+                        self.attach_debug_file(pid, path, &mut image);
+                    }
+                    return self.insert_object(key, path, Ok(image));
+                }
                 Err(e) => {
                     last_error = e.to_string();
                     unread_key = key;
@@ -404,6 +411,21 @@ impl ProcessRegistry {
         self.stats.objects_unreadable += 1;
         debug!(pid, path, error = %last_error, "mapped file unreadable");
         self.insert_object(unread_key, path, Err(last_error))
+    }
+
+    /// Looks for the separate debug file of `image` inside the process's mount namespace.
+    fn attach_debug_file(&mut self, pid: u32, path: &str, image: &mut ElfImage) {
+        let root = self.procfs_root.join(pid.to_string()).join("root");
+        for candidate in image.debug_file_candidates(path) {
+            let file = root.join(candidate.trim_start_matches('/'));
+            if let Ok(debug) = ElfImage::open(&file, None)
+                && image.attach_debug_file(debug)
+            {
+                self.stats.debug_files += 1;
+                debug!(pid, path, debug_file = %file.display(), "separate debug file attached");
+                return;
+            }
+        }
     }
 
     fn insert_object(

@@ -211,6 +211,7 @@ impl Reporter {
                     filename: "[kernel.kallsyms]",
                     build_id: self.kernel.build_id.as_deref(),
                     has_functions: true,
+                    has_lines: false,
                 }),
                 MappingKey::Object(index) => {
                     let Some(object) = snap.objects.get(*index as usize) else {
@@ -225,6 +226,7 @@ impl Reporter {
                     filename: name,
                     build_id: None,
                     has_functions: true,
+                    has_lines: false,
                 }),
             };
             ids.insert(key, id);
@@ -303,6 +305,7 @@ fn object_mapping(object: &ObjectFile, lo: u64, hi: u64) -> MappingSpec<'_> {
         filename: &object.path,
         build_id: object.build_id(),
         has_functions: true,
+        has_lines: object.image.as_ref().is_ok_and(|image| image.dwarf.is_some()),
     }
 }
 

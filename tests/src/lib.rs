@@ -61,6 +61,63 @@ pub fn c_fixture() -> &'static Path {
     })
 }
 
+/// The C fixture with an always-inlined helper, built -O2 -g (DWARF with inline records).
+pub fn inline_fixture() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = build_dir().join("inline");
+        run_ok(
+            Command::new("gcc")
+                .args(["-O2", "-g", "-fno-omit-frame-pointer", "-Wl,--build-id", "-o"])
+                .arg(&out)
+                .arg(fixtures_dir().join("inline.c")),
+        );
+        out
+    })
+}
+
+/// The inline fixture stripped of everything (`strip --strip-all`), with its symbols and DWARF
+/// in a separate `inline-stripped.debug` beside it, named by `.gnu_debuglink`.
+pub fn stripped_inline_fixture() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let full = inline_fixture();
+        let out = build_dir().join("inline-stripped");
+        let debug = build_dir().join("inline-stripped.debug");
+        run_ok(
+            Command::new("objcopy")
+                .arg("--only-keep-debug")
+                .arg(full)
+                .arg(&debug),
+        );
+        run_ok(
+            Command::new("strip")
+                .arg("--strip-all")
+                .arg("-o")
+                .arg(&out)
+                .arg(full),
+        );
+        // objcopy records the debug file's name and CRC; run it where the name resolves.
+        run_ok(
+            Command::new("objcopy")
+                .arg("--add-gnu-debuglink=inline-stripped.debug")
+                .arg("inline-stripped")
+                .current_dir(build_dir()),
+        );
+        out
+    })
+}
+
+/// Line of `marker` (a comment) in a fixture source file.
+pub fn marker_line(source: &str, marker: &str) -> i64 {
+    let text = std::fs::read_to_string(fixtures_dir().join(source)).expect("fixture source");
+    let index = text
+        .lines()
+        .position(|l| l.contains(marker))
+        .expect("marker in source");
+    index as i64 + 1
+}
+
 pub fn go_fixture() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {

@@ -14,7 +14,10 @@ use std::{
 
 use object::{Object as _, read::File as ElfFile};
 use profiler::{encode::decode, pprof::Profile};
-use tests::{Fixture, build_dir, c_fixture, go_fixture, profiler_bin};
+use tests::{
+    Fixture, build_dir, c_fixture, go_fixture, inline_fixture, marker_line, profiler_bin,
+    stripped_inline_fixture,
+};
 
 /// One privileged test at a time: they share two CPUs and would skew each other's samples.
 fn serial() -> MutexGuard<'static, ()> {
@@ -319,6 +322,109 @@ fn c_fixture_profile_has_known_ratio_main_kernel_names_and_reads_in_go_pprof() {
 
 fn fixture_pid(pid: &str) -> u32 {
     pid.parse().expect("pid")
+}
+
+#[test]
+fn dwarf_gives_files_lines_and_inlined_frames() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    check_inline_frames(inline_fixture());
+}
+
+#[test]
+fn stripped_binary_is_named_from_its_separate_debug_file() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    let bin = stripped_inline_fixture();
+    let data = std::fs::read(bin).expect("read stripped fixture");
+    let elf = ElfFile::parse(data.as_slice()).expect("parse");
+    assert!(elf.symbol_table().is_none(), "fixture is not stripped");
+    check_inline_frames(bin);
+}
+
+/// Records `bin` (the inline fixture, possibly stripped) and checks names, files, lines and
+/// inlined frames in the profile and in `go tool pprof`.
+fn check_inline_frames(bin: &Path) {
+    let fixture = Fixture::start(bin, 60);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("inline.pb.gz");
+    let pid = fixture.pid();
+    let profile = record(&["--pid", &pid.to_string(), "--frequency", "250"], 3, &out);
+    drop(fixture);
+    let view = View::new(&profile);
+    let (mix_line, call_line) = (
+        marker_line("inline.c", "/* MIX_LINE */"),
+        marker_line("inline.c", "/* CALL_LINE */"),
+    );
+
+    let mapping = profile
+        .mapping
+        .iter()
+        .find(|m| view.s(m.filename) == bin.to_str().expect("utf8"))
+        .expect("fixture mapping");
+    assert!(
+        mapping.has_functions
+            && mapping.has_filenames
+            && mapping.has_line_numbers
+            && mapping.has_inline_frames
+    );
+
+    // Leaf locations in the hot loop: mix (inlined, at its line) then hot_inline (at the call).
+    let lines_of = |l: &profiler::pprof::Location| -> Vec<(String, String, i64)> {
+        l.line
+            .iter()
+            .map(|line| {
+                let f = profile
+                    .function
+                    .iter()
+                    .find(|f| f.id == line.function_id)
+                    .expect("function");
+                (
+                    view.s(f.name).to_owned(),
+                    view.s(f.filename).to_owned(),
+                    line.line,
+                )
+            })
+            .collect()
+    };
+    let samples = view.samples_of(pid);
+    let total: i64 = samples.iter().map(|s| View::count(s)).sum();
+    let inlined: i64 = samples
+        .iter()
+        .filter(|s| {
+            let leaf = s
+                .location_id
+                .first()
+                .and_then(|id| profile.location.iter().find(|l| l.id == *id));
+            leaf.is_some_and(|l| {
+                let lines = lines_of(l);
+                lines.len() == 2
+                    && lines[0].0 == "mix"
+                    && lines[0].1.ends_with("inline.c")
+                    && lines[0].2 == mix_line
+                    && lines[1].0 == "hot_inline"
+                    && lines[1].2 == call_line
+            })
+        })
+        .map(|s| View::count(s))
+        .sum();
+    assert!(total > 300, "{total} samples");
+    assert!(
+        inlined * 2 >= total,
+        "mix@{mix_line} inlined in hot_inline@{call_line} in {inlined} of {total} samples"
+    );
+
+    let raw = go_tool_pprof(&["-raw"], &out);
+    assert!(
+        raw.contains("[FN][FL][LN][IN]"),
+        "mapping flags not shown:\n{raw}"
+    );
+    let lines = go_tool_pprof(&["-top", "-lines"], &out);
+    assert!(lines.contains(&format!("inline.c:{mix_line}")), "{lines}");
 }
 
 #[test]

@@ -3,7 +3,7 @@ use std::{io, path::Path};
 
 use object::{Object, ObjectSegment, ObjectSymbol, ReadCache, ReadRef, SymbolKind};
 
-use super::{FunctionName, SymbolSource, demangle};
+use super::{FunctionName, SymbolSource, demangle, dwarf::Dwarf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ElfError {
@@ -99,6 +99,10 @@ pub struct ElfImage {
     pub build_id: Option<String>,
     pub segments: Vec<LoadSegment>,
     pub symbols: SymbolTable,
+    /// DWARF, when the file carries it (file:line and inlined calls).
+    pub dwarf: Option<Dwarf>,
+    /// File name from `.gnu_debuglink`: where the separate debug file is, when there is one.
+    pub debuglink: Option<String>,
 }
 
 impl ElfImage {
@@ -153,6 +157,13 @@ impl ElfImage {
     pub fn parse<'data, R: ReadRef<'data>>(data: R) -> Result<Self, object::Error> {
         let elf = object::File::parse(data)?;
         let build_id = elf.build_id()?.map(hex);
+        let debuglink = elf
+            .gnu_debuglink()
+            .ok()
+            .flatten()
+            .and_then(|(name, _crc)| std::str::from_utf8(name).ok())
+            .filter(|name| !name.is_empty() && !name.contains('/'))
+            .map(str::to_owned);
         let segments = elf
             .segments()
             .map(|s| {
@@ -177,11 +188,55 @@ impl ElfImage {
             .filter(|s| s.kind() == SymbolKind::Text && s.is_definition() && s.address() != 0)
             .filter_map(|s| Some((s.address(), s.size(), s.name().ok()?)))
             .filter(|(_, _, name)| !name.is_empty());
+        let symbols = SymbolTable::from_symbols(functions);
         Ok(ElfImage {
             build_id,
             segments,
-            symbols: SymbolTable::from_symbols(functions),
+            symbols,
+            dwarf: Dwarf::load(&elf),
+            debuglink,
         })
+    }
+
+    /// Whether a separate debug file would add anything (no DWARF, or no symbols).
+    pub fn wants_debug_file(&self) -> bool {
+        self.dwarf.is_none() || self.symbols.is_empty()
+    }
+
+    /// Takes DWARF and symbols this file lacks from its separate debug file. A debug file with
+    /// a different build id belongs to another build and is refused.
+    pub fn attach_debug_file(&mut self, debug: ElfImage) -> bool {
+        if self.build_id.is_some() && debug.build_id != self.build_id {
+            return false;
+        }
+        if self.dwarf.is_none() {
+            self.dwarf = debug.dwarf;
+        }
+        if self.symbols.is_empty() {
+            self.symbols = debug.symbols;
+        }
+        true
+    }
+
+    /// Where the separate debug file may be, relative to the root of the process's mount
+    /// namespace, in the order gdb and the peers look: by build id, then by debuglink next to
+    /// the binary, in its `.debug/` and under /usr/lib/debug.
+    pub fn debug_file_candidates(&self, binary_path: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(id) = self.build_id.as_deref().filter(|id| id.len() > 2) {
+            out.push(format!(
+                "/usr/lib/debug/.build-id/{}/{}.debug",
+                &id[..2],
+                &id[2..]
+            ));
+        }
+        if let Some(link) = &self.debuglink {
+            let dir = binary_path.rsplit_once('/').map_or("", |(dir, _)| dir);
+            out.push(format!("{dir}/{link}"));
+            out.push(format!("{dir}/.debug/{link}"));
+            out.push(format!("/usr/lib/debug{dir}/{link}"));
+        }
+        out
     }
 
     /// ELF virtual address of a file offset, through the segment that holds the offset.
@@ -201,8 +256,26 @@ impl ElfImage {
 }
 
 impl SymbolSource for ElfImage {
+    /// DWARF frames (innermost first, with file and line) where debug info covers `addr`, the
+    /// symbol table otherwise. A DWARF frame without a name (the outermost one can lack it in
+    /// stripped-down debug info) takes the symbol table's.
     fn resolve(&self, addr: u64) -> Option<Vec<FunctionName>> {
-        let raw = self.symbols.lookup(addr)?;
+        let symbol = self.symbols.lookup(addr);
+        if let Some(dwarf) = &self.dwarf {
+            let mut frames = dwarf.frames(addr);
+            if !frames.is_empty() {
+                if let (Some(outer), Some(raw)) = (frames.last_mut(), symbol)
+                    && outer.system_name.is_empty()
+                {
+                    outer.system_name = raw.to_owned();
+                    outer.name = demangle(raw);
+                }
+                if frames.iter().all(|f| !f.name.is_empty()) {
+                    return Some(frames);
+                }
+            }
+        }
+        let raw = symbol?;
         Some(vec![FunctionName {
             name: demangle(raw),
             system_name: raw.to_owned(),
@@ -239,6 +312,39 @@ mod tests {
         let exe = std::fs::read_link("/proc/self/exe").expect("exe");
         let err = ElfImage::open(&exe, Some(1)).expect_err("wrong inode");
         assert!(err.to_string().contains("replaced since it was mapped"), "{err}");
+    }
+
+    #[test]
+    fn debug_file_candidates_follow_build_id_then_debuglink() {
+        let image = ElfImage {
+            build_id: Some("abcdef0123".into()),
+            segments: Vec::new(),
+            symbols: SymbolTable::default(),
+            dwarf: None,
+            debuglink: Some("app.debug".into()),
+        };
+        assert_eq!(
+            image.debug_file_candidates("/opt/app/bin/app"),
+            [
+                "/usr/lib/debug/.build-id/ab/cdef0123.debug",
+                "/opt/app/bin/app.debug",
+                "/opt/app/bin/.debug/app.debug",
+                "/usr/lib/debug/opt/app/bin/app.debug",
+            ]
+        );
+        let mut stripped = ElfImage {
+            debuglink: None,
+            ..image
+        };
+        let other = ElfImage {
+            build_id: Some("ffff".into()),
+            segments: Vec::new(),
+            symbols: SymbolTable::from_symbols([(0x1000, 0x10, "f")]),
+            dwarf: None,
+            debuglink: None,
+        };
+        assert!(!stripped.attach_debug_file(other), "another build's debug file");
+        assert!(stripped.symbols.is_empty());
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! Naming frames on the node.
 //!
-//! Every source of names implements [`SymbolSource`]: ELF symbol tables ([`elf`]) and the
-//! kernel's kallsyms ([`kernel`]) today; DWARF, `.gopclntab` and JIT perf maps plug in the same
-//! way and may return several (inlined) functions per address. A frame no source can name keeps
+//! Every source of names implements [`SymbolSource`]: ELF files ([`elf`]: DWARF lines and
+//! inlined calls from [`dwarf`] where the file has debug info, else its symbol tables) and the
+//! kernel's kallsyms ([`kernel`]); `.gopclntab` and JIT perf maps plug in the same way. A frame no source can name keeps
 //! its module and offset (`libfoo.so+0x1a2b`) and the reason is counted in [`SymbolStats`].
+pub mod dwarf;
 pub mod elf;
 pub mod kernel;
 

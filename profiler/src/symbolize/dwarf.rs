@@ -1,0 +1,94 @@
+//! DWARF: function names, source file and line, and inlined calls (addr2line over gimli).
+use std::{borrow::Cow, sync::Arc, sync::Mutex};
+
+use addr2line::Context;
+use gimli::{EndianArcSlice, RunTimeEndian, SectionId};
+use object::{Object, ObjectSection, ReadRef};
+
+use super::{FunctionName, demangle};
+
+type Reader = EndianArcSlice<RunTimeEndian>;
+
+/// Debug sections larger than this in total are not loaded: the daemon's memory budget matters
+/// more than line numbers for one huge binary (its frames keep their symbol-table names).
+pub const MAX_DEBUG_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Parsed DWARF of one file. addr2line parses compilation units lazily and caches them in
+/// cells that are not `Sync`, hence the mutex (the reporter is its only user).
+pub struct Dwarf {
+    context: Mutex<Context<Reader>>,
+}
+
+impl std::fmt::Debug for Dwarf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Dwarf { .. }")
+    }
+}
+
+impl Dwarf {
+    /// Loads the DWARF sections of `elf` (decompressing `SHF_COMPRESSED` ones); `None` when it
+    /// has no `.debug_info`, too much debug data, or DWARF that does not parse.
+    pub fn load<'data, R: ReadRef<'data>>(elf: &object::File<'data, R>) -> Option<Self> {
+        let info = elf.section_by_name(".debug_info")?;
+        let debug_bytes: u64 = elf
+            .sections()
+            .filter(|s| {
+                s.name()
+                    .is_ok_and(|n| n.starts_with(".debug_") || n.starts_with(".zdebug_"))
+            })
+            .map(|s| s.size())
+            .sum();
+        if debug_bytes > MAX_DEBUG_BYTES || info.size() == 0 {
+            return None;
+        }
+        let endian = if elf.is_little_endian() {
+            RunTimeEndian::Little
+        } else {
+            RunTimeEndian::Big
+        };
+        let load = |id: SectionId| -> Result<Reader, gimli::Error> {
+            let data = elf
+                .section_by_name(id.name())
+                .and_then(|s| s.uncompressed_data().ok())
+                .unwrap_or(Cow::Borrowed(&[]));
+            Ok(EndianArcSlice::new(Arc::from(&*data), endian))
+        };
+        let dwarf = gimli::Dwarf::load(load).ok()?;
+        let context = Context::from_dwarf(dwarf).ok()?;
+        Some(Self {
+            context: Mutex::new(context),
+        })
+    }
+
+    /// Frames at `addr` (an ELF virtual address), innermost (inlined) first; empty when no
+    /// compilation unit covers it.
+    pub fn frames(&self, addr: u64) -> Vec<FunctionName> {
+        let context = self
+            .context
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut out = Vec::new();
+        let Ok(mut frames) = context.find_frames(addr).skip_all_loads() else {
+            return out;
+        };
+        while let Ok(Some(frame)) = frames.next() {
+            let raw = frame
+                .function
+                .as_ref()
+                .and_then(|f| f.raw_name().ok())
+                .map(Cow::into_owned)
+                .unwrap_or_default();
+            let (file, line) = frame
+                .location
+                .map(|l| (l.file.map(str::to_owned), i64::from(l.line.unwrap_or(0))))
+                .unwrap_or((None, 0));
+            out.push(FunctionName {
+                name: demangle(&raw),
+                system_name: raw,
+                file,
+                line,
+            });
+        }
+        out
+    }
+}
