@@ -32,6 +32,8 @@ pub enum Frame {
         name: Arc<str>,
         offset: u64,
     },
+    /// JIT code named by the process's perf map (one location per function).
+    Jit(Arc<str>),
     /// A user address no mapping explained (the process exited first, or a bad frame pointer).
     Unknown(u64),
     /// Both stack walks failed; the sample still counts as CPU time of its process.
@@ -151,6 +153,7 @@ impl Aggregator {
                     vaddr,
                 },
                 UserFrame::Special { name, offset } => Frame::Special { name, offset },
+                UserFrame::Jit { name } => Frame::Jit(name),
                 UserFrame::Unknown => Frame::Unknown(addr),
             };
             ids.push(interval.frame(frame));

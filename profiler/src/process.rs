@@ -18,7 +18,7 @@ use foldhash::HashMap;
 use procfs::process::{MMPermissions, MMapPath, Process};
 use tracing::debug;
 
-use crate::symbolize::elf::ElfImage;
+use crate::symbolize::{elf::ElfImage, perfmap::PerfMap};
 
 /// Identity of a mapped file: device and inode as /proc/<pid>/maps shows them, plus size and
 /// modification time from stat, because filesystems reuse the inode of a deleted file.
@@ -106,6 +106,10 @@ pub enum UserFrame {
         name: Arc<str>,
         offset: u64,
     },
+    /// JIT code named by the process's perf map.
+    Jit {
+        name: Arc<str>,
+    },
     /// No mapping holds the address, or the process was gone.
     Unknown,
 }
@@ -127,6 +131,31 @@ pub struct RegistryStats {
     pub objects_evicted: u64,
     /// Separate debug files found (.gnu_debuglink or /usr/lib/debug/.build-id).
     pub debug_files: u64,
+    pub perf_map_reads: u64,
+    pub perf_map_malformed_lines: u64,
+}
+
+/// A process's perf map as last read.
+#[derive(Debug, Default)]
+struct JitMap {
+    map: PerfMap,
+    /// File size at the last read; a larger file is read again.
+    size: u64,
+    checked_at: Option<Instant>,
+    /// The pid inside the process's own pid namespace (names its perf map file).
+    ns_pid: Option<u32>,
+}
+
+/// Last `NSpid` entry of /proc/<pid>/status: the pid in the process's own namespace.
+fn namespace_pid(proc_dir: &std::path::Path) -> Option<u32> {
+    let status = std::fs::read_to_string(proc_dir.join("status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
 }
 
 /// Minimum time between two re-reads of one process's maps on an address miss.
@@ -138,6 +167,8 @@ pub struct ProcessRegistry {
     procfs_root: PathBuf,
     processes: HashMap<u32, ProcessEntry>,
     objects: HashMap<FileKey, (Arc<ObjectFile>, u64)>,
+    /// Perf maps of processes with JIT code, dropped with their process.
+    jit: HashMap<u32, JitMap>,
     /// Most files kept parsed at once; past it the least recently used idle ones go first.
     /// 1,024 covers the distinct executables and libraries of a busy node (typically 200–600).
     max_objects: usize,
@@ -157,6 +188,7 @@ impl ProcessRegistry {
             procfs_root,
             processes: HashMap::default(),
             objects: HashMap::default(),
+            jit: HashMap::default(),
             max_objects,
             generation: 0,
             stats: RegistryStats::default(),
@@ -214,6 +246,9 @@ impl ProcessRegistry {
         let file_offset = offset_in_mapping.saturating_add(mapping.offset);
         let object = match (&mapping.kind, &mapping.object) {
             (MappingKind::Special(name), _) => {
+                if let Some(jit) = self.jit_symbol(pid, addr) {
+                    return UserFrame::Jit { name: jit };
+                }
                 return UserFrame::Special {
                     name: Arc::clone(name),
                     offset: offset_in_mapping,
@@ -243,6 +278,8 @@ impl ProcessRegistry {
         self.generation += 1;
         let keep_after = self.generation.saturating_sub(IDLE_GENERATIONS);
         self.processes.retain(|_, p| p.used_generation >= keep_after);
+        let processes = &self.processes;
+        self.jit.retain(|pid, _| processes.contains_key(pid));
         let before = self.objects.len();
         self.objects
             .retain(|_, (object, used)| *used >= keep_after || Arc::strong_count(object) > 1);
@@ -411,6 +448,42 @@ impl ProcessRegistry {
         self.stats.objects_unreadable += 1;
         debug!(pid, path, error = %last_error, "mapped file unreadable");
         self.insert_object(unread_key, path, Err(last_error))
+    }
+
+    /// The perf-map name of a JIT address of `pid`. The map is read through the process's root
+    /// (its /tmp) under the pid the process knows itself by, and read again, at most once a
+    /// second, when it has grown.
+    fn jit_symbol(&mut self, pid: u32, addr: u64) -> Option<Arc<str>> {
+        use std::os::unix::fs::MetadataExt as _;
+        let proc_dir = self.procfs_root.join(pid.to_string());
+        let jit = self.jit.entry(pid).or_default();
+        if let Some(name) = jit.map.lookup(addr) {
+            return Some(Arc::clone(name));
+        }
+        if jit.checked_at.is_some_and(|t| t.elapsed() < REREAD_AFTER_MISS) {
+            return None;
+        }
+        jit.checked_at = Some(Instant::now());
+        let ns_pid = *jit
+            .ns_pid
+            .get_or_insert_with(|| namespace_pid(&proc_dir).unwrap_or(pid));
+        let path = proc_dir.join("root").join(format!("tmp/perf-{ns_pid}.map"));
+        let meta = std::fs::metadata(&path).ok().filter(|m| m.is_file())?;
+        if meta.size() != jit.size {
+            let mut text = String::new();
+            let file = std::fs::File::open(&path).ok()?;
+            std::io::Read::read_to_string(
+                &mut std::io::Read::take(file, crate::symbolize::perfmap::MAX_PERF_MAP_BYTES as u64),
+                &mut text,
+            )
+            .ok()?;
+            let (map, malformed) = PerfMap::parse(&text);
+            self.stats.perf_map_reads += 1;
+            self.stats.perf_map_malformed_lines += malformed as u64;
+            jit.map = map;
+            jit.size = meta.size();
+        }
+        jit.map.lookup(addr).map(Arc::clone)
     }
 
     /// Looks for the separate debug file of `image` inside the process's mount namespace.

@@ -191,7 +191,7 @@ impl Reporter {
                 Frame::Kernel(a) => (MappingKey::Kernel, *a),
                 Frame::Object { object, vaddr } => (MappingKey::Object(*object), *vaddr),
                 Frame::Special { name, offset } => (MappingKey::Special(Arc::clone(name)), *offset),
-                Frame::Unknown(_) | Frame::NoStack => continue,
+                Frame::Unknown(_) | Frame::NoStack | Frame::Jit(_) => continue,
             };
             let range = ranges.entry(key.clone()).or_insert_with(|| {
                 order.push(key);
@@ -278,6 +278,17 @@ impl Reporter {
                 Err((Unresolved::NoMapping, format!("[unknown]+0x{addr:x}"))),
             ),
             Frame::NoStack => (None, 0, Err((Unresolved::NoMapping, "[no stack]".to_owned()))),
+            // JIT code has no file to map; its location is its name.
+            Frame::Jit(name) => (
+                None,
+                0,
+                Ok(vec![FunctionName {
+                    name: name.to_string(),
+                    system_name: name.to_string(),
+                    file: None,
+                    line: 0,
+                }]),
+            ),
         }
     }
 }

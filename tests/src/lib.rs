@@ -143,11 +143,26 @@ pub struct Fixture(Child);
 
 impl Fixture {
     pub fn start(bin: &Path, seconds: u32) -> Self {
-        let mut child = Command::new(bin)
-            .arg(seconds.to_string())
+        let mut cmd = Command::new(bin);
+        cmd.arg(seconds.to_string());
+        Self::start_command(cmd)
+    }
+
+    /// The Node fixture, JIT-compiled, with its perf map enabled.
+    pub fn start_node(seconds: u32) -> Self {
+        let mut cmd = Command::new("node");
+        cmd.arg("--perf-basic-prof")
+            .arg(fixtures_dir().join("hot.js"))
+            .arg(seconds.to_string());
+        Self::start_command(cmd)
+    }
+
+    /// Starts a fixture command and waits for its `ready` line.
+    pub fn start_command(mut cmd: Command) -> Self {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
         BufReader::new(stdout)

@@ -428,6 +428,47 @@ fn check_inline_frames(bin: &Path) {
 }
 
 #[test]
+fn jit_frames_are_named_from_the_perf_map() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    let fixture = Fixture::start_node(60);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("node.pb.gz");
+    let pid = fixture.pid();
+    // V8 compiles hotLoop within the first second; record after that.
+    std::thread::sleep(Duration::from_secs(1));
+    let profile = record(&["--pid", &pid.to_string(), "--frequency", "250"], 3, &out);
+    drop(fixture);
+    let view = View::new(&profile);
+    let samples = view.samples_of(pid);
+    let total: i64 = samples.iter().map(|s| View::count(s)).sum();
+    let in_hot_loop: i64 = samples
+        .iter()
+        .filter(|s| {
+            view.stack(s)
+                .iter()
+                .any(|f| f.contains("hotLoop") && f.contains("hot.js"))
+        })
+        .map(|s| View::count(s))
+        .sum();
+    assert!(total > 300, "{total} samples");
+    assert!(
+        in_hot_loop * 10 >= total * 8,
+        "hotLoop named in {in_hot_loop} of {total} samples"
+    );
+    // The JIT frames sit on native ones: V8's entry and node's own (C++, demangled) frames.
+    let native = samples.iter().any(|s| {
+        view.stack(s)
+            .iter()
+            .any(|f| f.starts_with("node::") || f.starts_with("Builtins_JSEntry"))
+    });
+    assert!(native, "no native frames below the JIT frames");
+    go_tool_pprof(&["-top"], &out);
+}
+
+#[test]
 fn go_fixture_frames_are_named() {
     let _serial = serial();
     if !privileged() {

@@ -20,7 +20,13 @@ use clap::{Parser, Subcommand};
 /// The bpf-linker release that builds against rustc's LLVM 22 (see DEVELOPERS.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the fixtures and the reference reader need.
-const DEBIAN_PACKAGES: &[(&str, &str)] = &[("go", "golang-go"), ("gcc", "gcc"), ("setpriv", "util-linux")];
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("go", "golang-go"),
+    ("gcc", "gcc"),
+    ("objcopy", "binutils"),
+    ("setpriv", "util-linux"),
+    ("node", "nodejs"),
+];
 /// The peers the benchmark measures beside the daemon.
 const BENCH_PACKAGES: &[(&str, &str)] = &[("perf", "linux-perf"), ("bpftrace", "bpftrace")];
 

@@ -2,11 +2,13 @@
 //!
 //! Every source of names implements [`SymbolSource`]: ELF files ([`elf`]: DWARF lines and
 //! inlined calls from [`dwarf`] where the file has debug info, else its symbol tables) and the
-//! kernel's kallsyms ([`kernel`]); `.gopclntab` and JIT perf maps plug in the same way. A frame no source can name keeps
+//! kernel's kallsyms ([`kernel`]); JIT code is named from the process's perf map
+//! ([`perfmap`]); `.gopclntab` plugs in the same way. A frame no source can name keeps
 //! its module and offset (`libfoo.so+0x1a2b`) and the reason is counted in [`SymbolStats`].
 pub mod dwarf;
 pub mod elf;
 pub mod kernel;
+pub mod perfmap;
 
 use std::collections::HashMap;
 

@@ -1,0 +1,95 @@
+//! JIT perf maps: `/tmp/perf-<pid>.map`, written by Node (`--perf-basic-prof`), the JVM
+//! (with an agent), .NET (`DOTNET_PerfMapEnabled=1`) and Python 3.12+ (`-X perf`).
+//!
+//! One line per function: `<start hex> <size hex> <name>`. JITs append as they compile and may
+//! reuse an address range for new code; the last line for an address wins, as in perf.
+use std::sync::Arc;
+
+/// Perf maps larger than this are read only up to it (a runaway JIT should not cost the
+/// daemon its memory budget).
+pub const MAX_PERF_MAP_BYTES: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, Default)]
+pub struct PerfMap {
+    /// (start, end, name), sorted by start; for equal starts the latest line is kept.
+    symbols: Vec<(u64, u64, Arc<str>)>,
+}
+
+impl PerfMap {
+    /// Parses a perf map; malformed lines are skipped and counted.
+    pub fn parse(text: &str) -> (Self, usize) {
+        let mut malformed = 0;
+        let mut symbols: Vec<(u64, u64, Arc<str>)> = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let mut parts = line.splitn(3, ' ');
+            let parsed = (|| {
+                let start = u64::from_str_radix(parts.next()?.trim_start_matches("0x"), 16).ok()?;
+                let size = u64::from_str_radix(parts.next()?.trim_start_matches("0x"), 16).ok()?;
+                let name = parts.next()?.trim();
+                let end = start.checked_add(size)?;
+                (!name.is_empty() && size > 0).then(|| (start, end, Arc::<str>::from(name)))
+            })();
+            match parsed {
+                Some(symbol) => symbols.push(symbol),
+                None => malformed += 1,
+            }
+        }
+        // Stable sort keeps file order among equal starts; keep the last of each.
+        symbols.sort_by_key(|s| s.0);
+        let mut deduped: Vec<(u64, u64, Arc<str>)> = Vec::with_capacity(symbols.len());
+        for symbol in symbols {
+            match deduped.last_mut() {
+                Some(last) if last.0 == symbol.0 => *last = symbol,
+                _ => deduped.push(symbol),
+            }
+        }
+        (Self { symbols: deduped }, malformed)
+    }
+
+    pub fn lookup(&self, addr: u64) -> Option<&Arc<str>> {
+        let idx = self.symbols.partition_point(|s| s.0 <= addr).checked_sub(1)?;
+        let (_, end, name) = &self.symbols[idx];
+        (addr < *end).then_some(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.symbols.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.symbols.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_node_lines_and_lets_the_last_definition_win() {
+        let text = "13cac0caac6 2d JS:~hotLoop /tmp/hot.js:1:17\n\
+                    7fb4bc005b80 130 JS:^hotLoop /tmp/hot.js:1:17\n\
+                    garbage line\n\
+                    0x7fb4bc006040 0x2c4 JS:*hotLoop /tmp/hot.js:1:17\n\
+                    7fb4bc005b80 10 Builtin:Replaced\n\
+                    1000 0 Empty\n";
+        let (map, malformed) = PerfMap::parse(text);
+        assert_eq!(malformed, 2);
+        assert_eq!(map.len(), 3);
+        assert_eq!(
+            map.lookup(0x7fb4_bc00_6050).map(|n| &**n),
+            Some("JS:*hotLoop /tmp/hot.js:1:17")
+        );
+        assert_eq!(
+            map.lookup(0x7fb4_bc00_5b85).map(|n| &**n),
+            Some("Builtin:Replaced")
+        );
+        assert_eq!(
+            map.lookup(0x7fb4_bc00_5b95),
+            None,
+            "past the replaced, shorter range"
+        );
+        assert_eq!(map.lookup(0x013c_ac0c_aac6 + 0x2d), None);
+        assert_eq!(map.lookup(0x10), None);
+    }
+}
