@@ -22,8 +22,10 @@ pub struct MappingSpec<'a> {
     pub filename: &'a str,
     pub build_id: Option<&'a str>,
     pub has_functions: bool,
-    /// Locations carry source files, lines and inlined calls (DWARF).
+    /// Locations carry source files and lines (DWARF, `.gopclntab`).
     pub has_lines: bool,
+    /// Inlined calls are separate lines of a location (DWARF).
+    pub has_inline: bool,
 }
 
 /// One line of a location: a function and its source line (0 when unknown).
@@ -101,7 +103,7 @@ impl ProfileBuilder {
             has_functions: spec.has_functions,
             has_filenames: spec.has_lines,
             has_line_numbers: spec.has_lines,
-            has_inline_frames: spec.has_lines,
+            has_inline_frames: spec.has_inline,
         });
         id
     }
@@ -229,6 +231,7 @@ mod tests {
             build_id: Some("abcd"),
             has_functions: true,
             has_lines: false,
+            has_inline: false,
         });
         let main = LineSpec {
             name: "main",

@@ -212,6 +212,7 @@ impl Reporter {
                     build_id: self.kernel.build_id.as_deref(),
                     has_functions: true,
                     has_lines: false,
+                    has_inline: false,
                 }),
                 MappingKey::Object(index) => {
                     let Some(object) = snap.objects.get(*index as usize) else {
@@ -227,6 +228,7 @@ impl Reporter {
                     build_id: None,
                     has_functions: true,
                     has_lines: false,
+                    has_inline: false,
                 }),
             };
             ids.insert(key, id);
@@ -316,7 +318,11 @@ fn object_mapping(object: &ObjectFile, lo: u64, hi: u64) -> MappingSpec<'_> {
         filename: &object.path,
         build_id: object.build_id(),
         has_functions: true,
-        has_lines: object.image.as_ref().is_ok_and(|image| image.dwarf.is_some()),
+        has_lines: object
+            .image
+            .as_ref()
+            .is_ok_and(|image| image.dwarf.is_some() || image.gopclntab.is_some()),
+        has_inline: object.image.as_ref().is_ok_and(|image| image.dwarf.is_some()),
     }
 }
 

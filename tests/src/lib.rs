@@ -120,22 +120,31 @@ pub fn marker_line(source: &str, marker: &str) -> i64 {
 
 pub fn go_fixture() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let out = build_dir().join("gohot");
-        let cache = build_dir().join("gocache");
-        run_ok(
-            Command::new("go")
-                .args(["build", "-o"])
-                .arg(&out)
-                .arg("main.go")
-                .current_dir(fixtures_dir().join("gohot"))
-                .env("GOCACHE", &cache)
-                .env("GOPATH", build_dir().join("gopath"))
-                .env("GO111MODULE", "off")
-                .env("CGO_ENABLED", "0"),
-        );
-        out
-    })
+    BIN.get_or_init(|| go_build("gohot", &[]))
+}
+
+/// The Go fixture linked with `-s -w`: no `.symtab`, no DWARF, only `.gopclntab`.
+pub fn stripped_go_fixture() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| go_build("gohot-stripped", &["-ldflags=-s -w"]))
+}
+
+fn go_build(name: &str, flags: &[&str]) -> PathBuf {
+    let out = build_dir().join(name);
+    run_ok(
+        Command::new("go")
+            .arg("build")
+            .args(flags)
+            .arg("-o")
+            .arg(&out)
+            .arg("main.go")
+            .current_dir(fixtures_dir().join("gohot"))
+            .env("GOCACHE", build_dir().join("gocache"))
+            .env("GOPATH", build_dir().join("gopath"))
+            .env("GO111MODULE", "off")
+            .env("CGO_ENABLED", "0"),
+    );
+    out
 }
 
 /// A running fixture, killed on drop.

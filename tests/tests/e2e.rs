@@ -16,7 +16,7 @@ use object::{Object as _, read::File as ElfFile};
 use profiler::{encode::decode, pprof::Profile};
 use tests::{
     Fixture, build_dir, c_fixture, go_fixture, inline_fixture, marker_line, profiler_bin,
-    stripped_inline_fixture,
+    stripped_go_fixture, stripped_inline_fixture,
 };
 
 /// One privileged test at a time: they share two CPUs and would skew each other's samples.
@@ -466,6 +466,91 @@ fn jit_frames_are_named_from_the_perf_map() {
     });
     assert!(native, "no native frames below the JIT frames");
     go_tool_pprof(&["-top"], &out);
+}
+
+/// The `.gopclntab` reader against the Go toolchain on the machine: every function the
+/// unstripped binary's symbol table lists resolves, in the stripped binary, to the same name.
+#[test]
+fn gopclntab_names_every_function_of_a_stripped_go_binary() {
+    use object::{ObjectSymbol as _, SymbolKind};
+    use profiler::symbolize::{SymbolSource as _, elf::ElfImage};
+    let full = std::fs::read(go_fixture()).expect("read Go fixture");
+    let full = ElfFile::parse(full.as_slice()).expect("parse");
+    let stripped = ElfImage::open(stripped_go_fixture(), None).expect("stripped Go fixture");
+    assert!(
+        stripped.symbols.is_empty() && stripped.dwarf.is_none(),
+        "fixture is not stripped"
+    );
+    assert!(stripped.gopclntab.is_some(), "no .gopclntab found");
+    let mut checked = 0;
+    for symbol in full
+        .symbols()
+        .filter(|s| s.kind() == SymbolKind::Text && s.size() > 0)
+    {
+        let Ok(name) = symbol.name() else { continue };
+        if !(name.starts_with("main.") || name.starts_with("runtime.")) || name.contains("..") {
+            continue;
+        }
+        let resolved = stripped
+            .resolve(symbol.address())
+            .unwrap_or_else(|| panic!("{name} not resolved"));
+        // The linker marks assembly functions `.abi0` in .symtab; .gopclntab has the name Go's
+        // own tracebacks print.
+        assert_eq!(
+            resolved[0].name,
+            name.trim_end_matches(".abi0"),
+            "at {:#x}",
+            symbol.address()
+        );
+        checked += 1;
+    }
+    assert!(checked > 500, "only {checked} functions checked");
+    let hot = full
+        .symbols()
+        .find(|s| s.name() == Ok("main.hotA"))
+        .expect("main.hotA");
+    let names = stripped.resolve(hot.address() + 4).expect("main.hotA resolves");
+    let file = names[0].file.as_deref().unwrap_or_default();
+    assert!(file.ends_with("gohot/main.go"), "{file}");
+    let func_line = marker_line("gohot/main.go", "func hotA(");
+    assert!(
+        (func_line..func_line + 8).contains(&names[0].line),
+        "line {} for hotA at {func_line}",
+        names[0].line
+    );
+}
+
+#[test]
+fn stripped_go_binary_is_named_in_profiles() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    let bin = stripped_go_fixture();
+    let fixture = Fixture::start(bin, 60);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("gostripped.pb.gz");
+    let pid = fixture.pid();
+    let profile = record(&["--pid", &pid.to_string(), "--frequency", "250"], 3, &out);
+    drop(fixture);
+    let view = View::new(&profile);
+    let samples = view.samples_of(pid);
+    let total: i64 = samples.iter().map(|s| View::count(s)).sum();
+    let named: i64 = samples
+        .iter()
+        .filter(|s| {
+            view.stack(s)
+                .iter()
+                .any(|f| *f == "main.hotA" || *f == "main.hotB")
+        })
+        .map(|s| View::count(s))
+        .sum();
+    assert!(
+        total > 200 && named * 10 >= total * 9,
+        "main.hotA/B in {named} of {total} samples"
+    );
+    let top = go_tool_pprof(&["-top", "-lines"], &out);
+    assert!(top.contains("main.go:"), "no Go file:line in\n{top}");
 }
 
 #[test]

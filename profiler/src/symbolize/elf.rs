@@ -1,9 +1,9 @@
 //! ELF files: GNU build id, loadable segments and `.symtab`/`.dynsym` function symbols.
 use std::{io, path::Path};
 
-use object::{Object, ObjectSegment, ObjectSymbol, ReadCache, ReadRef, SymbolKind};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, ReadCache, ReadRef, SymbolKind};
 
-use super::{FunctionName, SymbolSource, demangle, dwarf::Dwarf};
+use super::{FunctionName, SymbolSource, demangle, dwarf::Dwarf, gopclntab::GoPclntab};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ElfError {
@@ -103,6 +103,8 @@ pub struct ElfImage {
     pub dwarf: Option<Dwarf>,
     /// File name from `.gnu_debuglink`: where the separate debug file is, when there is one.
     pub debuglink: Option<String>,
+    /// Go's function table, for Go binaries (also stripped ones).
+    pub gopclntab: Option<GoPclntab>,
 }
 
 impl ElfImage {
@@ -189,7 +191,14 @@ impl ElfImage {
             .filter_map(|s| Some((s.address(), s.size(), s.name().ok()?)))
             .filter(|(_, _, name)| !name.is_empty());
         let symbols = SymbolTable::from_symbols(functions);
+        let text = elf.section_by_name(".text").map(|s| s.address());
+        let gopclntab = elf
+            .section_by_name(".gopclntab")
+            .or_else(|| elf.section_by_name(".data.rel.ro.gopclntab"))
+            .and_then(|s| s.uncompressed_data().ok())
+            .and_then(|data| GoPclntab::parse(data.into_owned(), text));
         Ok(ElfImage {
+            gopclntab,
             build_id,
             segments,
             symbols,
@@ -200,7 +209,7 @@ impl ElfImage {
 
     /// Whether a separate debug file would add anything (no DWARF, or no symbols).
     pub fn wants_debug_file(&self) -> bool {
-        self.dwarf.is_none() || self.symbols.is_empty()
+        (self.dwarf.is_none() || self.symbols.is_empty()) && self.gopclntab.is_none()
     }
 
     /// Takes DWARF and symbols this file lacks from its separate debug file. A debug file with
@@ -256,8 +265,8 @@ impl ElfImage {
 }
 
 impl SymbolSource for ElfImage {
-    /// DWARF frames (innermost first, with file and line) where debug info covers `addr`, the
-    /// symbol table otherwise. A DWARF frame without a name (the outermost one can lack it in
+    /// DWARF frames (innermost first, with file and line) where debug info covers `addr`, then
+    /// Go's `.gopclntab` (function, file, line), then the symbol table. A DWARF frame without a name (the outermost one can lack it in
     /// stripped-down debug info) takes the symbol table's.
     fn resolve(&self, addr: u64) -> Option<Vec<FunctionName>> {
         let symbol = self.symbols.lookup(addr);
@@ -274,6 +283,9 @@ impl SymbolSource for ElfImage {
                     return Some(frames);
                 }
             }
+        }
+        if let Some(go) = self.gopclntab.as_ref().and_then(|table| table.lookup(addr)) {
+            return Some(vec![go]);
         }
         let raw = symbol?;
         Some(vec![FunctionName {
@@ -322,6 +334,7 @@ mod tests {
             symbols: SymbolTable::default(),
             dwarf: None,
             debuglink: Some("app.debug".into()),
+            gopclntab: None,
         };
         assert_eq!(
             image.debug_file_candidates("/opt/app/bin/app"),
@@ -342,6 +355,7 @@ mod tests {
             symbols: SymbolTable::from_symbols([(0x1000, 0x10, "f")]),
             dwarf: None,
             debuglink: None,
+            gopclntab: None,
         };
         assert!(!stripped.attach_debug_file(other), "another build's debug file");
         assert!(stripped.symbols.is_empty());

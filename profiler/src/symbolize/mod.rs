@@ -7,6 +7,7 @@
 //! its module and offset (`libfoo.so+0x1a2b`) and the reason is counted in [`SymbolStats`].
 pub mod dwarf;
 pub mod elf;
+pub mod gopclntab;
 pub mod kernel;
 pub mod perfmap;
 
