@@ -82,6 +82,29 @@ fn record(extra: &[&str], seconds: u32, out: &Path) -> Profile {
     decode(&std::fs::read(out).expect("profile written")).expect("profile decodes")
 }
 
+/// A recording of one fixture process at 250 Hz: its profile, pid and file (in `_dir`).
+struct Recorded {
+    profile: Profile,
+    pid: u32,
+    out: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Records `fixture` alone for `seconds`, then stops it.
+fn record_fixture(fixture: Fixture, seconds: u32) -> Recorded {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("fixture.pb.gz");
+    let pid = fixture.pid();
+    let profile = record(&["--pid", &pid.to_string(), "--frequency", "250"], seconds, &out);
+    drop(fixture);
+    Recorded {
+        profile,
+        pid,
+        out,
+        _dir: dir,
+    }
+}
+
 /// A decoded profile, indexed for the questions a user asks of it.
 struct View<'a> {
     p: &'a Profile,
@@ -349,12 +372,12 @@ fn stripped_binary_is_named_from_its_separate_debug_file() {
 /// Records `bin` (the inline fixture, possibly stripped) and checks names, files, lines and
 /// inlined frames in the profile and in `go tool pprof`.
 fn check_inline_frames(bin: &Path) {
-    let fixture = Fixture::start(bin, 60);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = dir.path().join("inline.pb.gz");
-    let pid = fixture.pid();
-    let profile = record(&["--pid", &pid.to_string(), "--frequency", "250"], 3, &out);
-    drop(fixture);
+    let Recorded {
+        profile,
+        pid,
+        out,
+        _dir,
+    } = record_fixture(Fixture::start(bin, 60), 3);
     let view = View::new(&profile);
     let (mix_line, call_line) = (
         marker_line("inline.c", "/* MIX_LINE */"),
@@ -434,13 +457,14 @@ fn jit_frames_are_named_from_the_perf_map() {
         return;
     }
     let fixture = Fixture::start_node(60);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = dir.path().join("node.pb.gz");
-    let pid = fixture.pid();
     // V8 compiles hotLoop within the first second; record after that.
     std::thread::sleep(Duration::from_secs(1));
-    let profile = record(&["--pid", &pid.to_string(), "--frequency", "250"], 3, &out);
-    drop(fixture);
+    let Recorded {
+        profile,
+        pid,
+        out,
+        _dir,
+    } = record_fixture(fixture, 3);
     let view = View::new(&profile);
     let samples = view.samples_of(pid);
     let total: i64 = samples.iter().map(|s| View::count(s)).sum();
@@ -527,12 +551,12 @@ fn stripped_go_binary_is_named_in_profiles() {
         return;
     }
     let bin = stripped_go_fixture();
-    let fixture = Fixture::start(bin, 60);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = dir.path().join("gostripped.pb.gz");
-    let pid = fixture.pid();
-    let profile = record(&["--pid", &pid.to_string(), "--frequency", "250"], 3, &out);
-    drop(fixture);
+    let Recorded {
+        profile,
+        pid,
+        out,
+        _dir,
+    } = record_fixture(Fixture::start(bin, 60), 3);
     let view = View::new(&profile);
     let samples = view.samples_of(pid);
     let total: i64 = samples.iter().map(|s| View::count(s)).sum();
@@ -560,12 +584,12 @@ fn go_fixture_frames_are_named() {
         return;
     }
     let bin = go_fixture();
-    let fixture = Fixture::start(bin, 60);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = dir.path().join("go.pb.gz");
-    let pid = fixture.pid();
-    let profile = record(&["--pid", &pid.to_string(), "--frequency", "250"], 3, &out);
-    drop(fixture);
+    let Recorded {
+        profile,
+        pid,
+        out,
+        _dir,
+    } = record_fixture(Fixture::start(bin, 60), 3);
     let view = View::new(&profile);
     let samples = view.samples_of(pid);
     let total: i64 = samples.iter().map(|s| View::count(s)).sum();
