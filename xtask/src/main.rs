@@ -5,6 +5,7 @@
 //! - `run`:   records 10 s of the whole machine and prints the top functions.
 //! - `test`:  every test, the privileged end-to-end ones included (run as root).
 //! - `bench`: overhead beside perf and bpftrace, plus hot-path benchmarks (docs/benchmarks.md).
+//! - `fuzz`:  the parsers of untrusted bytes under cargo-fuzz, seeded with real files.
 use std::{
     env,
     ffi::OsStr,
@@ -61,6 +62,14 @@ enum Task {
         #[arg(long)]
         no_hot_paths: bool,
     },
+    /// Fuzz the parsers of untrusted bytes (ELF, .gopclntab, perf maps, ring records).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+        /// Only this target (default: all).
+        target: Option<String>,
+    },
     /// Run every test (unit, integration, privileged end-to-end).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -87,6 +96,10 @@ fn main() -> Result<()> {
             setup()?;
             build()?;
             test(&root, &args)
+        }
+        Task::Fuzz { seconds, target } => {
+            setup()?;
+            fuzz(&root, seconds, target.as_deref())
         }
         Task::Bench {
             check,
@@ -266,6 +279,78 @@ fn bench(root: &Path, check: bool, seconds: u32, hot_paths: bool) -> Result<()> 
     if hot_paths {
         run(Command::new("cargo").args(["bench", "-p", "profiler", "--bench", "hot_paths"]))?;
     }
+    Ok(())
+}
+
+const FUZZ_TARGETS: &[&str] = &["elf", "gopclntab", "perf_map", "ring_record"];
+
+fn fuzz(root: &Path, seconds: u32, only: Option<&str>) -> Result<()> {
+    if output(Command::new("cargo").args(["fuzz", "--version"])).is_none() {
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let fuzz_dir = root.join("fuzz");
+    seed_corpora(&fuzz_dir)?;
+    let targets: Vec<&str> = match only {
+        Some(t) if FUZZ_TARGETS.contains(&t) => vec![t],
+        Some(t) => bail!("no fuzz target `{t}` (targets: {})", FUZZ_TARGETS.join(", ")),
+        None => FUZZ_TARGETS.to_vec(),
+    };
+    for target in targets {
+        run(Command::new("cargo")
+            .args([
+                "+nightly",
+                "fuzz",
+                "run",
+                target,
+                "--",
+                &format!("-max_total_time={seconds}"),
+            ])
+            .current_dir(&fuzz_dir))?;
+    }
+    Ok(())
+}
+
+/// Seeds each corpus with real inputs, so fuzzing starts from valid structure.
+fn seed_corpora(fuzz_dir: &Path) -> Result<()> {
+    let corpus = |target: &str| -> Result<PathBuf> {
+        let dir = fuzz_dir.join("corpus").join(target);
+        fs::create_dir_all(&dir)?;
+        Ok(dir)
+    };
+    let elf = corpus("elf")?;
+    for binary in ["/bin/true", "/usr/bin/env"] {
+        if Path::new(binary).is_file() {
+            let name = binary.rsplit('/').next().unwrap_or("seed");
+            fs::copy(binary, elf.join(name))?;
+        }
+    }
+    fs::write(
+        corpus("perf_map")?.join("node"),
+        "13cac0caac6 2d JS:~hotLoop /tmp/hot.js:1:17\n7fb4bc006040 2c4 JS:*hotLoop /tmp/hot.js:1:17\n",
+    )?;
+    // A Go binary's table, behind the 8-byte probe address the target reads first.
+    let go_dir = fuzz_dir.join("target/seed-go");
+    fs::create_dir_all(&go_dir)?;
+    fs::write(
+        go_dir.join("main.go"),
+        "package main\n\nfunc main() { println(\"seed\") }\n",
+    )?;
+    let built = Command::new("go")
+        .args(["build", "-o", "seed", "main.go"])
+        .current_dir(&go_dir)
+        .env("GOCACHE", go_dir.join("cache"))
+        .env("GO111MODULE", "off")
+        .status()
+        .is_ok_and(|s| s.success());
+    if built {
+        run(Command::new("objcopy")
+            .args(["--dump-section", ".gopclntab=gopclntab.bin", "seed"])
+            .current_dir(&go_dir))?;
+        let mut seed = 0x40_1000u64.to_le_bytes().to_vec();
+        seed.extend(fs::read(go_dir.join("gopclntab.bin"))?);
+        fs::write(corpus("gopclntab")?.join("go"), seed)?;
+    }
+    corpus("ring_record")?;
     Ok(())
 }
 

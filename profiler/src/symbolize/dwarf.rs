@@ -1,5 +1,9 @@
 //! DWARF: function names, source file and line, and inlined calls (addr2line over gimli).
-use std::{borrow::Cow, sync::Arc, sync::Mutex};
+use std::{
+    borrow::Cow,
+    panic::AssertUnwindSafe,
+    sync::{Arc, Mutex},
+};
 
 use addr2line::Context;
 use gimli::{EndianArcSlice, RunTimeEndian, SectionId};
@@ -54,7 +58,11 @@ impl Dwarf {
             Ok(EndianArcSlice::new(Arc::from(&*data), endian))
         };
         let dwarf = gimli::Dwarf::load(load).ok()?;
-        let context = Context::from_dwarf(dwarf).ok()?;
+        // Third-party parsing of untrusted bytes: a panic in it costs this file its DWARF, not
+        // the daemon its reporter.
+        let context = std::panic::catch_unwind(AssertUnwindSafe(|| Context::from_dwarf(dwarf)))
+            .ok()?
+            .ok()?;
         Some(Self {
             context: Mutex::new(context),
         })
@@ -63,10 +71,18 @@ impl Dwarf {
     /// Frames at `addr` (an ELF virtual address), innermost (inlined) first; empty when no
     /// compilation unit covers it.
     pub fn frames(&self, addr: u64) -> Vec<FunctionName> {
+        // addr2line computes `addr + 1`; no code lives at the last address anyway.
+        if addr == u64::MAX {
+            return Vec::new();
+        }
         let context = self
             .context
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        std::panic::catch_unwind(AssertUnwindSafe(|| Self::collect(&context, addr))).unwrap_or_default()
+    }
+
+    fn collect(context: &Context<Reader>, addr: u64) -> Vec<FunctionName> {
         let mut out = Vec::new();
         let Ok(mut frames) = context.find_frames(addr).skip_all_loads() else {
             return out;

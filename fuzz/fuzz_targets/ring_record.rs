@@ -1,0 +1,7 @@
+//! Ring-buffer records: decoding never panics, whatever the lengths claim.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = profiler::sampler::decode(data);
+});
