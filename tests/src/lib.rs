@@ -160,9 +160,11 @@ impl Fixture {
     /// The Node fixture, JIT-compiled, with its perf map enabled.
     pub fn start_node(seconds: u32) -> Self {
         let mut cmd = Command::new("node");
+        // V8 writes log files into its working directory: keep them out of the source tree.
         cmd.arg("--perf-basic-prof")
             .arg(fixtures_dir().join("hot.js"))
-            .arg(seconds.to_string());
+            .arg(seconds.to_string())
+            .current_dir(build_dir());
         Self::start_command(cmd)
     }
 
