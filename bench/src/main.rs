@@ -20,7 +20,7 @@ use profiler::{
     encode::decode,
     symbolize::{SymbolSource as _, elf::ElfImage},
 };
-use tests::{Fixture, c_fixture, go_fixture};
+use tests::{Fixture, c_fixture, go_fixture, inline_fixture};
 
 #[derive(Parser)]
 #[command(about = "Measure the profiler's overhead against perf record and bpftrace")]
@@ -252,6 +252,50 @@ fn symbolization(files: &[PathBuf]) -> Result<Symbolization> {
     })
 }
 
+struct DwarfCold {
+    addresses: usize,
+    inlined: usize,
+    ns_per_address: f64,
+}
+
+/// Cold DWARF: the first lookups in freshly parsed files with debug info (addr2line parses
+/// each compilation unit on first touch), at every 16th byte that has DWARF frames.
+fn dwarf_cold(files: &[&Path]) -> Result<DwarfCold> {
+    let mut total = Duration::ZERO;
+    let (mut addresses, mut inlined) = (0, 0);
+    for file in files {
+        let open = || ElfImage::open(file, None).with_context(|| file.display().to_string());
+        // A first copy finds the addresses that have DWARF frames (a file and line)...
+        let scout = open()?;
+        ensure!(scout.dwarf.is_some(), "{} has no DWARF", file.display());
+        let probes: Vec<u64> = scout
+            .segments
+            .iter()
+            .flat_map(|s| (s.vaddr..s.vaddr + s.mem_size.min(4 << 20)).step_by(16))
+            .filter(|&a| {
+                scout
+                    .resolve(a)
+                    .is_some_and(|f| f.iter().any(|n| n.file.is_some()))
+            })
+            .collect();
+        // ...and a freshly parsed copy is timed on its first lookups of them.
+        let image = open()?;
+        let start = Instant::now();
+        let found: Vec<usize> = probes
+            .iter()
+            .filter_map(|&a| image.resolve(a).map(|f| f.len()))
+            .collect();
+        total += start.elapsed();
+        addresses += probes.len();
+        inlined += found.iter().filter(|&&n| n > 1).count();
+    }
+    Ok(DwarfCold {
+        addresses,
+        inlined,
+        ns_per_address: total.as_nanos() as f64 / addresses.max(1) as f64,
+    })
+}
+
 struct Budget {
     name: String,
     at_most: bool,
@@ -340,6 +384,7 @@ fn main() -> Result<()> {
         files.push(libc_path);
     }
     let sym = symbolization(&files)?;
+    let cold = dwarf_cold(&[inline_fixture(), c_fixture(), go_fixture()])?;
 
     let mut md = String::new();
     let _ = writeln!(
@@ -436,6 +481,14 @@ fn main() -> Result<()> {
         sym.cached_per_second / 1e6
     );
     metrics.push(("cached_symbolization_per_s".into(), sym.cached_per_second));
+    let _ = writeln!(
+        md,
+        "Cold DWARF (C -O2 and -O0, Go; first lookups after parsing): {:.2} µs per address over {} addresses, {} with inlined frames.",
+        cold.ns_per_address / 1000.0,
+        cold.addresses,
+        cold.inlined
+    );
+    metrics.push(("dwarf_cold_us_per_address".into(), cold.ns_per_address / 1000.0));
 
     if let Some(dir) = args.out.parent() {
         fs::create_dir_all(dir)?;
