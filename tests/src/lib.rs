@@ -108,6 +108,21 @@ pub fn stripped_inline_fixture() -> &'static Path {
     })
 }
 
+/// The C++ fixture, -O2 -g: a member function template with an inlined helper.
+pub fn cpp_fixture() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = build_dir().join("hotcpp");
+        run_ok(
+            Command::new("g++")
+                .args(["-O2", "-g", "-fno-omit-frame-pointer", "-Wl,--build-id", "-o"])
+                .arg(&out)
+                .arg(fixtures_dir().join("hot.cpp")),
+        );
+        out
+    })
+}
+
 /// Line of `marker` (a comment) in a fixture source file.
 pub fn marker_line(source: &str, marker: &str) -> i64 {
     let text = std::fs::read_to_string(fixtures_dir().join(source)).expect("fixture source");

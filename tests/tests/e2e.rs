@@ -15,7 +15,7 @@ use std::{
 use object::{Object as _, read::File as ElfFile};
 use profiler::{encode::decode, pprof::Profile};
 use tests::{
-    Fixture, build_dir, c_fixture, go_fixture, inline_fixture, marker_line, profiler_bin,
+    Fixture, build_dir, c_fixture, cpp_fixture, go_fixture, inline_fixture, marker_line, profiler_bin,
     stripped_go_fixture, stripped_inline_fixture,
 };
 
@@ -353,7 +353,7 @@ fn dwarf_gives_files_lines_and_inlined_frames() {
     if !privileged() {
         return;
     }
-    check_inline_frames(inline_fixture());
+    check_inline_frames(inline_fixture(), &C_INLINED);
 }
 
 #[test]
@@ -366,12 +366,47 @@ fn stripped_binary_is_named_from_its_separate_debug_file() {
     let data = std::fs::read(bin).expect("read stripped fixture");
     let elf = ElfFile::parse(data.as_slice()).expect("parse");
     assert!(elf.symbol_table().is_none(), "fixture is not stripped");
-    check_inline_frames(bin);
+    check_inline_frames(bin, &C_INLINED);
 }
 
-/// Records `bin` (the inline fixture, possibly stripped) and checks names, files, lines and
-/// inlined frames in the profile and in `go tool pprof`.
-fn check_inline_frames(bin: &Path) {
+/// The inlined call a fixture spends its time in: (function, marker comment of its line) for
+/// the inlined callee and for its caller, in `source`.
+struct Inlined {
+    source: &'static str,
+    inner: (&'static str, &'static str),
+    outer: (&'static str, &'static str),
+}
+
+const C_INLINED: Inlined = Inlined {
+    source: "inline.c",
+    inner: ("mix", "/* MIX_LINE */"),
+    outer: ("hot_inline", "/* CALL_LINE */"),
+};
+
+const CPP_INLINED: Inlined = Inlined {
+    source: "hot.cpp",
+    inner: (
+        "shop::Basket<unsigned long>::mix(unsigned long, unsigned long)",
+        "// CPP_MIX_LINE",
+    ),
+    outer: (
+        "shop::Basket<unsigned long>::fill(unsigned long)",
+        "// CPP_CALL_LINE",
+    ),
+};
+
+#[test]
+fn cpp_frames_are_demangled_with_lines_and_inlined_calls() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    check_inline_frames(cpp_fixture(), &CPP_INLINED);
+}
+
+/// Records `bin` and checks names, files, lines and inlined frames in the profile and in
+/// `go tool pprof`.
+fn check_inline_frames(bin: &Path, expect: &Inlined) {
     let Recorded {
         profile,
         pid,
@@ -380,8 +415,8 @@ fn check_inline_frames(bin: &Path) {
     } = record_fixture(Fixture::start(bin, 60), 3);
     let view = View::new(&profile);
     let (mix_line, call_line) = (
-        marker_line("inline.c", "/* MIX_LINE */"),
-        marker_line("inline.c", "/* CALL_LINE */"),
+        marker_line(expect.source, expect.inner.1),
+        marker_line(expect.source, expect.outer.1),
     );
 
     let mapping = profile
@@ -426,10 +461,10 @@ fn check_inline_frames(bin: &Path) {
             leaf.is_some_and(|l| {
                 let lines = lines_of(l);
                 lines.len() == 2
-                    && lines[0].0 == "mix"
-                    && lines[0].1.ends_with("inline.c")
+                    && lines[0].0 == expect.inner.0
+                    && lines[0].1.ends_with(expect.source)
                     && lines[0].2 == mix_line
-                    && lines[1].0 == "hot_inline"
+                    && lines[1].0 == expect.outer.0
                     && lines[1].2 == call_line
             })
         })
@@ -438,7 +473,9 @@ fn check_inline_frames(bin: &Path) {
     assert!(total > 300, "{total} samples");
     assert!(
         inlined * 2 >= total,
-        "mix@{mix_line} inlined in hot_inline@{call_line} in {inlined} of {total} samples"
+        "{}@{mix_line} inlined in {}@{call_line} in {inlined} of {total} samples",
+        expect.inner.0,
+        expect.outer.0
     );
 
     let raw = go_tool_pprof(&["-raw"], &out);
@@ -447,7 +484,10 @@ fn check_inline_frames(bin: &Path) {
         "mapping flags not shown:\n{raw}"
     );
     let lines = go_tool_pprof(&["-top", "-lines"], &out);
-    assert!(lines.contains(&format!("inline.c:{mix_line}")), "{lines}");
+    assert!(
+        lines.contains(&format!("{}:{mix_line}", expect.source)),
+        "{lines}"
+    );
 }
 
 #[test]

@@ -24,6 +24,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("go", "golang-go"),
     ("gcc", "gcc"),
+    ("g++", "g++"),
     ("objcopy", "binutils"),
     ("setpriv", "util-linux"),
     ("node", "nodejs"),
