@@ -41,9 +41,19 @@ pub struct SamplingArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct SymbolArgs {
+    /// Memory for parsed symbol tables, DWARF and Go tables (K, M, G suffixes); least recently
+    /// used files are dropped past it.
+    #[arg(long, env = "PROFILER_SYMBOL_CACHE_SIZE", default_value = "256M", value_parser = parse_bytes)]
+    pub symbol_cache_size: u64,
+}
+
+#[derive(Debug, Args)]
 pub struct RecordArgs {
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub symbols: SymbolArgs,
     /// How long to record, e.g. `10s`, `1m30s`.
     #[arg(long, short = 'd', default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
@@ -59,6 +69,8 @@ pub struct RecordArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub symbols: SymbolArgs,
     /// Length of one profile, e.g. `15s`.
     #[arg(long, env = "PROFILER_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     pub interval: Duration,

@@ -25,7 +25,7 @@ use crate::{
     bpf::{BpfError, BpfSession},
     config::SamplingConfig,
     export::Exporter,
-    process::ProcessRegistry,
+    process::{CacheLimits, ProcessRegistry},
     report::{self, Reporter, RunSummary},
     sampler::{self, Message, PipelineStats},
 };
@@ -49,6 +49,8 @@ pub struct Plan {
     /// Stop after the first interval (`record`).
     pub once: bool,
     pub exporters: Vec<Box<dyn Exporter>>,
+    /// Byte budget of the parsed-file cache.
+    pub symbol_cache_bytes: u64,
 }
 
 /// Maps each requested pid to its process (a thread id maps to its thread group).
@@ -98,7 +100,17 @@ pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
 
     let (tx, rx) = mpsc::channel(sampler::QUEUE_CAPACITY);
     let (snap_tx, snap_rx) = mpsc::channel(report::QUEUE_CAPACITY);
-    let aggregator = Aggregator::new(ProcessRegistry::default(), SystemTime::now(), session.counters()?);
+    let aggregator = Aggregator::new(
+        ProcessRegistry::new(
+            "/proc".into(),
+            CacheLimits {
+                max_bytes: plan.symbol_cache_bytes,
+                ..CacheLimits::default()
+            },
+        ),
+        SystemTime::now(),
+        session.counters()?,
+    );
     let sampler_task = tokio::spawn(sampler::run(ring, tx.clone(), Arc::clone(&stats), cancel.clone()));
     let aggregator_task = tokio::task::spawn_blocking(move || aggregate::run(aggregator, rx, snap_tx));
     let reporter = Reporter::new(frequency, session.event);

@@ -50,6 +50,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 interval: duration,
                 once: true,
                 exporters: vec![Box::new(exporter)],
+                symbol_cache_bytes: args.symbols.symbol_cache_size,
             };
             let summary = daemon::run(plan).await?;
             if let Some(failure) = summary.export_failures.first() {
@@ -91,6 +92,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 interval,
                 once: false,
                 exporters: vec![Box::new(archive)],
+                symbol_cache_bytes: args.symbols.symbol_cache_size,
             };
             let summary = daemon::run(plan).await?;
             tracing::info!(profiles = summary.profiles, samples = summary.samples, "done");

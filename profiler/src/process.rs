@@ -36,6 +36,8 @@ pub struct ObjectFile {
     /// Path as the process sees it (without a ` (deleted)` suffix).
     pub path: String,
     pub key: FileKey,
+    /// Memory held by the parsed tables (counted against the cache's byte budget).
+    pub bytes: u64,
     /// The parsed file, or why it could not be read.
     pub image: Result<ElfImage, String>,
 }
@@ -131,6 +133,9 @@ pub struct RegistryStats {
     pub objects_evicted: u64,
     /// Separate debug files found (.gnu_debuglink or /usr/lib/debug/.build-id).
     pub debug_files: u64,
+    /// Files in the symbol cache and the bytes they hold (gauges).
+    pub cached_files: u64,
+    pub cached_bytes: u64,
     pub perf_map_reads: u64,
     pub perf_map_malformed_lines: u64,
 }
@@ -169,27 +174,47 @@ pub struct ProcessRegistry {
     objects: HashMap<FileKey, (Arc<ObjectFile>, u64)>,
     /// Perf maps of processes with JIT code, dropped with their process.
     jit: HashMap<u32, JitMap>,
-    /// Most files kept parsed at once; past it the least recently used idle ones go first.
-    /// 1,024 covers the distinct executables and libraries of a busy node (typically 200–600).
-    max_objects: usize,
+    limits: CacheLimits,
+    /// Bytes held by the cached files ([`ElfImage::bytes`]).
+    object_bytes: u64,
     generation: u64,
     pub stats: RegistryStats,
 }
 
+/// Bounds of the parsed-file (symbol) cache.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheLimits {
+    /// Most files kept parsed. 1,024 covers the distinct executables and libraries of a busy
+    /// node (typically 200–600).
+    pub max_files: usize,
+    /// Most bytes of symbols, DWARF and Go tables kept (`--symbol-cache-size`).
+    pub max_bytes: u64,
+}
+
+impl Default for CacheLimits {
+    fn default() -> Self {
+        Self {
+            max_files: 1024,
+            max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
 impl Default for ProcessRegistry {
     fn default() -> Self {
-        Self::new(PathBuf::from("/proc"), 1024)
+        Self::new(PathBuf::from("/proc"), CacheLimits::default())
     }
 }
 
 impl ProcessRegistry {
-    pub fn new(procfs_root: PathBuf, max_objects: usize) -> Self {
+    pub fn new(procfs_root: PathBuf, limits: CacheLimits) -> Self {
         Self {
             procfs_root,
             processes: HashMap::default(),
             objects: HashMap::default(),
             jit: HashMap::default(),
-            max_objects,
+            limits,
+            object_bytes: 0,
             generation: 0,
             stats: RegistryStats::default(),
         }
@@ -280,19 +305,64 @@ impl ProcessRegistry {
         self.processes.retain(|_, p| p.used_generation >= keep_after);
         let processes = &self.processes;
         self.jit.retain(|pid, _| processes.contains_key(pid));
-        let before = self.objects.len();
-        self.objects
-            .retain(|_, (object, used)| *used >= keep_after || Arc::strong_count(object) > 1);
-        if self.objects.len() > self.max_objects {
-            let mut by_age: Vec<(u64, FileKey)> =
-                self.objects.iter().map(|(k, (_, used))| (*used, *k)).collect();
-            by_age.sort_unstable_by_key(|(used, _)| *used);
-            let excess = self.objects.len() - self.max_objects;
-            for (_, key) in by_age.into_iter().take(excess) {
-                self.objects.remove(&key);
+        let idle: Vec<FileKey> = self
+            .objects
+            .iter()
+            .filter(|(_, (object, used))| *used < keep_after && Arc::strong_count(object) == 1)
+            .map(|(key, _)| *key)
+            .collect();
+        self.evict(&idle);
+        self.enforce_limits(None);
+    }
+
+    /// Evicts least recently used files until the cache is within its limits; `keep` is
+    /// spared (the file just loaded).
+    fn enforce_limits(&mut self, keep: Option<FileKey>) {
+        let limits = self.limits;
+        if self.objects.len() <= limits.max_files && self.object_bytes <= limits.max_bytes {
+            return;
+        }
+        let mut by_age: Vec<(u64, FileKey, u64)> = self
+            .objects
+            .iter()
+            .filter(|(key, _)| Some(**key) != keep)
+            .map(|(key, (object, used))| (*used, *key, object.bytes))
+            .collect();
+        by_age.sort_unstable_by_key(|(used, ..)| *used);
+        let (mut files, mut bytes) = (self.objects.len(), self.object_bytes);
+        let mut victims = Vec::new();
+        for (_, key, size) in by_age {
+            if files <= limits.max_files && bytes <= limits.max_bytes {
+                break;
+            }
+            victims.push(key);
+            files -= 1;
+            bytes = bytes.saturating_sub(size);
+        }
+        self.evict(&victims);
+    }
+
+    /// Drops files from the cache and from the processes that remembered them, so their memory
+    /// goes as soon as no pending profile needs it.
+    fn evict(&mut self, keys: &[FileKey]) {
+        if keys.is_empty() {
+            return;
+        }
+        for key in keys {
+            if let Some((object, _)) = self.objects.remove(key) {
+                self.object_bytes = self.object_bytes.saturating_sub(object.bytes);
+                self.stats.objects_evicted += 1;
             }
         }
-        self.stats.objects_evicted += (before - self.objects.len()) as u64;
+        for process in self.processes.values_mut() {
+            for mapping in &mut process.mappings {
+                if mapping.object.as_ref().is_some_and(|o| keys.contains(&o.key)) {
+                    mapping.object = None;
+                }
+            }
+        }
+        self.stats.cached_files = self.objects.len() as u64;
+        self.stats.cached_bytes = self.object_bytes;
     }
 
     pub fn cached_objects(&self) -> usize {
@@ -508,12 +578,18 @@ impl ProcessRegistry {
         image: Result<ElfImage, String>,
     ) -> Arc<ObjectFile> {
         self.stats.objects_loaded += 1;
+        let bytes = image.as_ref().map_or(0, ElfImage::bytes);
         let object = Arc::new(ObjectFile {
             path: path.to_owned(),
             key,
+            bytes,
             image,
         });
         self.objects.insert(key, (Arc::clone(&object), self.generation));
+        self.object_bytes += bytes;
+        self.stats.cached_files = self.objects.len() as u64;
+        self.stats.cached_bytes = self.object_bytes;
+        self.enforce_limits(Some(key));
         object
     }
 }
@@ -681,8 +757,45 @@ mod tests {
     }
 
     #[test]
+    fn byte_budget_evicts_least_recently_used_files() {
+        let mut children: Vec<std::process::Child> = ["/bin/sleep", "/bin/cat"]
+            .iter()
+            .map(|bin| {
+                std::process::Command::new(bin)
+                    .arg(if bin.ends_with("sleep") { "30" } else { "-" })
+                    .stdin(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("spawn")
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        // Room for about one of the two binaries' tables.
+        let limits = CacheLimits {
+            max_files: 1024,
+            max_bytes: 1,
+        };
+        let mut registry = ProcessRegistry::new(PathBuf::from("/proc"), limits);
+        for (child, name) in children.iter().zip(["/sleep", "/cat"]) {
+            let addr = exec_mapping(child.id(), name);
+            let _ = registry.resolve_user(child.id(), addr);
+        }
+        for child in &mut children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        assert_eq!(
+            registry.cached_objects(),
+            1,
+            "over budget, only the newest file stays"
+        );
+        assert_eq!(registry.stats.objects_evicted, 1);
+        assert_eq!(registry.stats.cached_files, 1);
+        assert!(registry.stats.cached_bytes > 0);
+    }
+
+    #[test]
     fn idle_entries_are_evicted() {
-        let mut registry = ProcessRegistry::new(PathBuf::from("/proc"), 1024);
+        let mut registry = ProcessRegistry::new(PathBuf::from("/proc"), CacheLimits::default());
         let pid = std::process::id();
         let _ = registry.resolve_user(pid, marker_function as *const () as u64);
         assert_eq!(registry.cached_objects(), 1);

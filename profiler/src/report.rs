@@ -116,6 +116,15 @@ impl Reporter {
             "daemon (since start): {} received, {} dropped (queue full), {} malformed",
             pipeline.0, pipeline.1, pipeline.2
         ));
+        let r = &snap.registry;
+        b.comment(&format!(
+            "symbol cache: {} files, {:.1} MiB, {} evicted; {} separate debug files, {} perf map reads",
+            r.cached_files,
+            r.cached_bytes as f64 / (1024.0 * 1024.0),
+            r.objects_evicted,
+            r.debug_files,
+            r.perf_map_reads
+        ));
 
         let mapping_ids = self.add_mappings(&mut b, snap);
         let mut symbols = SymbolStats::default();

@@ -21,6 +21,8 @@ pub const MAX_DEBUG_BYTES: u64 = 256 * 1024 * 1024;
 /// cells that are not `Sync`, hence the mutex (the reporter is its only user).
 pub struct Dwarf {
     context: Mutex<Context<Reader>>,
+    /// Bytes of the debug sections held (what the file costs the symbol cache).
+    pub bytes: u64,
 }
 
 impl std::fmt::Debug for Dwarf {
@@ -65,6 +67,7 @@ impl Dwarf {
             .ok()?;
         Some(Self {
             context: Mutex::new(context),
+            bytes: debug_bytes,
         })
     }
 

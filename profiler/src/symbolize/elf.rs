@@ -75,6 +75,11 @@ impl SymbolTable {
         self.entries.len()
     }
 
+    /// Bytes held by the table.
+    pub fn bytes(&self) -> u64 {
+        (self.entries.len() * size_of::<SymbolEntry>() + self.names.len()) as u64
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -205,6 +210,15 @@ impl ElfImage {
             dwarf: Dwarf::load(&elf),
             debuglink,
         })
+    }
+
+    /// What the parsed file costs in memory (symbols, DWARF sections, Go table), for the
+    /// symbol cache's byte budget.
+    pub fn bytes(&self) -> u64 {
+        self.symbols.bytes()
+            + self.dwarf.as_ref().map_or(0, |d| d.bytes)
+            + self.gopclntab.as_ref().map_or(0, GoPclntab::bytes)
+            + (self.segments.len() * size_of::<LoadSegment>()) as u64
     }
 
     /// Whether a separate debug file would add anything (no DWARF, or no symbols).

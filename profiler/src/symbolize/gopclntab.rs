@@ -154,6 +154,11 @@ impl GoPclntab {
         self.nfunc
     }
 
+    /// Bytes held (the table is kept whole).
+    pub fn bytes(&self) -> u64 {
+        self.data.len() as u64
+    }
+
     pub fn is_empty(&self) -> bool {
         self.nfunc == 0
     }
