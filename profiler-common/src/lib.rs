@@ -104,31 +104,6 @@ pub enum Counter {
 /// Number of slots in [`MAP_COUNTERS`] (room to grow without resizing the map).
 pub const COUNTER_SLOTS: u32 = 16;
 
-impl Counter {
-    pub const ALL: [Counter; 7] = [
-        Counter::Events,
-        Counter::Submitted,
-        Counter::Idle,
-        Counter::FilteredOut,
-        Counter::RingFull,
-        Counter::KernelStackError,
-        Counter::UserStackError,
-    ];
-
-    /// Metric-style name used in logs and summaries.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Counter::Events => "events",
-            Counter::Submitted => "submitted",
-            Counter::Idle => "idle",
-            Counter::FilteredOut => "filtered_out",
-            Counter::RingFull => "lost_ring_full",
-            Counter::KernelStackError => "kernel_stack_errors",
-            Counter::UserStackError => "user_stack_errors",
-        }
-    }
-}
-
 #[cfg(feature = "user")]
 // SAFETY: repr(C), Copy, integers and integer arrays with explicit padding: every bit pattern
 // is valid.

@@ -96,7 +96,7 @@ fn report(c: &mut Criterion) {
     for r in &records {
         agg.add(&decode(r).expect("decodes"));
     }
-    let snapshot = agg.flush(SystemTime::now(), CounterSnapshot::default(), false);
+    let snapshot = agg.flush(SystemTime::now(), CounterSnapshot::default());
     let mut reporter = Reporter::new(99, EventSource::CpuClock);
     // First build reads kallsyms; measure the steady state after it.
     let _ = reporter.build(&snapshot, (0, 0, 0));

@@ -62,7 +62,6 @@ pub struct Snapshot {
     /// Kernel counters over this interval.
     pub counters: CounterSnapshot,
     pub registry: RegistryStats,
-    pub last: bool,
 }
 
 impl Snapshot {
@@ -172,7 +171,7 @@ impl Aggregator {
     }
 
     /// Closes the interval at `end` and starts the next one.
-    pub fn flush(&mut self, end: SystemTime, counters: CounterSnapshot, last: bool) -> Snapshot {
+    pub fn flush(&mut self, end: SystemTime, counters: CounterSnapshot) -> Snapshot {
         let interval = std::mem::take(&mut self.interval);
         let mut counts: Vec<StackCount> = interval
             .counts
@@ -190,7 +189,6 @@ impl Aggregator {
             processes: interval.processes,
             counters: counters.since(&self.counters_at_start),
             registry: self.registry.stats.clone(),
-            last,
         };
         self.registry.end_interval();
         self.start = end;
@@ -214,7 +212,7 @@ pub fn run(mut aggregator: Aggregator, mut rx: mpsc::Receiver<Message>, tx: mpsc
         match message {
             Message::Samples(samples) => samples.iter().for_each(|s| aggregator.add(s)),
             Message::Flush { end, counters, last } => {
-                let snapshot = aggregator.flush(end, counters, last);
+                let snapshot = aggregator.flush(end, counters);
                 debug!(
                     samples = snapshot.samples(),
                     stacks = snapshot.stacks.len(),
@@ -263,7 +261,7 @@ mod tests {
             ));
         }
         agg.add(&sample(pid, &[], &[]));
-        let snap = agg.flush(SystemTime::now(), CounterSnapshot::default(), false);
+        let snap = agg.flush(SystemTime::now(), CounterSnapshot::default());
         assert_eq!(snap.samples(), 4);
         assert_eq!(snap.counts.len(), 2);
         assert_eq!(snap.stacks.len(), 2);
@@ -282,7 +280,7 @@ mod tests {
             ]
         );
         assert_eq!(snap.processes[&pid].comm.as_deref(), Some("t"));
-        let next = agg.flush(SystemTime::now(), CounterSnapshot::default(), true);
+        let next = agg.flush(SystemTime::now(), CounterSnapshot::default());
         assert_eq!(next.samples(), 0);
         assert!(next.frames.is_empty());
     }

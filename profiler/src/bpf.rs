@@ -116,7 +116,6 @@ impl CounterSnapshot {
 pub struct BpfSession {
     ebpf: Ebpf,
     pub event: EventSource,
-    pub cpus: Vec<u32>,
 }
 
 pub fn kernel_release() -> String {
@@ -307,7 +306,7 @@ impl BpfSession {
             frequency,
             "sampling started"
         );
-        Ok(Self { ebpf, event, cpus })
+        Ok(Self { ebpf, event })
     }
 
     /// Detaches and unloads the sampling program; maps stay readable.

@@ -3,7 +3,6 @@
 //! kills a running fixture when dropped.
 //!
 //! Panics are the failure mode here: this code runs only inside tests and benchmarks.
-#![allow(clippy::unwrap_used)]
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -49,31 +48,13 @@ pub fn run_ok(cmd: &mut Command) {
 /// frame hides its caller from a frame-pointer walk (frame-pointer-less code is issue 3's).
 pub fn c_fixture() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let out = build_dir().join("burn");
-        run_ok(
-            Command::new("gcc")
-                .args(["-O0", "-g", "-fno-omit-frame-pointer", "-Wl,--build-id", "-o"])
-                .arg(&out)
-                .arg(fixtures_dir().join("burn.c")),
-        );
-        out
-    })
+    BIN.get_or_init(|| cc_build("gcc", "-O0", "burn", "burn.c"))
 }
 
 /// The C fixture with an always-inlined helper, built -O2 -g (DWARF with inline records).
 pub fn inline_fixture() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let out = build_dir().join("inline");
-        run_ok(
-            Command::new("gcc")
-                .args(["-O2", "-g", "-fno-omit-frame-pointer", "-Wl,--build-id", "-o"])
-                .arg(&out)
-                .arg(fixtures_dir().join("inline.c")),
-        );
-        out
-    })
+    BIN.get_or_init(|| cc_build("gcc", "-O2", "inline", "inline.c"))
 }
 
 /// The inline fixture stripped of everything (`strip --strip-all`), with its symbols and DWARF
@@ -111,16 +92,7 @@ pub fn stripped_inline_fixture() -> &'static Path {
 /// The C++ fixture, -O2 -g: a member function template with an inlined helper.
 pub fn cpp_fixture() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let out = build_dir().join("hotcpp");
-        run_ok(
-            Command::new("g++")
-                .args(["-O2", "-g", "-fno-omit-frame-pointer", "-Wl,--build-id", "-o"])
-                .arg(&out)
-                .arg(fixtures_dir().join("hot.cpp")),
-        );
-        out
-    })
+    BIN.get_or_init(|| cc_build("g++", "-O2", "hotcpp", "hot.cpp"))
 }
 
 /// Line of `marker` (a comment) in a fixture source file.
@@ -142,6 +114,24 @@ pub fn go_fixture() -> &'static Path {
 pub fn stripped_go_fixture() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| go_build("gohot-stripped", &["-ldflags=-s -w"]))
+}
+
+/// Compiles a C or C++ fixture with debug info, frame pointers and a GNU build id.
+fn cc_build(compiler: &str, optimization: &str, name: &str, source: &str) -> PathBuf {
+    let out = build_dir().join(name);
+    run_ok(
+        Command::new(compiler)
+            .args([
+                optimization,
+                "-g",
+                "-fno-omit-frame-pointer",
+                "-Wl,--build-id",
+                "-o",
+            ])
+            .arg(&out)
+            .arg(fixtures_dir().join(source)),
+    );
+    out
 }
 
 fn go_build(name: &str, flags: &[&str]) -> PathBuf {
