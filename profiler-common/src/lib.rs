@@ -17,10 +17,39 @@ pub const MAP_SCRATCH: &str = "SCRATCH";
 pub const MAP_TARGET_PIDS: &str = "TARGET_PIDS";
 /// `.rodata` global: `1` restricts sampling to the tgids in [`MAP_TARGET_PIDS`].
 pub const GLOBAL_FILTER_PIDS: &str = "FILTER_PIDS";
+/// `.rodata` global: [`UNWIND_MODE_TABLES`] (default) or [`UNWIND_MODE_FRAME_POINTERS`].
+pub const GLOBAL_UNWIND_MODE: &str = "UNWIND_MODE";
+/// User stacks come from the unwind tables ([`MAP_UNWIND_ROWS`]), with frame pointers where a
+/// mapping has no table (Go, JIT code).
+pub const UNWIND_MODE_TABLES: u8 = 1;
+/// User stacks come from the kernel's frame-pointer walk only (`bpf_get_stack`).
+pub const UNWIND_MODE_FRAME_POINTERS: u8 = 0;
+
+/// Raw tracepoint program run when a process execs (its mappings are gone).
+pub const PROGRAM_EXEC: &str = "on_exec";
+/// Raw tracepoint program run when a task exits.
+pub const PROGRAM_EXIT: &str = "on_exit";
+/// Array of [`UnwindRow`]s: the tables of every loaded file, each a sorted run of rows. Its size
+/// is the unwind-table budget (set by the loader before the map is created).
+pub const MAP_UNWIND_ROWS: &str = "UNWIND_ROWS";
+/// Hash: file id (`u64`) → [`FileTable`], where that file's rows are.
+pub const MAP_UNWIND_FILES: &str = "UNWIND_FILES";
+/// LPM trie: [`MappingKey`] (tgid, address) → [`Mapping`].
+pub const MAP_MAPPINGS: &str = "MAPPINGS";
+/// Hash: tgid → [`ProcState`]. A tgid absent here is not loaded yet.
+pub const MAP_PROCS: &str = "PROCS";
+/// Ring buffer of [`ProcEvent`]s (exec, exit) for the daemon's unwind stage.
+pub const MAP_PROC_EVENTS: &str = "PROC_EVENTS";
+/// Per-CPU array with one [`UnwindState`], the walk's registers between `bpf_loop` steps.
+pub const MAP_UNWIND_STATE: &str = "UNWIND_STATE";
 
 /// Frames kept per stack. It equals the kernel's default `kernel.perf_event_max_stack` (127),
 /// the most `bpf_get_stack` returns without raising that sysctl.
 pub const MAX_STACK_DEPTH: usize = 127;
+/// User frames the table unwinder walks at most.
+pub const MAX_USER_DEPTH: usize = 256;
+/// Frame slots of a record: kernel frames, then user frames.
+pub const MAX_FRAMES: usize = MAX_STACK_DEPTH + MAX_USER_DEPTH;
 /// Length of `task_struct::comm`, NUL included.
 pub const COMM_LEN: usize = 16;
 /// Capacity of [`MAP_TARGET_PIDS`]: more `--pid` flags than this are rejected by the daemon.
@@ -54,9 +83,12 @@ pub struct RawSampleHeader {
     pub user_len: u16,
     /// 0, or the negative errno `bpf_get_stack` returned for the kernel stack.
     pub kernel_err: i16,
-    /// 0, or the negative errno `bpf_get_stack` returned for the user stack.
+    /// 0, or the negative errno `bpf_get_stack` returned for the user stack (frame-pointer
+    /// mode and processes not loaded yet).
     pub user_err: i16,
-    pub _pad: u32,
+    /// How the user walk ended: an [`UnwindStatus`] value.
+    pub unwind_status: u8,
+    pub _pad: [u8; 3],
     /// Thread name, NUL-padded.
     pub comm: [u8; COMM_LEN],
 }
@@ -69,16 +101,17 @@ const _: () = assert!(core::mem::size_of::<RawSampleHeader>() == HEADER_BYTES);
 ///
 /// Only the used part goes into the ring buffer: the header, then `kernel_len` kernel
 /// instruction pointers, then `user_len` user ones, each leaf first (entries after the leaf are
-/// return addresses). A 30-frame sample is 288 bytes instead of the full 2,080. The daemon
-/// turns a record into its own `Sample` (`profiler::sampler`).
+/// return addresses, except the one after a signal frame). A 30-frame sample is 288 bytes
+/// instead of the full 3,112. The daemon turns a record into its own `Sample`
+/// (`profiler::sampler`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct RawSample {
     pub header: RawSampleHeader,
-    pub frames: [u64; 2 * MAX_STACK_DEPTH],
+    pub frames: [u64; MAX_FRAMES],
 }
 
-const _: () = assert!(core::mem::size_of::<RawSample>() == HEADER_BYTES + 2 * 8 * MAX_STACK_DEPTH);
+const _: () = assert!(core::mem::size_of::<RawSample>() == HEADER_BYTES + 8 * MAX_FRAMES);
 const _: () = assert!(core::mem::align_of::<RawSample>() == 8);
 
 /// Slots of [`MAP_COUNTERS`]. Numbers are part of the contract and never reused.
@@ -99,12 +132,253 @@ pub enum Counter {
     KernelStackError = 5,
     /// `bpf_get_stack` failed for the user stack (the sample is still sent).
     UserStackError = 6,
+    /// Exec and exit events lost because [`MAP_PROC_EVENTS`] was full.
+    ProcEventsLost = 7,
 }
 
+/// Slot of the first per-[`UnwindStatus`] counter in [`MAP_COUNTERS`]: the walk of a sample
+/// that ended with status `s` counts in slot `UNWIND_STATUS_SLOTS + s`.
+pub const UNWIND_STATUS_SLOTS: u32 = 16;
 /// Number of slots in [`MAP_COUNTERS`] (room to grow without resizing the map).
-pub const COUNTER_SLOTS: u32 = 16;
+pub const COUNTER_SLOTS: u32 = 32;
+
+/// How a user stack walk ended. Numbers are part of the contract and never reused.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnwindStatus {
+    /// The walk reached the bottom of the stack (or the sample has no user part).
+    Complete = 0,
+    /// The process is not loaded yet (or just exec'd): the kernel's frame-pointer walk was
+    /// used, as in frame-pointer mode.
+    FramePointerOnly = 1,
+    /// An address outside every mapping the daemon loaded for the process.
+    NoMapping = 2,
+    /// The address is in a file whose table is not loaded (too large, evicted, unreadable).
+    NoTable = 3,
+    /// The table row says the rule cannot be followed in BPF (an unsupported CFI expression
+    /// or register).
+    UnsupportedRule = 4,
+    /// The computed frame address is not above the stack pointer, or the walk did not advance.
+    BadFrame = 5,
+    /// Reading the stack failed (`bpf_probe_read_user`).
+    ReadError = 6,
+    /// [`MAX_USER_DEPTH`] frames were walked before the bottom was reached.
+    MaxDepth = 7,
+    /// The instruction pointer is not a user address.
+    BadPc = 8,
+}
+
+/// Number of [`UnwindStatus`] values.
+pub const UNWIND_STATUSES: u32 = 9;
+
+impl UnwindStatus {
+    pub fn from_u8(value: u8) -> Option<UnwindStatus> {
+        Some(match value {
+            0 => UnwindStatus::Complete,
+            1 => UnwindStatus::FramePointerOnly,
+            2 => UnwindStatus::NoMapping,
+            3 => UnwindStatus::NoTable,
+            4 => UnwindStatus::UnsupportedRule,
+            5 => UnwindStatus::BadFrame,
+            6 => UnwindStatus::ReadError,
+            7 => UnwindStatus::MaxDepth,
+            8 => UnwindStatus::BadPc,
+            _ => return None,
+        })
+    }
+}
+
+/// How to find the caller's frame (CFA) at an address. Values of [`UnwindRow::cfa_rule`].
+pub mod cfa {
+    /// No CFI covers the address: a leaf returns through `[rsp]`, any other frame follows
+    /// the frame pointer.
+    pub const GAP: u8 = 0;
+    /// CFA = rsp + `cfa`.
+    pub const SP_OFFSET: u8 = 1;
+    /// CFA = rbp + `cfa`.
+    pub const BP_OFFSET: u8 = 2;
+    /// PLT stub, GCC form: CFA = rsp + 8 + (((rip & 15) >= 11) ? 8 : 0).
+    pub const PLT1: u8 = 3;
+    /// PLT stub, binutils form: the same with 10 as the threshold.
+    pub const PLT2: u8 = 4;
+    /// CFA = \*(rsp + (`cfa` >> 8)) + (`cfa` & 0xff) (stack realigned by the prologue).
+    pub const DEREF_SP: u8 = 5;
+    /// CFA = \*(rbp + (`cfa` >> 8)) + (`cfa` & 0xff).
+    pub const DEREF_BP: u8 = 6;
+    /// Follow the frame pointer: CFA = rbp + 16, rbp = \*rbp.
+    pub const FRAME_POINTER: u8 = 7;
+    /// The return address is undefined: the bottom of the stack.
+    pub const STOP: u8 = 8;
+    /// A signal trampoline: registers come from the `ucontext` at rsp.
+    pub const SIGNAL: u8 = 9;
+    /// A rule BPF cannot follow; `cfa` holds an [`super::invalid`] reason.
+    pub const INVALID: u8 = 10;
+}
+
+/// Reasons stored in `cfa` of a [`cfa::INVALID`] row (for the table statistics).
+pub mod invalid {
+    pub const CFA_REGISTER: u16 = 1;
+    pub const CFA_EXPRESSION: u16 = 2;
+    pub const OFFSET_RANGE: u16 = 3;
+    pub const RBP_RULE: u16 = 4;
+    pub const RA_RULE: u16 = 5;
+}
+
+/// One row of an unwind table: from `pc` up to the next row's `pc`, this rule gives the
+/// caller's frame. x86-64 only: the return address is always at CFA − 8.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UnwindRow {
+    /// Start address, relative to [`FileTable::base`].
+    pub pc: u32,
+    /// Operand of `cfa_rule` (an offset in bytes, or `a << 8 | b` for the deref rules).
+    pub cfa: u16,
+    /// One of the [`cfa`] constants.
+    pub cfa_rule: u8,
+    /// 0: rbp keeps its value; else rbp was saved at CFA + `rbp` × 8.
+    pub rbp: i8,
+}
+
+const _: () = assert!(core::mem::size_of::<UnwindRow>() == 8);
+
+/// Where a file's rows are in [`MAP_UNWIND_ROWS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileTable {
+    /// ELF virtual address that row `pc` values are relative to.
+    pub base: u64,
+    /// Index of the first row.
+    pub first_row: u32,
+    /// Number of rows (sorted by `pc`).
+    pub rows: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<FileTable>() == 16);
+
+/// Key data of [`MAP_MAPPINGS`]: tgid and address, both big-endian so that a prefix of the key
+/// is a pid followed by an aligned address range.
+pub type MappingKey = [u8; 12];
+
+/// Prefix length (in bits) that covers a whole process: matches any address of the tgid.
+pub const MAPPING_PID_PREFIX: u32 = 32;
+
+pub fn mapping_key(tgid: u32, addr: u64) -> MappingKey {
+    let mut key = [0u8; 12];
+    let pid = tgid.to_be_bytes();
+    let address = addr.to_be_bytes();
+    let mut i = 0;
+    while i < 4 {
+        key[i] = pid[i];
+        i += 1;
+    }
+    while i < 12 {
+        key[i] = address[i - 4];
+        i += 1;
+    }
+    key
+}
+
+/// Values of [`Mapping::kind`].
+pub mod mapping {
+    /// The process is loaded but no executable mapping covers the address.
+    pub const PROCESS: u32 = 0;
+    /// A file with an unwind table under [`super::Mapping::file_id`].
+    pub const TABLE: u32 = 1;
+    /// Code without CFI (Go, JIT, files without .eh_frame): follow the frame pointer.
+    pub const FRAME_POINTER: u32 = 2;
+}
+
+/// Value of [`MAP_MAPPINGS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Mapping {
+    /// Key of [`MAP_UNWIND_FILES`].
+    pub file_id: u64,
+    /// Load bias: ELF virtual address = address − bias.
+    pub bias: u64,
+    /// One of the [`mapping`] constants.
+    pub kind: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<Mapping>() == 24);
+
+/// Value of [`MAP_PROCS`].
+pub mod proc_state {
+    /// Mappings are in [`super::MAP_MAPPINGS`].
+    pub const LOADED: u32 = 1;
+    /// The process exec'd after it was loaded: its mappings are stale until reloaded.
+    pub const STALE: u32 = 2;
+}
+
+/// Values of [`ProcEvent::kind`].
+pub mod proc_event {
+    pub const EXEC: u32 = 1;
+    pub const EXIT: u32 = 2;
+}
+
+/// A record of [`MAP_PROC_EVENTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcEvent {
+    pub kind: u32,
+    pub tgid: u32,
+}
+
+/// Size of [`MAP_PROC_EVENTS`] (8,192 events).
+pub const PROC_EVENTS_RING_BYTES: u32 = 64 * 1024;
+
+/// Per-CPU walk state: registers of the frame being unwound.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UnwindState {
+    pub pc: u64,
+    pub sp: u64,
+    pub bp: u64,
+    pub tgid: u32,
+    /// Frames written so far (user part).
+    pub frames: u32,
+    /// Kernel frames before the user part in [`RawSample::frames`].
+    pub kernel_len: u32,
+    /// 1 when `pc` is a return address (look up `pc - 1`).
+    pub is_return: u8,
+    /// An [`UnwindStatus`].
+    pub status: u8,
+    pub _pad: [u8; 2],
+}
 
 #[cfg(feature = "user")]
 // SAFETY: repr(C), Copy, integers and integer arrays with explicit padding: every bit pattern
 // is valid.
 unsafe impl aya::Pod for RawSampleHeader {}
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integers only, no padding (size asserted).
+unsafe impl aya::Pod for UnwindRow {}
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integers only, no padding (size asserted).
+unsafe impl aya::Pod for FileTable {}
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integers only, explicit padding field (size asserted).
+unsafe impl aya::Pod for Mapping {}
+#[cfg(feature = "user")]
+// SAFETY: repr(C), two u32.
+unsafe impl aya::Pod for ProcEvent {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapping_keys_are_big_endian_pid_then_address() {
+        let key = mapping_key(0x0102_0304, 0x1122_3344_5566_7788);
+        assert_eq!(key, [1, 2, 3, 4, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88]);
+    }
+
+    #[test]
+    fn statuses_round_trip() {
+        for value in 0..UNWIND_STATUSES as u8 {
+            assert_eq!(UnwindStatus::from_u8(value).map(|s| s as u8), Some(value));
+        }
+        assert_eq!(UnwindStatus::from_u8(UNWIND_STATUSES as u8), None);
+    }
+}

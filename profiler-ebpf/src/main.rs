@@ -1,27 +1,36 @@
 //! The sampling program: one run per cpu-clock (or cycles) tick on every CPU.
 //!
-//! It records who was on the CPU (tgid, tid, comm) with the kernel stack and the user stack
-//! (frame-pointer walk by the kernel) and streams the record through the `SAMPLES` ring buffer.
-//! Every outcome is counted in `COUNTERS`, so nothing is lost silently.
+//! It records who was on the CPU (tgid, tid, comm) with the kernel stack (the kernel's own
+//! unwinder) and the user stack, and streams the record through the `SAMPLES` ring buffer.
+//! User stacks are walked here from the unwind tables the daemon compiled from each file's
+//! CFI (`UNWIND_ROWS`), one frame per `bpf_loop` step, with frame pointers for code that has
+//! no CFI (Go, JIT). Processes the daemon has not loaded yet get the kernel's frame-pointer
+//! walk. Every outcome is counted in `COUNTERS`, so nothing is lost silently.
 #![no_std]
 #![no_main]
 
-use core::ptr::{addr_of_mut, read_volatile};
+use core::{
+    ffi::c_void,
+    ptr::{addr_of_mut, read_volatile},
+};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_F_MMAPABLE, BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_get_stack,
-        bpf_ktime_get_ns,
+        bpf_ktime_get_ns, bpf_probe_read_user,
+        generated::{bpf_get_current_task_btf, bpf_loop, bpf_probe_read_kernel, bpf_task_pt_regs},
     },
-    macros::{map, perf_event},
-    maps::{HashMap, PerCpuArray, RingBuf},
-    programs::PerfEventContext,
+    macros::{map, perf_event, raw_tracepoint},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{PerfEventContext, RawTracePointContext},
 };
 use profiler_common::{
-    COUNTER_SLOTS, Counter, HEADER_BYTES, MAX_STACK_DEPTH, MAX_TARGET_PIDS, RawSample, SAMPLES_RING_BYTES,
-    SAMPLES_WAKEUP_BYTES,
+    COUNTER_SLOTS, Counter, FileTable, HEADER_BYTES, MAPPING_PID_PREFIX, MAX_FRAMES, MAX_STACK_DEPTH,
+    MAX_TARGET_PIDS, MAX_USER_DEPTH, Mapping, MappingKey, PROC_EVENTS_RING_BYTES, ProcEvent, RawSample,
+    SAMPLES_RING_BYTES, SAMPLES_WAKEUP_BYTES, UNWIND_MODE_TABLES, UNWIND_STATUS_SLOTS, UnwindRow,
+    UnwindState, UnwindStatus, cfa, mapping, mapping_key, proc_event, proc_state,
 };
 
 #[map(name = "SAMPLES")]
@@ -33,15 +42,78 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS,
 #[map(name = "SCRATCH")]
 static SCRATCH: PerCpuArray<RawSample> = PerCpuArray::with_max_entries(1, 0);
 
+#[map(name = "UNWIND_STATE")]
+static UNWIND_STATE: PerCpuArray<UnwindState> = PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "TARGET_PIDS")]
 static TARGET_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TARGET_PIDS, 0);
+
+/// The daemon sets the real size (the unwind-table budget) before loading.
+#[map(name = "UNWIND_ROWS")]
+static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+#[map(name = "UNWIND_FILES")]
+static UNWIND_FILES: HashMap<u64, FileTable> = HashMap::with_max_entries(4096, 0);
+
+#[map(name = "MAPPINGS")]
+static MAPPINGS: LpmTrie<MappingKey, Mapping> = LpmTrie::with_max_entries(1 << 20, 0);
+
+#[map(name = "PROCS")]
+static PROCS: HashMap<u32, u32> = HashMap::with_max_entries(1 << 16, 0);
+
+#[map(name = "PROC_EVENTS")]
+static PROC_EVENTS: RingBuf = RingBuf::with_byte_size(PROC_EVENTS_RING_BYTES, 0);
 
 /// Set to 1 by the loader when `--pid` was given. Read volatile so the compiler keeps the load
 /// (the loader rewrites `.rodata` before the program is verified).
 #[unsafe(no_mangle)]
 static FILTER_PIDS: u8 = 0;
 
+/// `UNWIND_MODE_TABLES` or `UNWIND_MODE_FRAME_POINTERS`, set by the loader.
+#[unsafe(no_mangle)]
+static UNWIND_MODE: u8 = UNWIND_MODE_TABLES;
+
 const STACK_BYTES: u32 = (MAX_STACK_DEPTH * 8) as u32;
+/// Highest user-space address on x86-64 (47-bit address space).
+const USER_MAX: u64 = 0x0000_7fff_ffff_ffff;
+/// A frame larger than this is taken as a broken walk.
+const MAX_FRAME_BYTES: u64 = 16 << 20;
+/// Steps of the row search: enough for 2^24 rows per file.
+const SEARCH_STEPS: u32 = 24;
+/// Offset of `uc_mcontext` in the `ucontext` a signal frame starts with (rsp after the
+/// handler returned into `__restore_rt`).
+const UCONTEXT_MCONTEXT: u64 = 40;
+/// Offsets of rbp, rsp and rip in `struct sigcontext` (x86-64).
+const MCONTEXT_RBP: u64 = 80;
+const MCONTEXT_RSP: u64 = 120;
+const MCONTEXT_RIP: u64 = 128;
+
+/// `struct pt_regs` (x86-64) as the perf context and `bpf_task_pt_regs` hold it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PtRegs {
+    r15: u64,
+    r14: u64,
+    r13: u64,
+    r12: u64,
+    bp: u64,
+    bx: u64,
+    r11: u64,
+    r10: u64,
+    r9: u64,
+    r8: u64,
+    ax: u64,
+    cx: u64,
+    dx: u64,
+    si: u64,
+    di: u64,
+    orig_ax: u64,
+    ip: u64,
+    cs: u64,
+    flags: u64,
+    sp: u64,
+    ss: u64,
+}
 
 #[perf_event]
 pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
@@ -50,11 +122,16 @@ pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
 }
 
 #[inline(always)]
-fn bump(counter: Counter) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+fn bump_slot(slot: u32) {
+    if let Some(value) = COUNTERS.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot, and perf_event programs do not nest on one CPU.
-        unsafe { *slot += 1 };
+        unsafe { *value += 1 };
     }
+}
+
+#[inline(always)]
+fn bump(counter: Counter) {
+    bump_slot(counter as u32);
 }
 
 #[inline(always)]
@@ -80,16 +157,16 @@ fn try_sample(ctx: &PerfEventContext) {
         return;
     };
     // SAFETY: `record` points at this CPU's scratch slot, which nothing else uses while this
-    // program runs (perf_event programs do not nest on a CPU). Stack writes stay in bounds:
-    // kernel frames fill frames[0..127]; user frames start at frames[kernel_len], kernel_len is
-    // clamped to 127, and 127 + 127 slots fit the 254 of `frames`.
+    // program runs (perf_event programs do not nest on a CPU). Kernel frames fill
+    // frames[0..127]; user frames start at frames[kernel_len] with kernel_len <= 127, and every
+    // user write is bounds-checked against MAX_FRAMES.
     unsafe {
         let header = &mut (*record).header;
         header.ktime_ns = bpf_ktime_get_ns();
         header.tgid = tgid;
         header.tid = tid;
         header.cpu = bpf_get_smp_processor_id();
-        header._pad = 0;
+        header._pad = [0; 3];
         header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
 
         let frames = addr_of_mut!((*record).frames).cast::<u64>();
@@ -103,22 +180,35 @@ fn try_sample(ctx: &PerfEventContext) {
             header.kernel_err = 0;
         }
         header.kernel_len = kernel_len as u16;
+        header.user_err = 0;
 
-        let user = bpf_get_stack(
-            ctx.as_ptr(),
-            frames.add(kernel_len).cast(),
-            STACK_BYTES,
-            BPF_F_USER_STACK as u64,
-        );
-        let mut user_len = 0usize;
-        if user < 0 {
-            bump(Counter::UserStackError);
-            header.user_err = user as i16;
+        let tables = read_volatile(&UNWIND_MODE) == UNWIND_MODE_TABLES;
+        let loaded = tables && PROCS.get(&tgid).is_some_and(|state| *state == proc_state::LOADED);
+        let (user_len, status) = if loaded {
+            walk_user(ctx, tgid, kernel_len)
         } else {
-            user_len = (user as usize / 8).min(MAX_STACK_DEPTH);
-            header.user_err = 0;
-        }
+            let user = bpf_get_stack(
+                ctx.as_ptr(),
+                frames.add(kernel_len).cast(),
+                STACK_BYTES,
+                BPF_F_USER_STACK as u64,
+            );
+            let status = if tables {
+                UnwindStatus::FramePointerOnly
+            } else {
+                UnwindStatus::Complete
+            };
+            if user < 0 {
+                bump(Counter::UserStackError);
+                header.user_err = user as i16;
+                (0, status)
+            } else {
+                ((user as usize / 8).min(MAX_STACK_DEPTH), status)
+            }
+        };
         header.user_len = user_len as u16;
+        header.unwind_status = status as u8;
+        bump_slot(UNWIND_STATUS_SLOTS + status as u32);
 
         let len = HEADER_BYTES + (kernel_len + user_len) * 8;
         if len > size_of::<RawSample>() {
@@ -136,6 +226,313 @@ fn try_sample(ctx: &PerfEventContext) {
         }
     }
 }
+
+/// The user registers at the sample: the interrupted ones when the tick hit user mode, else
+/// the ones saved at kernel entry.
+#[inline(always)]
+unsafe fn user_regs(ctx: &PerfEventContext, out: &mut PtRegs) -> bool {
+    let regs = ctx.as_ptr().cast::<PtRegs>();
+    // SAFETY: the perf_event context starts with the interrupted pt_regs.
+    let cs = unsafe { (*regs).cs };
+    if cs & 3 == 3 {
+        // SAFETY: as above; the verifier allows reads of the whole context struct.
+        unsafe {
+            out.ip = (*regs).ip;
+            out.sp = (*regs).sp;
+            out.bp = (*regs).bp;
+            out.orig_ax = u64::MAX;
+        }
+        return true;
+    }
+    // SAFETY: helpers with a BTF task pointer; the copy goes through probe_read_kernel.
+    unsafe {
+        let task = bpf_get_current_task_btf();
+        let saved = bpf_task_pt_regs(task) as *const c_void;
+        bpf_probe_read_kernel((out as *mut PtRegs).cast(), size_of::<PtRegs>() as u32, saved) == 0
+    }
+}
+
+/// Walks the user stack into `SCRATCH.frames[kernel_len..]` with the unwind tables.
+#[inline(always)]
+unsafe fn walk_user(ctx: &PerfEventContext, tgid: u32, kernel_len: usize) -> (usize, UnwindStatus) {
+    let Some(state) = UNWIND_STATE.get_ptr_mut(0) else {
+        return (0, UnwindStatus::ReadError);
+    };
+    let mut regs = PtRegs {
+        r15: 0,
+        r14: 0,
+        r13: 0,
+        r12: 0,
+        bp: 0,
+        bx: 0,
+        r11: 0,
+        r10: 0,
+        r9: 0,
+        r8: 0,
+        ax: 0,
+        cx: 0,
+        dx: 0,
+        si: 0,
+        di: 0,
+        orig_ax: 0,
+        ip: 0,
+        cs: 0,
+        flags: 0,
+        sp: 0,
+        ss: 0,
+    };
+    // SAFETY: `state` is this CPU's slot; see try_sample for the nesting argument.
+    unsafe {
+        if !user_regs(ctx, &mut regs) {
+            return (0, UnwindStatus::ReadError);
+        }
+        // A kernel thread has no user registers.
+        if regs.ip == 0 {
+            return (0, UnwindStatus::Complete);
+        }
+        let s = &mut *state;
+        s.pc = regs.ip;
+        s.sp = regs.sp;
+        s.bp = regs.bp;
+        s.tgid = tgid;
+        s.frames = 0;
+        s.kernel_len = kernel_len as u32;
+        // Interrupted inside a syscall: the user pc is the return point after `syscall`.
+        s.is_return = u8::from(regs.orig_ax != u64::MAX);
+        s.status = UnwindStatus::MaxDepth as u8;
+        bpf_loop(MAX_USER_DEPTH as u32, step as *mut c_void, core::ptr::null_mut(), 0);
+        let status = match s.status {
+            0 => UnwindStatus::Complete,
+            2 => UnwindStatus::NoMapping,
+            3 => UnwindStatus::NoTable,
+            4 => UnwindStatus::UnsupportedRule,
+            5 => UnwindStatus::BadFrame,
+            6 => UnwindStatus::ReadError,
+            8 => UnwindStatus::BadPc,
+            _ => UnwindStatus::MaxDepth,
+        };
+        ((s.frames as usize).min(MAX_USER_DEPTH), status)
+    }
+}
+
+#[inline(always)]
+fn read_user_u64(addr: u64) -> Option<u64> {
+    // SAFETY: the helper copies 8 bytes of user memory, failing cleanly on a bad address.
+    unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+}
+
+/// Ends the walk with `status`.
+#[inline(always)]
+fn stop(state: &mut UnwindState, status: UnwindStatus) -> i64 {
+    state.status = status as u8;
+    1
+}
+
+/// One frame of the walk (a `bpf_loop` callback): record the pc, find its rule, compute the
+/// caller's registers. Returns 1 to stop.
+#[inline(never)]
+extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(state) = UNWIND_STATE.get_ptr_mut(0) else {
+        return 1;
+    };
+    let Some(record) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: per-CPU slots owned by this program run.
+    let state = unsafe { &mut *state };
+    let pc = state.pc;
+    if pc < 0x1000 || pc > USER_MAX {
+        // A zero return address is how many runtimes end the chain.
+        let status = if pc == 0 && state.frames > 0 {
+            UnwindStatus::Complete
+        } else {
+            UnwindStatus::BadPc
+        };
+        return stop(state, status);
+    }
+    let slot = state.kernel_len as usize + state.frames as usize;
+    if slot >= MAX_FRAMES || state.frames as usize >= MAX_USER_DEPTH {
+        return stop(state, UnwindStatus::MaxDepth);
+    }
+    // SAFETY: slot < MAX_FRAMES, checked above.
+    unsafe { (*record).frames[slot] = pc };
+    state.frames += 1;
+
+    let key = Key::new(96, mapping_key(state.tgid, pc));
+    let Some(found) = MAPPINGS.get(&key) else {
+        return stop(state, UnwindStatus::NoMapping);
+    };
+    let lookup = pc - u64::from(state.is_return);
+    let row = match found.kind {
+        mapping::TABLE => {
+            let Some(table) = (unsafe { UNWIND_FILES.get(&found.file_id) }) else {
+                return stop(state, UnwindStatus::NoTable);
+            };
+            let vaddr = lookup.wrapping_sub(found.bias);
+            find_row(table, vaddr)
+        }
+        mapping::FRAME_POINTER => UnwindRow {
+            pc: 0,
+            cfa: 0,
+            cfa_rule: cfa::FRAME_POINTER,
+            rbp: 0,
+        },
+        _ => return stop(state, UnwindStatus::NoMapping),
+    };
+    apply(state, row)
+}
+
+/// The row covering `vaddr`: the last one whose start is <= vaddr, or a GAP row.
+#[inline(always)]
+fn find_row(table: &FileTable, vaddr: u64) -> UnwindRow {
+    let gap = UnwindRow::default();
+    if vaddr < table.base || vaddr - table.base > u64::from(u32::MAX) {
+        return gap;
+    }
+    let target = (vaddr - table.base) as u32;
+    let mut lo = table.first_row;
+    let mut hi = table.first_row.saturating_add(table.rows);
+    let mut i = 0;
+    while i < SEARCH_STEPS {
+        if lo >= hi {
+            break;
+        }
+        let mid = lo + (hi - lo) / 2;
+        match UNWIND_ROWS.get(mid) {
+            Some(row) if row.pc <= target => lo = mid + 1,
+            Some(_) => hi = mid,
+            None => return gap,
+        }
+        i += 1;
+    }
+    if lo == table.first_row {
+        return gap;
+    }
+    match UNWIND_ROWS.get(lo - 1) {
+        Some(row) => *row,
+        None => gap,
+    }
+}
+
+/// Applies `row` to the state: the caller's pc, sp and bp.
+#[inline(always)]
+fn apply(state: &mut UnwindState, row: UnwindRow) -> i64 {
+    let sp = state.sp;
+    let bp = state.bp;
+    let operand = u64::from(row.cfa);
+    let mut via_fp = false;
+    let cfa = match row.cfa_rule {
+        cfa::SP_OFFSET => sp.wrapping_add(operand),
+        cfa::BP_OFFSET => bp.wrapping_add(operand),
+        cfa::PLT1 | cfa::PLT2 => {
+            let threshold = if row.cfa_rule == cfa::PLT1 { 11 } else { 10 };
+            sp + 8 + if state.pc & 15 >= threshold { 8 } else { 0 }
+        }
+        cfa::DEREF_SP | cfa::DEREF_BP => {
+            let base = if row.cfa_rule == cfa::DEREF_SP { sp } else { bp };
+            match read_user_u64(base.wrapping_add(operand >> 8)) {
+                Some(value) => value.wrapping_add(operand & 0xff),
+                None => return stop(state, UnwindStatus::ReadError),
+            }
+        }
+        // No CFI for the interrupted instruction: assume a leaf that has not pushed anything.
+        cfa::GAP if state.frames == 1 && state.is_return == 0 => sp + 8,
+        cfa::GAP | cfa::FRAME_POINTER => {
+            if bp == 0 {
+                return stop(state, UnwindStatus::Complete);
+            }
+            via_fp = true;
+            bp.wrapping_add(16)
+        }
+        cfa::STOP => return stop(state, UnwindStatus::Complete),
+        cfa::SIGNAL => return signal_frame(state),
+        _ => return stop(state, UnwindStatus::UnsupportedRule),
+    };
+    if cfa <= sp || cfa - sp > MAX_FRAME_BYTES {
+        return stop(state, UnwindStatus::BadFrame);
+    }
+    let Some(ra) = read_user_u64(cfa - 8) else {
+        return stop(state, UnwindStatus::ReadError);
+    };
+    let new_bp = if via_fp {
+        match read_user_u64(bp) {
+            Some(value) => value,
+            None => return stop(state, UnwindStatus::ReadError),
+        }
+    } else if row.rbp != 0 {
+        match read_user_u64(cfa.wrapping_add((i64::from(row.rbp) * 8) as u64)) {
+            Some(value) => value,
+            None => return stop(state, UnwindStatus::ReadError),
+        }
+    } else {
+        bp
+    };
+    if ra == 0 {
+        return stop(state, UnwindStatus::Complete);
+    }
+    state.pc = ra;
+    state.sp = cfa;
+    state.bp = new_bp;
+    state.is_return = 1;
+    0
+}
+
+/// `__restore_rt`: the interrupted registers are in the `ucontext` at rsp.
+#[inline(always)]
+fn signal_frame(state: &mut UnwindState) -> i64 {
+    let mcontext = state.sp + UCONTEXT_MCONTEXT;
+    let (Some(bp), Some(sp), Some(pc)) = (
+        read_user_u64(mcontext + MCONTEXT_RBP),
+        read_user_u64(mcontext + MCONTEXT_RSP),
+        read_user_u64(mcontext + MCONTEXT_RIP),
+    ) else {
+        return stop(state, UnwindStatus::ReadError);
+    };
+    state.pc = pc;
+    state.sp = sp;
+    state.bp = bp;
+    // The interrupted instruction itself, not a return address.
+    state.is_return = 0;
+    0
+}
+
+/// `sched_process_exec`: the process's mappings are gone; mark it stale until the daemon
+/// reloads it, and tell the daemon.
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn on_exec(_ctx: RawTracePointContext) -> i32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: presence test only.
+    if unsafe { PROCS.get(&tgid) }.is_some() {
+        let _ = PROCS.insert(&tgid, &proc_state::STALE, 0);
+    }
+    send_event(proc_event::EXEC, tgid);
+    0
+}
+
+/// `sched_process_exit`: reported when the thread-group leader exits.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn on_exit(_ctx: RawTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid == pid_tgid as u32 {
+        // SAFETY: presence test only.
+        if unsafe { PROCS.get(&tgid) }.is_some() {
+            send_event(proc_event::EXIT, tgid);
+        }
+    }
+    0
+}
+
+#[inline(always)]
+fn send_event(kind: u32, tgid: u32) {
+    let event = ProcEvent { kind, tgid };
+    if PROC_EVENTS.output::<ProcEvent>(&event, 0).is_err() {
+        bump(Counter::ProcEventsLost);
+    }
+}
+
+// Keeps the pid-prefix constant referenced from the BPF side of the contract.
+const _: u32 = MAPPING_PID_PREFIX;
 
 #[cfg(not(test))]
 #[panic_handler]

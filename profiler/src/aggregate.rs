@@ -8,6 +8,7 @@ use std::{sync::Arc, time::SystemTime};
 
 use foldhash::HashMap;
 
+use profiler_common::{MAX_USER_DEPTH, UnwindStatus};
 use tokio::sync::mpsc;
 use tracing::debug;
 
@@ -38,6 +39,9 @@ pub enum Frame {
     Unknown(u64),
     /// Both stack walks failed; the sample still counts as CPU time of its process.
     NoStack,
+    /// Why the user walk stopped before the bottom of the stack, e.g.
+    /// `[unwind: no table for libfoo.so]` (always the last frame).
+    Truncated(Arc<str>),
 }
 
 /// Samples of one process with one stack.
@@ -145,6 +149,11 @@ impl Aggregator {
         let mut frames = Vec::with_capacity(sample.user.len());
         self.registry
             .resolve_user_stack(sample.tgid, addrs.clone(), &mut frames);
+        let last_file = match frames.last() {
+            Some(UserFrame::Object { object, .. }) => Some(object.base_name().to_owned()),
+            Some(UserFrame::Special { name, .. }) => Some(name.to_string()),
+            _ => None,
+        };
         for (frame, addr) in frames.into_iter().zip(addrs) {
             let frame = match frame {
                 UserFrame::Object { object, vaddr } => Frame::Object {
@@ -156,6 +165,9 @@ impl Aggregator {
                 UserFrame::Unknown => Frame::Unknown(addr),
             };
             ids.push(interval.frame(frame));
+        }
+        if let Some(reason) = truncation(sample.unwind, last_file.as_deref()) {
+            ids.push(interval.frame(Frame::Truncated(reason.into())));
         }
         if ids.is_empty() {
             ids.push(interval.frame(Frame::NoStack));
@@ -195,6 +207,21 @@ impl Aggregator {
         self.counters_at_start = counters;
         snapshot
     }
+}
+
+/// The synthetic last frame of a walk that ended early, naming why; `None` for a complete one.
+fn truncation(status: UnwindStatus, last_file: Option<&str>) -> Option<String> {
+    let file = last_file.unwrap_or("?");
+    Some(match status {
+        UnwindStatus::Complete | UnwindStatus::FramePointerOnly => return None,
+        UnwindStatus::NoMapping => "[unwind: address outside known mappings]".to_owned(),
+        UnwindStatus::NoTable => format!("[unwind: no table for {file}]"),
+        UnwindStatus::UnsupportedRule => format!("[unwind: unsupported CFI rule in {file}]"),
+        UnwindStatus::BadFrame => format!("[unwind: bad frame in {file}]"),
+        UnwindStatus::ReadError => format!("[unwind: stack read failed in {file}]"),
+        UnwindStatus::MaxDepth => format!("[truncated: max depth {MAX_USER_DEPTH}]"),
+        UnwindStatus::BadPc => "[unwind: bad instruction pointer]".to_owned(),
+    })
 }
 
 /// Addresses below this (the zero page) are never code.
@@ -239,9 +266,40 @@ mod tests {
             comm: "t".into(),
             kernel: kernel.to_vec(),
             user: user.to_vec(),
+            unwind: UnwindStatus::Complete,
             kernel_err: None,
             user_err: None,
         }
+    }
+
+    #[test]
+    fn an_early_end_adds_a_frame_naming_why() {
+        let mut agg = Aggregator::new(
+            ProcessRegistry::default(),
+            SystemTime::now(),
+            CounterSnapshot::default(),
+        );
+        let pid = u32::MAX - 9;
+        let mut truncated = sample(pid, &[], &[0x1000, 0x2001]);
+        truncated.unwind = UnwindStatus::MaxDepth;
+        agg.add(&truncated);
+        let mut unreadable = sample(pid, &[], &[0x3000]);
+        unreadable.unwind = UnwindStatus::NoTable;
+        agg.add(&unreadable);
+        let snap = agg.flush(SystemTime::now(), CounterSnapshot::default());
+        let roots: Vec<&Frame> = snap
+            .stacks
+            .iter()
+            .map(|s| &snap.frames[*s.last().expect("frames") as usize])
+            .collect();
+        assert!(roots.contains(&&Frame::Truncated("[truncated: max depth 256]".into())));
+        // The process does not exist, so the file of the last frame is unknown.
+        assert!(roots.contains(&&Frame::Truncated("[unwind: no table for ?]".into())));
+        assert_eq!(truncation(UnwindStatus::Complete, Some("x")), None);
+        assert_eq!(
+            truncation(UnwindStatus::NoTable, Some("libfoo.so")).as_deref(),
+            Some("[unwind: no table for libfoo.so]")
+        );
     }
 
     #[test]

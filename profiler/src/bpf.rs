@@ -3,14 +3,21 @@ use std::{fs, io};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
-        PerfEvent, ProgramError,
+        PerfEvent, ProgramError, RawTracePoint,
         perf_event::{HardwareEvent, PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
 };
 use profiler_common::{
-    COUNTER_SLOTS, Counter, GLOBAL_FILTER_PIDS, MAP_COUNTERS, MAP_SAMPLES, MAP_TARGET_PIDS, PROGRAM_SAMPLE,
+    COUNTER_SLOTS, Counter, GLOBAL_FILTER_PIDS, GLOBAL_UNWIND_MODE, MAP_COUNTERS, MAP_MAPPINGS, MAP_PROC_EVENTS,
+    MAP_PROCS, MAP_SAMPLES, MAP_TARGET_PIDS, MAP_UNWIND_FILES, MAP_UNWIND_ROWS, PROGRAM_EXEC, PROGRAM_EXIT,
+    PROGRAM_SAMPLE, UNWIND_MODE_FRAME_POINTERS, UNWIND_MODE_TABLES,
+};
+
+use crate::{
+    config::{SamplingConfig, Unwinder},
+    unwind::UnwindMaps,
 };
 use tracing::{debug, info, warn};
 
@@ -116,6 +123,8 @@ impl CounterSnapshot {
 pub struct BpfSession {
     ebpf: Ebpf,
     pub event: EventSource,
+    kernel: String,
+    unwind_rows: u32,
 }
 
 pub fn kernel_release() -> String {
@@ -194,10 +203,29 @@ fn verifier_excerpt(log: &str) -> String {
     lines[start..].join("\n")
 }
 
+fn load_error(program: &'static str, kernel: &str, error: ProgramError) -> BpfError {
+    match error {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => BpfError::Verifier {
+            program,
+            kernel: kernel.to_owned(),
+            io_error,
+            excerpt: verifier_excerpt(&verifier_log.to_string()),
+        },
+        other => BpfError::Program {
+            program,
+            kernel: kernel.to_owned(),
+            source: Box::new(other),
+        },
+    }
+}
+
 impl BpfSession {
-    /// Loads the programs, restricts them to `pids` (all processes when empty) and attaches
-    /// one perf event per online CPU at `frequency` Hz.
-    pub fn start(frequency: u32, pids: &[u32]) -> Result<Self, BpfError> {
+    /// Loads the programs and restricts them to `pids` (all processes when empty), without
+    /// attaching the sampler yet (the unwind stage loads processes in between).
+    pub fn load(sampling: &SamplingConfig, pids: &[u32]) -> Result<Self, BpfError> {
         check_capabilities()?;
         let missing = missing_symbolization_capabilities();
         if !missing.is_empty() {
@@ -209,8 +237,19 @@ impl BpfSession {
         raise_memlock_rlimit();
         let kernel = kernel_release();
         let filter: u8 = u8::from(!pids.is_empty());
+        let mode = match sampling.unwinder {
+            Unwinder::Dwarf => UNWIND_MODE_TABLES,
+            Unwinder::FramePointer => UNWIND_MODE_FRAME_POINTERS,
+        };
+        // Frame-pointer mode needs no table memory.
+        let rows = match sampling.unwinder {
+            Unwinder::Dwarf => sampling.unwind_rows,
+            Unwinder::FramePointer => 1,
+        };
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_FILTER_PIDS, &filter, true)
+            .override_global(GLOBAL_UNWIND_MODE, &mode, true)
+            .map_max_entries(MAP_UNWIND_ROWS, rows)
             .load(EBPF_OBJECT)
             .map_err(|source| BpfError::Load {
                 kernel: kernel.clone(),
@@ -247,23 +286,86 @@ impl BpfSession {
                 kernel: kernel.clone(),
                 source: Box::new(e),
             })?;
-        program.load().map_err(|e| match e {
-            ProgramError::LoadError {
-                io_error,
-                verifier_log,
-            } => BpfError::Verifier {
-                program: PROGRAM_SAMPLE,
-                kernel: kernel.clone(),
-                io_error,
-                excerpt: verifier_excerpt(&verifier_log.to_string()),
-            },
-            other => BpfError::Program {
-                program: PROGRAM_SAMPLE,
-                kernel: kernel.clone(),
-                source: Box::new(other),
-            },
-        })?;
+        program.load().map_err(|e| load_error(PROGRAM_SAMPLE, &kernel, e))?;
 
+        if sampling.unwinder == Unwinder::Dwarf {
+            for (name, tracepoint) in [
+                (PROGRAM_EXEC, "sched_process_exec"),
+                (PROGRAM_EXIT, "sched_process_exit"),
+            ] {
+                let program: &mut RawTracePoint = ebpf
+                    .program_mut(name)
+                    .ok_or(BpfError::Missing { kind: "program", name })?
+                    .try_into()
+                    .map_err(|e| BpfError::Program {
+                        program: name,
+                        kernel: kernel.clone(),
+                        source: Box::new(e),
+                    })?;
+                program.load().map_err(|e| load_error(name, &kernel, e))?;
+                program.attach(tracepoint).map_err(|e| BpfError::Program {
+                    program: name,
+                    kernel: kernel.clone(),
+                    source: Box::new(e),
+                })?;
+            }
+        }
+        Ok(Self {
+            ebpf,
+            event: EventSource::Cycles,
+            kernel,
+            unwind_rows: rows,
+        })
+    }
+
+    /// Takes the maps of the unwind stage out of the session (once).
+    pub fn take_unwind_maps(&mut self) -> Result<UnwindMaps, BpfError> {
+        let mut take = |name: &'static str| {
+            self.ebpf.take_map(name).ok_or(BpfError::Missing { kind: "map", name })
+        };
+        let wrap = |name: &'static str| move |e| BpfError::Map {
+            name,
+            source: Box::new(e),
+        };
+        let rows = match take(MAP_UNWIND_ROWS)? {
+            aya::maps::Map::Array(data) => data,
+            _ => {
+                return Err(BpfError::Missing {
+                    kind: "array map",
+                    name: MAP_UNWIND_ROWS,
+                });
+            }
+        };
+        let files = HashMap::try_from(take(MAP_UNWIND_FILES)?).map_err(wrap(MAP_UNWIND_FILES))?;
+        let mappings = LpmTrie::try_from(take(MAP_MAPPINGS)?).map_err(wrap(MAP_MAPPINGS))?;
+        let procs = HashMap::try_from(take(MAP_PROCS)?).map_err(wrap(MAP_PROCS))?;
+        let events = RingBuf::try_from(take(MAP_PROC_EVENTS)?).map_err(wrap(MAP_PROC_EVENTS))?;
+        Ok(UnwindMaps {
+            rows,
+            capacity: self.unwind_rows,
+            files,
+            mappings,
+            procs,
+            events,
+        })
+    }
+
+    /// Attaches one perf event per online CPU at `frequency` Hz.
+    pub fn attach(&mut self, frequency: u32) -> Result<(), BpfError> {
+        let kernel = self.kernel.clone();
+        let program: &mut PerfEvent = self
+            .ebpf
+            .program_mut(PROGRAM_SAMPLE)
+            .ok_or(BpfError::Missing {
+                kind: "program",
+                name: PROGRAM_SAMPLE,
+            })?
+            .try_into()
+            .map_err(|e| BpfError::Program {
+                program: PROGRAM_SAMPLE,
+                kernel: kernel.clone(),
+                source: Box::new(e),
+            })?;
         let cpus =
             aya::util::online_cpus().map_err(|(path, source)| BpfError::OnlineCpus { path, source })?;
         let policy = SamplePolicy::Frequency(u64::from(frequency));
@@ -306,7 +408,8 @@ impl BpfSession {
             frequency,
             "sampling started"
         );
-        Ok(Self { ebpf, event })
+        self.event = event;
+        Ok(())
     }
 
     /// Detaches and unloads the sampling program; maps stay readable.

@@ -38,6 +38,23 @@ pub struct SamplingArgs {
     /// Only sample this process (host pid); repeat for more. Default: every process.
     #[arg(long = "pid", short = 'p', value_name = "PID")]
     pub pids: Vec<u32>,
+    /// How user stacks are walked: `dwarf` (unwind tables from .eh_frame, frame pointers
+    /// where a file has none) or `frame-pointer` (the kernel's frame-pointer walk only).
+    #[arg(long, env = "PROFILER_UNWINDER", value_enum, default_value = "dwarf")]
+    pub unwinder: Unwinder,
+    /// Kernel memory for unwind tables (K, M, G suffixes), allocated at start; least recently
+    /// used tables are evicted past it. 8 bytes per row: libc needs ~0.2M.
+    #[arg(long, env = "PROFILER_UNWIND_TABLE_SIZE", default_value = "64M", value_parser = parse_bytes)]
+    pub unwind_table_size: u64,
+}
+
+/// User stack walker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Unwinder {
+    /// Unwind tables compiled from each file's CFI, walked in BPF.
+    Dwarf,
+    /// The kernel's frame-pointer walk (`bpf_get_stack`).
+    FramePointer,
 }
 
 #[derive(Debug, Args)]
@@ -95,7 +112,15 @@ pub struct SamplingConfig {
     pub frequency: NonZeroU32,
     /// Empty means every process.
     pub pids: Vec<u32>,
+    pub unwinder: Unwinder,
+    /// Rows of the unwind-table array (8 bytes each).
+    pub unwind_rows: u32,
 }
+
+/// Smallest accepted unwind-table budget: one large library.
+pub const MIN_UNWIND_TABLE_BYTES: u64 = 1 << 20;
+/// Largest: the row index is 32 bits, and a bigger preallocated array helps nobody.
+pub const MAX_UNWIND_TABLE_BYTES: u64 = 4 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -109,6 +134,8 @@ pub enum ConfigError {
     DurationTooShort { flag: &'static str, value: Duration },
     #[error("--retain-count must be at least 1")]
     RetainCount,
+    #[error("--unwind-table-size must be between 1M and 4G, got {0} bytes")]
+    UnwindTableSize(u64),
 }
 
 impl SamplingArgs {
@@ -130,7 +157,17 @@ impl SamplingArgs {
         let mut pids = self.pids.clone();
         pids.sort_unstable();
         pids.dedup();
-        Ok(SamplingConfig { frequency, pids })
+        if !(MIN_UNWIND_TABLE_BYTES..=MAX_UNWIND_TABLE_BYTES).contains(&self.unwind_table_size) {
+            return Err(ConfigError::UnwindTableSize(self.unwind_table_size));
+        }
+        let unwind_rows = (self.unwind_table_size / size_of::<profiler_common::UnwindRow>() as u64)
+            .min(u64::from(u32::MAX)) as u32;
+        Ok(SamplingConfig {
+            frequency,
+            pids,
+            unwinder: self.unwinder,
+            unwind_rows,
+        })
     }
 }
 
@@ -180,6 +217,8 @@ mod tests {
         let args = SamplingArgs {
             frequency: Some(0),
             pids: vec![],
+            unwinder: Unwinder::Dwarf,
+            unwind_table_size: 64 << 20,
         };
         assert_eq!(
             args.validate(19).unwrap_err().to_string(),
@@ -188,15 +227,30 @@ mod tests {
         let args = SamplingArgs {
             frequency: None,
             pids: vec![7, 3, 7],
+            unwinder: Unwinder::Dwarf,
+            unwind_table_size: 64 << 20,
         };
         let cfg = args.validate(19).expect("valid");
         assert_eq!(cfg.frequency.get(), 19);
         assert_eq!(cfg.pids, vec![3, 7]);
+        assert_eq!(cfg.unwind_rows, 8 << 20);
         let args = SamplingArgs {
             frequency: Some(99),
             pids: vec![0],
+            unwinder: Unwinder::Dwarf,
+            unwind_table_size: 64 << 20,
         };
         assert!(matches!(args.validate(19), Err(ConfigError::PidZero)));
+        let args = SamplingArgs {
+            frequency: None,
+            pids: vec![],
+            unwinder: Unwinder::FramePointer,
+            unwind_table_size: 1000,
+        };
+        assert_eq!(
+            args.validate(19).unwrap_err().to_string(),
+            "--unwind-table-size must be between 1M and 4G, got 1000 bytes"
+        );
     }
 
     #[test]

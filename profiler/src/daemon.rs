@@ -1,7 +1,9 @@
 //! Lifecycle: check → load BPF → spawn the stages → run the interval clock → stop cleanly.
 //!
 //! Stages and queues:
-//! sampler (tokio task) → [`sampler::QUEUE_CAPACITY`] batches, full: drop newest + count →
+//! sampler (tokio task) → [`crate::unwind::REQUEST_QUEUE`] load requests, full: drop + count →
+//! unwind stage (thread; loads tables and mappings into BPF);
+//! sampler → [`sampler::QUEUE_CAPACITY`] batches, full: drop newest + count →
 //! aggregator (blocking thread) → [`report::QUEUE_CAPACITY`] snapshots, full: block →
 //! reporter (blocking thread) → exporters.
 //! Ctrl-C or SIGTERM: detach the programs, drain the ring buffer, flush the open interval,
@@ -23,11 +25,12 @@ use tracing::{info, warn};
 use crate::{
     aggregate::{self, Aggregator},
     bpf::{BpfError, BpfSession},
-    config::SamplingConfig,
+    config::{SamplingConfig, Unwinder},
     export::Exporter,
     process::{CacheLimits, ProcessRegistry},
     report::{self, Reporter, RunSummary},
     sampler::{self, Message, PipelineStats},
+    unwind::{Requests, UnwindStats},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +43,10 @@ pub enum DaemonError {
     Sampler(std::io::Error),
     #[error("a pipeline stage failed: {0}")]
     Stage(#[from] JoinError),
+    #[error("starting the unwind stage: {0}")]
+    Unwind(#[from] crate::unwind::UnwindError),
+    #[error("starting a thread: {0}")]
+    Thread(std::io::Error),
 }
 
 pub struct Plan {
@@ -93,10 +100,31 @@ async fn shutdown_signal() {
 pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
     let pids = resolve_pids(&plan.sampling.pids)?;
     let frequency = plan.sampling.frequency.get();
-    let mut session = BpfSession::start(frequency, &pids)?;
+    let mut session = BpfSession::load(&plan.sampling, &pids)?;
     let ring = session.take_samples()?;
     let stats = Arc::new(PipelineStats::default());
     let cancel = CancellationToken::new();
+
+    // Processes already running are loaded before the first tick, so their first samples
+    // unwind; later ones are loaded on request, exec and reconciliation.
+    let unwind_stats = Arc::new(UnwindStats::default());
+    let (requests, unwinder_thread) = if plan.sampling.unwinder == Unwinder::Dwarf {
+        let maps = session.take_unwind_maps()?;
+        let mut unwinder = crate::unwind::Unwinder::new(maps, "/proc".into(), Arc::clone(&unwind_stats))?;
+        unwinder.load_initial(&pids);
+        let (request_tx, request_rx) = std::sync::mpsc::sync_channel(crate::unwind::REQUEST_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("unwind".into())
+            .spawn(move || unwinder.run(request_rx))
+            .map_err(DaemonError::Thread)?;
+        (
+            Some(Requests::new(request_tx, Arc::clone(&unwind_stats))),
+            Some(thread),
+        )
+    } else {
+        (None, None)
+    };
+    session.attach(frequency)?;
 
     let (tx, rx) = mpsc::channel(sampler::QUEUE_CAPACITY);
     let (snap_tx, snap_rx) = mpsc::channel(report::QUEUE_CAPACITY);
@@ -111,9 +139,15 @@ pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
         SystemTime::now(),
         session.counters()?,
     );
-    let sampler_task = tokio::spawn(sampler::run(ring, tx.clone(), Arc::clone(&stats), cancel.clone()));
+    let sampler_task = tokio::spawn(sampler::run(
+        ring,
+        tx.clone(),
+        Arc::clone(&stats),
+        requests,
+        cancel.clone(),
+    ));
     let aggregator_task = tokio::task::spawn_blocking(move || aggregate::run(aggregator, rx, snap_tx));
-    let reporter = Reporter::new(frequency, session.event);
+    let reporter = Reporter::new(frequency, session.event, Arc::clone(&unwind_stats));
     let report_stats = Arc::clone(&stats);
     let exporters = plan.exporters;
     let report_task =
@@ -174,6 +208,12 @@ pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
     drop(tx);
     aggregator_task.await?;
     let summary = report_task.await?;
+    // The sampler task owned the request sender; with it gone the unwind stage ends.
+    if let Some(thread) = unwinder_thread
+        && thread.join().is_err()
+    {
+        warn!("the unwind stage panicked");
+    }
     sampled.map_err(DaemonError::Sampler)?;
     let (received, dropped, malformed) = stats.load();
     info!(

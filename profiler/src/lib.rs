@@ -16,6 +16,7 @@ pub mod report;
 pub mod sampler;
 pub mod summary;
 pub mod symbolize;
+pub mod unwind;
 
 /// Types generated from `proto/profile.proto` (package `perftools.profiles`).
 pub mod pprof {

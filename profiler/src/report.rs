@@ -21,7 +21,9 @@ use crate::{
     sampler::PipelineStats,
     symbolize::{FunctionName, SymbolSource, SymbolStats, Unresolved, kernel::KernelSymbols},
 };
-use profiler_common::Counter;
+use profiler_common::{Counter, UNWIND_STATUS_SLOTS, UNWIND_STATUSES, UnwindStatus};
+
+use crate::unwind::UnwindStats;
 
 /// kallsyms changes only when modules or BPF programs load, and reading it is the most
 /// expensive thing the daemon does (the kernel formats ~200k lines: 30–40 ms of CPU). It is read
@@ -40,6 +42,7 @@ pub struct Reporter {
     period_ns: i64,
     frequency: u32,
     event: EventSource,
+    unwind: Arc<UnwindStats>,
 }
 
 /// One interval, encoded.
@@ -60,8 +63,9 @@ enum MappingKey {
 }
 
 impl Reporter {
-    pub fn new(frequency: u32, event: EventSource) -> Self {
+    pub fn new(frequency: u32, event: EventSource, unwind: Arc<UnwindStats>) -> Self {
         Self {
+            unwind,
             kernel: KernelSymbols::empty(),
             kernel_read: None,
             kernel_missed: false,
@@ -111,6 +115,27 @@ impl Reporter {
             c.get(Counter::RingFull),
             c.get(Counter::KernelStackError),
             c.get(Counter::UserStackError),
+        ));
+        let statuses: Vec<String> = (0..UNWIND_STATUSES)
+            .filter_map(|s| {
+                let n = c.0[(UNWIND_STATUS_SLOTS + s) as usize];
+                let status = UnwindStatus::from_u8(s as u8)?;
+                (n > 0).then(|| format!("{} {n}", unwind_status_name(status)))
+            })
+            .collect();
+        b.comment(&format!("user stack walks: {}", statuses.join(", ")));
+        let u = self.unwind.snapshot();
+        b.comment(&format!(
+            "unwind tables (since start): {} processes, {} files loaded, {:.1} of {:.1} MiB, {} evicted, {} built in {} ms, {} failed, {} requests dropped",
+            u.processes,
+            u.files_loaded,
+            u.bytes_used as f64 / (1024.0 * 1024.0),
+            u.bytes_capacity as f64 / (1024.0 * 1024.0),
+            u.evictions,
+            u.tables_built,
+            u.build_micros / 1000,
+            u.table_errors,
+            u.requests_dropped,
         ));
         b.comment(&format!(
             "daemon (since start): {} received, {} dropped (queue full), {} malformed",
@@ -200,7 +225,7 @@ impl Reporter {
                 Frame::Kernel(a) => (MappingKey::Kernel, *a),
                 Frame::Object { object, vaddr } => (MappingKey::Object(*object), *vaddr),
                 Frame::Special { name, offset } => (MappingKey::Special(Arc::clone(name)), *offset),
-                Frame::Unknown(_) | Frame::NoStack | Frame::Jit(_) => continue,
+                Frame::Unknown(_) | Frame::NoStack | Frame::Jit(_) | Frame::Truncated(_) => continue,
             };
             let range = ranges.entry(key.clone()).or_insert_with(|| {
                 order.push(key);
@@ -289,6 +314,17 @@ impl Reporter {
                 Err((Unresolved::NoMapping, format!("[unknown]+0x{addr:x}"))),
             ),
             Frame::NoStack => (None, 0, Err((Unresolved::NoMapping, "[no stack]".to_owned()))),
+            // Why a user walk ended early: a function of its own at the root of the stack.
+            Frame::Truncated(reason) => (
+                None,
+                0,
+                Ok(vec![FunctionName {
+                    name: reason.to_string(),
+                    system_name: reason.to_string(),
+                    file: None,
+                    line: 0,
+                }]),
+            ),
             // JIT code has no file to map; its location is its name.
             Frame::Jit(name) => (
                 None,
@@ -391,4 +427,19 @@ pub fn run(
         summary.last = Some(report);
     }
     summary
+}
+
+/// Short name of a walk outcome, for the profile comments.
+pub fn unwind_status_name(status: UnwindStatus) -> &'static str {
+    match status {
+        UnwindStatus::Complete => "complete",
+        UnwindStatus::FramePointerOnly => "frame-pointer-only (process not loaded yet)",
+        UnwindStatus::NoMapping => "no-mapping",
+        UnwindStatus::NoTable => "no-table",
+        UnwindStatus::UnsupportedRule => "unsupported-rule",
+        UnwindStatus::BadFrame => "bad-frame",
+        UnwindStatus::ReadError => "read-error",
+        UnwindStatus::MaxDepth => "max-depth",
+        UnwindStatus::BadPc => "bad-pc",
+    }
 }

@@ -14,7 +14,8 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use profiler_common::{HEADER_BYTES, MAX_STACK_DEPTH, RawSampleHeader};
+use foldhash::HashMap;
+use profiler_common::{HEADER_BYTES, MAX_STACK_DEPTH, MAX_USER_DEPTH, RawSampleHeader, UnwindStatus};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::mpsc,
@@ -22,7 +23,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::bpf::CounterSnapshot;
+use crate::{bpf::CounterSnapshot, unwind::Requests};
 
 /// One on-CPU sample, normalized.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,8 +36,10 @@ pub struct Sample {
     pub comm: String,
     /// Kernel instruction pointers, leaf first.
     pub kernel: Vec<u64>,
-    /// User instruction pointers, leaf first (kernel frame-pointer walk).
+    /// User instruction pointers, leaf first.
     pub user: Vec<u64>,
+    /// How the user walk ended.
+    pub unwind: UnwindStatus,
     /// Negative errno of a failed kernel stack walk.
     pub kernel_err: Option<i16>,
     /// Negative errno of a failed user stack walk.
@@ -49,6 +52,8 @@ pub enum DecodeError {
     Short { got: usize },
     #[error("record claims {kernel} kernel and {user} user frames but holds {room}")]
     Frames { kernel: usize, user: usize, room: usize },
+    #[error("record has unwind status {0}, which this daemon does not know")]
+    Status(u8),
 }
 
 /// Decodes one ring-buffer record: a [`RawSampleHeader`], then `kernel_len` kernel and
@@ -62,9 +67,10 @@ pub fn decode(bytes: &[u8]) -> Result<Sample, DecodeError> {
     let raw: RawSampleHeader = unsafe { header_bytes.as_ptr().cast::<RawSampleHeader>().read_unaligned() };
     let (kernel, user) = (usize::from(raw.kernel_len), usize::from(raw.user_len));
     let room = (bytes.len() - HEADER_BYTES) / 8;
-    if kernel > MAX_STACK_DEPTH || user > MAX_STACK_DEPTH || kernel + user > room {
+    if kernel > MAX_STACK_DEPTH || user > MAX_USER_DEPTH || kernel + user > room {
         return Err(DecodeError::Frames { kernel, user, room });
     }
+    let unwind = UnwindStatus::from_u8(raw.unwind_status).ok_or(DecodeError::Status(raw.unwind_status))?;
     let mut frames = bytes[HEADER_BYTES..]
         .chunks_exact(8)
         .map(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]));
@@ -77,6 +83,7 @@ pub fn decode(bytes: &[u8]) -> Result<Sample, DecodeError> {
         comm: String::from_utf8_lossy(&raw.comm[..comm_end]).into_owned(),
         kernel: frames.by_ref().take(kernel).collect(),
         user: frames.take(user).collect(),
+        unwind,
         kernel_err: (raw.kernel_err != 0).then_some(raw.kernel_err),
         user_err: (raw.user_err != 0).then_some(raw.user_err),
     })
@@ -133,8 +140,13 @@ pub async fn run(
     ring: RingBuf<MapData>,
     tx: mpsc::Sender<Message>,
     stats: Arc<PipelineStats>,
+    requests: Option<Requests>,
     cancel: CancellationToken,
 ) -> io::Result<()> {
+    let mut asker = Asker {
+        requests,
+        last: HashMap::default(),
+    };
     // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns the RingBuf, and
     // nothing else registers or closes it.
     let mut fd =
@@ -144,25 +156,60 @@ pub async fn run(
     loop {
         tokio::select! {
             () = cancel.cancelled() => {
-                drain(fd.get_mut(), &tx, &stats);
+                drain(fd.get_mut(), &tx, &stats, &mut asker);
                 debug!("sampler stopped");
                 return Ok(());
             }
-            _ = timer.tick() => drain(fd.get_mut(), &tx, &stats),
+            _ = timer.tick() => drain(fd.get_mut(), &tx, &stats, &mut asker),
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), &tx, &stats);
+                drain(guard.get_inner_mut(), &tx, &stats, &mut asker);
                 guard.clear_ready();
             }
         }
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Message>, stats: &PipelineStats) {
+/// Asks the unwind stage to load processes whose samples could not be walked with tables (not
+/// loaded yet, or an address outside the loaded mappings: dlopen, new JIT code), at most once
+/// per [`ASK_AT_MOST_EVERY`] per process.
+struct Asker {
+    requests: Option<Requests>,
+    last: HashMap<u32, std::time::Instant>,
+}
+
+const ASK_AT_MOST_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+impl Asker {
+    fn saw(&mut self, sample: &Sample) {
+        let Some(requests) = &self.requests else {
+            return;
+        };
+        if !matches!(sample.unwind, UnwindStatus::FramePointerOnly | UnwindStatus::NoMapping) {
+            return;
+        }
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .get(&sample.tgid)
+            .is_some_and(|t| now.duration_since(*t) < ASK_AT_MOST_EVERY)
+        {
+            return;
+        }
+        if self.last.len() >= 4096 {
+            self.last.retain(|_, t| now.duration_since(*t) < ASK_AT_MOST_EVERY);
+        }
+        self.last.insert(sample.tgid, now);
+        requests.load(sample.tgid);
+    }
+}
+
+fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Message>, stats: &PipelineStats, asker: &mut Asker) {
     let mut batch = Vec::new();
     while let Some(item) = ring.next() {
         match decode(&item) {
             Ok(sample) => {
+                asker.saw(&sample);
                 stats.received.fetch_add(1, Ordering::Relaxed);
                 batch.push(sample);
                 if batch.len() == MAX_BATCH {
@@ -203,7 +250,8 @@ mod tests {
             user_len,
             kernel_err: 0,
             user_err: -14,
-            _pad: 0,
+            unwind_status: 3,
+            _pad: [0; 3],
             comm,
         };
         // SAFETY: the header is repr(C) plain data; viewing it as bytes is sound.
@@ -231,6 +279,7 @@ mod tests {
         assert_eq!(sample.user, [0x40_1000, 0x40_2000, 0x40_3000]);
         assert_eq!(sample.kernel_err, None);
         assert_eq!(sample.user_err, Some(-14));
+        assert_eq!(sample.unwind, UnwindStatus::NoTable);
     }
 
     #[test]
@@ -250,5 +299,8 @@ mod tests {
             Err(DecodeError::Frames { kernel: 200, .. })
         ));
         assert_eq!(decode(&bytes[..20]), Err(DecodeError::Short { got: 20 }));
+        let mut bytes = record(&[1], &[2], 1, 1);
+        bytes[28] = 200;
+        assert_eq!(decode(&bytes), Err(DecodeError::Status(200)));
     }
 }

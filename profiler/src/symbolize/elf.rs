@@ -97,6 +97,39 @@ impl SymbolTable {
     }
 }
 
+/// Opens `path` for reading without blocking (a path swapped for a FIFO would otherwise hang
+/// the caller) and checks that it is a regular file and, with `inode`, that inode: a path seen
+/// in /proc/<pid>/maps may since have been replaced.
+pub fn open_regular(path: &Path, inode: Option<u64>) -> Result<(std::fs::File, std::fs::Metadata), ElfError> {
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+    let display = || path.display().to_string();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|source| ElfError::Open {
+            path: display(),
+            source,
+        })?;
+    let meta = file.metadata().map_err(|source| ElfError::Open {
+        path: display(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(ElfError::NotRegular { path: display() });
+    }
+    if let Some(expected) = inode
+        && meta.ino() != expected
+    {
+        return Err(ElfError::Replaced {
+            path: display(),
+            expected,
+            found: meta.ino(),
+        });
+    }
+    Ok((file, meta))
+}
+
 /// What the daemon keeps of one ELF file.
 #[derive(Debug)]
 pub struct ElfImage {
@@ -119,32 +152,8 @@ impl ElfImage {
     /// reads go through `read(2)` rather than mmap, so a file truncated underneath cannot
     /// raise SIGBUS in the daemon. The file's data is dropped once the tables are built.
     pub fn open(path: &Path, inode: Option<u64>) -> Result<Self, ElfError> {
-        use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
         let display = || path.display().to_string();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-            .open(path)
-            .map_err(|source| ElfError::Open {
-                path: display(),
-                source,
-            })?;
-        let meta = file.metadata().map_err(|source| ElfError::Open {
-            path: display(),
-            source,
-        })?;
-        if !meta.is_file() {
-            return Err(ElfError::NotRegular { path: display() });
-        }
-        if let Some(expected) = inode
-            && meta.ino() != expected
-        {
-            return Err(ElfError::Replaced {
-                path: display(),
-                expected,
-                found: meta.ino(),
-            });
-        }
+        let (file, meta) = open_regular(path, inode)?;
         let parse_error = |source| ElfError::Parse {
             path: display(),
             source,

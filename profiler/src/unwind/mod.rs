@@ -1,0 +1,774 @@
+//! The unwind stage: keeps the BPF unwinder's view of every sampled process current.
+//!
+//! For each process it reads /proc/<pid>/maps, compiles the unwind table of every executable
+//! file it maps ([`table`], once per file, shared by all processes that map it), loads the
+//! table into the BPF row store ([`store`]) and writes the process's address ranges into the
+//! `MAPPINGS` LPM trie. It follows processes three ways, because each alone misses cases:
+//! exec and exit tracepoints (the `PROC_EVENTS` ring), requests from the sampler when a sample
+//! met an unknown process or address (dlopen, JIT), and a periodic reconciliation that re-reads
+//! every loaded process.
+//!
+//! It runs on its own thread. Requests come over a bounded channel; when it is full the sampler
+//! drops the request and counts it (the next sample of that process asks again).
+pub mod store;
+pub mod table;
+
+use std::{
+    hash::{Hash as _, Hasher as _},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError},
+    },
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap as BpfHashMap, LpmTrie, MapData, MapError, RingBuf, lpm_trie::Key};
+use foldhash::{HashMap, HashSet};
+use object::{Object as _, ObjectSegment as _, ReadCache};
+use procfs::process::{MMPermissions, MMapPath, Process};
+use profiler_common::{
+    MAPPING_PID_PREFIX, Mapping, MappingKey, ProcEvent, mapping, mapping_key, proc_event, proc_state,
+};
+use tracing::{debug, info, warn};
+
+use self::{
+    store::{RowStore, StoreError},
+    table::{Table, TableError},
+};
+use crate::symbolize::elf::open_regular;
+
+/// Requests waiting for the stage; more are dropped (and counted) by the sender.
+pub const REQUEST_QUEUE: usize = 1024;
+/// How often every loaded process is re-read.
+const RECONCILE_EVERY: Duration = Duration::from_secs(10);
+/// A process is re-read on request at most this often.
+const RELOAD_AT_MOST_EVERY: Duration = Duration::from_secs(1);
+/// Files whose identity and kind are remembered (the tables themselves live in BPF).
+const MAX_KNOWN_FILES: usize = 8192;
+
+/// Counters of the stage, shared with the reporter.
+#[derive(Debug, Default)]
+pub struct UnwindStats {
+    pub processes: AtomicU64,
+    pub tables_built: AtomicU64,
+    pub table_errors: AtomicU64,
+    pub build_micros: AtomicU64,
+    pub files_loaded: AtomicU64,
+    pub rows_used: AtomicU64,
+    pub rows_capacity: AtomicU64,
+    pub evictions: AtomicU64,
+    pub requests_dropped: AtomicU64,
+}
+
+impl UnwindStats {
+    pub fn snapshot(&self) -> UnwindFigures {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        UnwindFigures {
+            processes: get(&self.processes),
+            tables_built: get(&self.tables_built),
+            table_errors: get(&self.table_errors),
+            build_micros: get(&self.build_micros),
+            files_loaded: get(&self.files_loaded),
+            bytes_used: get(&self.rows_used) * 8,
+            bytes_capacity: get(&self.rows_capacity) * 8,
+            evictions: get(&self.evictions),
+            requests_dropped: get(&self.requests_dropped),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnwindFigures {
+    pub processes: u64,
+    pub tables_built: u64,
+    pub table_errors: u64,
+    pub build_micros: u64,
+    pub files_loaded: u64,
+    pub bytes_used: u64,
+    pub bytes_capacity: u64,
+    pub evictions: u64,
+    pub requests_dropped: u64,
+}
+
+/// The sampler's side of the request channel.
+#[derive(Clone)]
+pub struct Requests {
+    tx: SyncSender<u32>,
+    stats: Arc<UnwindStats>,
+}
+
+impl Requests {
+    pub fn new(tx: SyncSender<u32>, stats: Arc<UnwindStats>) -> Self {
+        Requests { tx, stats }
+    }
+
+    /// Asks the stage to (re)load `tgid`; never blocks.
+    pub fn load(&self, tgid: u32) {
+        match self.tx.try_send(tgid) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                self.stats.requests_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The BPF maps the stage owns.
+pub struct UnwindMaps {
+    pub rows: MapData,
+    pub capacity: u32,
+    pub files: BpfHashMap<MapData, u64, profiler_common::FileTable>,
+    pub mappings: LpmTrie<MapData, MappingKey, Mapping>,
+    pub procs: BpfHashMap<MapData, u32, u32>,
+    pub events: RingBuf<MapData>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UnwindError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a mapped file is to the unwinder.
+#[derive(Debug, Clone)]
+enum FileKind {
+    /// Its table is (or was) in the store under this id.
+    Table,
+    /// Go without CFI: frame pointers.
+    FramePointer,
+    /// No usable table; samples in it end with `[unwind: no table …]`.
+    Failed,
+}
+
+#[derive(Debug, Clone)]
+struct FileInfo {
+    id: u64,
+    kind: FileKind,
+    /// PT_LOAD segments: (file offset, virtual address).
+    segments: Vec<(u64, u64, u64)>,
+    path: String,
+    used: u64,
+}
+
+/// Identity of a mapped file before it is opened: (dev, inode, size, mtime).
+type FileKey = ((i32, i32), u64, u64, i128);
+
+#[derive(Default)]
+struct LoadedProcess {
+    keys: Vec<Key<MappingKey>>,
+    files: Vec<u64>,
+    signature: u64,
+    loaded_at: Option<Instant>,
+}
+
+pub struct Unwinder {
+    store: RowStore,
+    mappings: LpmTrie<MapData, MappingKey, Mapping>,
+    procs: BpfHashMap<MapData, u32, u32>,
+    events: RingBuf<MapData>,
+    proc_root: PathBuf,
+    processes: HashMap<u32, LoadedProcess>,
+    files: HashMap<FileKey, FileInfo>,
+    vdso: Option<FileInfo>,
+    vdso_table: Option<Table>,
+    clock: u64,
+    stats: Arc<UnwindStats>,
+}
+
+impl Unwinder {
+    pub fn new(maps: UnwindMaps, proc_root: PathBuf, stats: Arc<UnwindStats>) -> Result<Self, UnwindError> {
+        let store = RowStore::new(&maps.rows, maps.capacity, maps.files)?;
+        stats
+            .rows_capacity
+            .store(u64::from(maps.capacity), Ordering::Relaxed);
+        let (vdso, vdso_table) = match own_vdso() {
+            Some((info, table)) => (Some(info), Some(table)),
+            None => (None, None),
+        };
+        Ok(Unwinder {
+            store,
+            mappings: maps.mappings,
+            procs: maps.procs,
+            events: maps.events,
+            proc_root,
+            processes: HashMap::default(),
+            files: HashMap::default(),
+            vdso,
+            vdso_table,
+            clock: 0,
+            stats,
+        })
+    }
+
+    /// Loads `pids`, or every process when empty (before sampling starts, so the first samples
+    /// already unwind).
+    pub fn load_initial(&mut self, pids: &[u32]) {
+        let started = Instant::now();
+        let all: Vec<u32>;
+        let pids = if pids.is_empty() {
+            all = procfs::process::all_processes_with_root(&self.proc_root)
+                .map(|iter| iter.filter_map(|p| p.ok()).map(|p| p.pid as u32).collect())
+                .unwrap_or_default();
+            &all
+        } else {
+            pids
+        };
+        for &pid in pids {
+            self.load(pid);
+        }
+        let figures = self.stats.snapshot();
+        info!(
+            processes = pids.len(),
+            tables = figures.files_loaded,
+            table_bytes = figures.bytes_used,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "unwind tables loaded"
+        );
+    }
+
+    /// The stage loop: until the request channel closes.
+    pub fn run(mut self, requests: Receiver<u32>) {
+        let mut last_reconcile = Instant::now();
+        loop {
+            match requests.recv_timeout(Duration::from_millis(100)) {
+                Ok(pid) => self.on_request(pid),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            self.drain_events();
+            if last_reconcile.elapsed() >= RECONCILE_EVERY {
+                self.reconcile();
+                last_reconcile = Instant::now();
+            }
+        }
+    }
+
+    fn on_request(&mut self, pid: u32) {
+        let recent = self
+            .processes
+            .get(&pid)
+            .and_then(|p| p.loaded_at)
+            .is_some_and(|t| t.elapsed() < RELOAD_AT_MOST_EVERY);
+        if !recent {
+            self.load(pid);
+        }
+    }
+
+    fn drain_events(&mut self) {
+        let mut events = Vec::new();
+        while let Some(item) = self.events.next() {
+            if item.len() >= size_of::<ProcEvent>() {
+                // SAFETY: the record holds a ProcEvent (two u32); read_unaligned copies it.
+                events.push(unsafe { item.as_ptr().cast::<ProcEvent>().read_unaligned() });
+            }
+        }
+        for event in events {
+            match event.kind {
+                proc_event::EXEC => {
+                    if self.processes.contains_key(&event.tgid) {
+                        debug!(pid = event.tgid, "exec: reloading mappings");
+                        self.load(event.tgid);
+                    }
+                }
+                proc_event::EXIT => self.unload(event.tgid),
+                _ => {}
+            }
+        }
+    }
+
+    /// Re-reads every loaded process: gone ones are dropped, changed ones reloaded.
+    fn reconcile(&mut self) {
+        let pids: Vec<(u32, u64)> = self.processes.iter().map(|(p, l)| (*p, l.signature)).collect();
+        for (pid, signature) in pids {
+            match read_exec_mappings(&self.proc_root, pid) {
+                Ok(maps) if signature_of(&maps) == signature => {}
+                Ok(_) => self.load(pid),
+                Err(_) => self.unload(pid),
+            }
+        }
+        self.forget_unused_files();
+    }
+
+    fn unload(&mut self, pid: u32) {
+        let Some(process) = self.processes.remove(&pid) else {
+            return;
+        };
+        let _ = self.procs.remove(&pid);
+        for key in &process.keys {
+            let _ = self.mappings.remove(key);
+        }
+        for id in process.files {
+            self.store.add_user(id, -1);
+        }
+        self.publish();
+    }
+
+    /// (Re)loads one process. Failures are logged and leave the process on the kernel's
+    /// frame-pointer walk.
+    fn load(&mut self, pid: u32) {
+        let maps = match read_exec_mappings(&self.proc_root, pid) {
+            Ok(maps) => maps,
+            Err(error) => {
+                debug!(pid, %error, "process unreadable (exited?)");
+                self.unload(pid);
+                return;
+            }
+        };
+        let signature = signature_of(&maps);
+        let mut keys: Vec<Key<MappingKey>> = Vec::new();
+        let mut files: Vec<u64> = Vec::new();
+        let mut entries: Vec<(Key<MappingKey>, Mapping)> = Vec::new();
+        let marker = Key::new(MAPPING_PID_PREFIX, mapping_key(pid, 0));
+        entries.push((marker, Mapping::default()));
+        for m in &maps {
+            let value = match &m.target {
+                Target::File { key, path, deleted } => {
+                    let Some(info) = self.file(pid, m, *key, path, *deleted) else {
+                        continue;
+                    };
+                    files.push(info.id);
+                    let Some(bias) = bias(&info.segments, m.start, m.offset) else {
+                        continue;
+                    };
+                    let kind = match info.kind {
+                        FileKind::FramePointer => mapping::FRAME_POINTER,
+                        FileKind::Table | FileKind::Failed => mapping::TABLE,
+                    };
+                    Mapping {
+                        file_id: info.id,
+                        bias,
+                        kind,
+                        _pad: 0,
+                    }
+                }
+                Target::Vdso => match &self.vdso {
+                    Some(vdso) => {
+                        if !self.store.contains(vdso.id)
+                            && let Some(table) = &self.vdso_table
+                            && let Err(error) = self.store.insert(vdso.id, table)
+                        {
+                            debug!(%error, "vdso table not loaded");
+                        }
+                        Mapping {
+                            file_id: vdso.id,
+                            bias: m.start - vdso.segments.first().map_or(0, |s| s.1),
+                            kind: mapping::TABLE,
+                            _pad: 0,
+                        }
+                    }
+                    None => fp_mapping(),
+                },
+                // JIT code and other anonymous executable memory.
+                Target::Anonymous => fp_mapping(),
+            };
+            for (prefix, start) in prefixes(m.start, m.end) {
+                entries.push((Key::new(MAPPING_PID_PREFIX + prefix, mapping_key(pid, start)), value));
+            }
+        }
+        for (key, value) in &entries {
+            match self.mappings.insert(key, value, 0) {
+                Ok(()) => keys.push(*key),
+                Err(error) => {
+                    warn!(pid, %error, "MAPPINGS is full; the process keeps partial unwinding");
+                    break;
+                }
+            }
+        }
+        let old = self.processes.remove(&pid).unwrap_or_default();
+        let new_keys: HashSet<(u32, MappingKey)> = keys.iter().map(|k| (k.prefix_len(), k.data())).collect();
+        for key in &old.keys {
+            if !new_keys.contains(&(key.prefix_len(), key.data())) {
+                let _ = self.mappings.remove(key);
+            }
+        }
+        for &id in &files {
+            self.store.add_user(id, 1);
+        }
+        for &id in &old.files {
+            self.store.add_user(id, -1);
+        }
+        if let Err(error) = self.procs.insert(pid, proc_state::LOADED, 0) {
+            warn!(pid, %error, "PROCS is full; the process stays on frame pointers");
+        }
+        self.processes.insert(
+            pid,
+            LoadedProcess {
+                keys,
+                files,
+                signature,
+                loaded_at: Some(Instant::now()),
+            },
+        );
+        self.publish();
+    }
+
+    /// The file behind a mapping: identified, classified and its table loaded (once).
+    fn file(&mut self, pid: u32, m: &ExecMapping, key: FileKey, path: &str, deleted: bool) -> Option<FileInfo> {
+        self.clock += 1;
+        if let Some(info) = self.files.get_mut(&key) {
+            info.used = self.clock;
+            let info = info.clone();
+            if matches!(info.kind, FileKind::Table) && !self.store.contains(info.id) {
+                // Evicted earlier; build it again now that a process needs it.
+                self.files.remove(&key);
+            } else {
+                return Some(info);
+            }
+        }
+        let proc_dir = self.proc_root.join(pid.to_string());
+        let mut candidates = Vec::with_capacity(2);
+        if !deleted {
+            candidates.push(proc_dir.join("root").join(path.trim_start_matches('/')));
+        }
+        candidates.push(proc_dir.join("map_files").join(format!("{:x}-{:x}", m.start, m.end)));
+        let mut last_error = String::new();
+        for candidate in candidates {
+            match self.build(pid, &candidate, key, path) {
+                Ok(info) => {
+                    self.files.insert(key, info.clone());
+                    return Some(info);
+                }
+                Err(error) => last_error = error,
+            }
+        }
+        self.stats.table_errors.fetch_add(1, Ordering::Relaxed);
+        debug!(pid, path, error = %last_error, "no unwind table for mapped file");
+        let info = FileInfo {
+            id: fallback_id(key),
+            kind: FileKind::Failed,
+            segments: Vec::new(),
+            path: path.to_owned(),
+            used: self.clock,
+        };
+        self.files.insert(key, info.clone());
+        Some(info)
+    }
+
+    fn build(&mut self, pid: u32, candidate: &Path, key: FileKey, path: &str) -> Result<FileInfo, String> {
+        let (file, meta) = open_regular(candidate, Some(key.1)).map_err(|e| e.to_string())?;
+        let _ = meta;
+        let cache = ReadCache::new(file);
+        let elf = object::File::parse(&cache).map_err(|e| format!("{}: {e}", candidate.display()))?;
+        let segments = load_segments(&elf);
+        let id = file_id(&elf, &cache, key);
+        let mut info = FileInfo {
+            id,
+            kind: FileKind::Table,
+            segments,
+            path: path.to_owned(),
+            used: self.clock,
+        };
+        if table::frame_pointer_only(&elf) {
+            info.kind = FileKind::FramePointer;
+            return Ok(info);
+        }
+        if self.store.contains(id) {
+            return Ok(info);
+        }
+        let started = Instant::now();
+        let debug_file = self.debug_file(pid, &elf);
+        let debug_elf = debug_file.as_ref().and_then(|c| object::File::parse(c).ok());
+        let compiled = table::compile(&elf, debug_elf.as_ref());
+        self.stats
+            .build_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        match compiled {
+            Ok((table, source)) => {
+                self.stats.tables_built.fetch_add(1, Ordering::Relaxed);
+                debug!(
+                    path,
+                    rows = table.rows.len(),
+                    invalid = table.invalid_rows,
+                    bad_fdes = table.bad_fdes,
+                    ?source,
+                    "unwind table built"
+                );
+                if let Err(error) = self.store.insert(id, &table) {
+                    warn!(path, %error, "unwind table not loaded");
+                    info.kind = FileKind::Failed;
+                }
+                Ok(info)
+            }
+            Err(TableError::NoCfi) => {
+                // No CFI at all (hand-written or -fno-asynchronous-unwind-tables code): frame
+                // pointers are the best there is.
+                info.kind = FileKind::FramePointer;
+                Ok(info)
+            }
+            Err(error) => {
+                self.stats.table_errors.fetch_add(1, Ordering::Relaxed);
+                info!(path, %error, "unwind table not built; samples in this file end there");
+                info.kind = FileKind::Failed;
+                Ok(info)
+            }
+        }
+    }
+
+    /// The separate debug file (by build id) of a file without CFI, read in the process's
+    /// mount namespace.
+    fn debug_file<'a, R: object::ReadRef<'a>>(
+        &self,
+        pid: u32,
+        elf: &object::File<'a, R>,
+    ) -> Option<ReadCache<std::fs::File>> {
+        if elf.section_by_name(".eh_frame").is_some() || elf.section_by_name(".debug_frame").is_some() {
+            return None;
+        }
+        let build_id = crate::symbolize::elf::hex(elf.build_id().ok()??);
+        if build_id.len() < 3 {
+            return None;
+        }
+        let path = self
+            .proc_root
+            .join(pid.to_string())
+            .join("root/usr/lib/debug/.build-id")
+            .join(&build_id[..2])
+            .join(format!("{}.debug", &build_id[2..]));
+        let (file, _) = open_regular(&path, None).ok()?;
+        Some(ReadCache::new(file))
+    }
+
+    fn forget_unused_files(&mut self) {
+        if self.files.len() <= MAX_KNOWN_FILES {
+            return;
+        }
+        let mut by_age: Vec<(u64, FileKey)> = self.files.iter().map(|(k, f)| (f.used, *k)).collect();
+        by_age.sort_unstable();
+        let excess = self.files.len() - MAX_KNOWN_FILES / 2;
+        for (_, key) in by_age.into_iter().take(excess) {
+            self.files.remove(&key);
+        }
+    }
+
+    fn publish(&self) {
+        let s = self.store.stats();
+        self.stats
+            .processes
+            .store(self.processes.len() as u64, Ordering::Relaxed);
+        self.stats.files_loaded.store(s.files, Ordering::Relaxed);
+        self.stats.rows_used.store(s.used_rows, Ordering::Relaxed);
+        self.stats.evictions.store(s.evictions, Ordering::Relaxed);
+    }
+}
+
+fn fp_mapping() -> Mapping {
+    Mapping {
+        file_id: 0,
+        bias: 0,
+        kind: mapping::FRAME_POINTER,
+        _pad: 0,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Target {
+    File { key: FileKey, path: String, deleted: bool },
+    Vdso,
+    Anonymous,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ExecMapping {
+    start: u64,
+    end: u64,
+    offset: u64,
+    target: Target,
+}
+
+fn read_exec_mappings(proc_root: &Path, pid: u32) -> Result<Vec<ExecMapping>, procfs::ProcError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let process = Process::new_with_root(proc_root.join(pid.to_string()))?;
+    let maps = process.maps()?;
+    let mut out = Vec::new();
+    for m in maps {
+        if !m.perms.contains(MMPermissions::EXECUTE) {
+            continue;
+        }
+        let target = match m.pathname {
+            MMapPath::Path(path) => {
+                let text = path.display().to_string();
+                let (path, deleted) = match text.strip_suffix(" (deleted)") {
+                    Some(p) => (p.to_owned(), true),
+                    None => (text, false),
+                };
+                // Size and mtime make the identity robust against inode reuse; a file that is
+                // gone keeps zeros (it is then read through map_files).
+                let meta = std::fs::metadata(proc_root.join(pid.to_string()).join("root").join(path.trim_start_matches('/')))
+                    .ok()
+                    .filter(|meta| meta.ino() == m.inode);
+                let (size, mtime) = meta.map_or((0, 0), |meta| {
+                    (meta.len(), i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()))
+                });
+                Target::File {
+                    key: ((m.dev.0, m.dev.1), m.inode, size, mtime),
+                    path,
+                    deleted,
+                }
+            }
+            MMapPath::Vdso => Target::Vdso,
+            MMapPath::Vsyscall => continue,
+            _ => Target::Anonymous,
+        };
+        out.push(ExecMapping {
+            start: m.address.0,
+            end: m.address.1,
+            offset: m.offset,
+            target,
+        });
+    }
+    Ok(out)
+}
+
+fn signature_of(maps: &[ExecMapping]) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    maps.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// (file offset, file size, virtual address) of each PT_LOAD segment.
+fn load_segments<'a, R: object::ReadRef<'a>>(elf: &object::File<'a, R>) -> Vec<(u64, u64, u64)> {
+    elf.segments()
+        .map(|s| {
+            let (offset, size) = s.file_range();
+            (offset, s.address(), size)
+        })
+        .collect()
+}
+
+/// Load bias of a mapping: address − ELF virtual address, from the segment holding the
+/// mapping's file offset.
+fn bias(segments: &[(u64, u64, u64)], start: u64, offset: u64) -> Option<u64> {
+    let (seg_offset, seg_vaddr, _) = segments
+        .iter()
+        .find(|(o, _, size)| offset >= *o && offset < o.saturating_add((*size).max(1)))
+        .or_else(|| segments.iter().find(|(o, _, _)| *o <= offset))?;
+    let vaddr = seg_vaddr.checked_add(offset - seg_offset)?;
+    Some(start.wrapping_sub(vaddr))
+}
+
+/// Splits `[start, end)` into aligned power-of-two blocks: (prefix bits of the address, block
+/// start), as the LPM trie needs.
+fn prefixes(start: u64, end: u64) -> Vec<(u32, u64)> {
+    let mut out = Vec::new();
+    let mut at = start;
+    while at < end {
+        let align = if at == 0 { 63 } else { at.trailing_zeros().min(63) };
+        let mut bits = align;
+        while bits > 0 && (end - at) < (1u64 << bits) {
+            bits -= 1;
+        }
+        out.push((64 - bits, at));
+        match at.checked_add(1u64 << bits) {
+            Some(next) => at = next,
+            None => break,
+        }
+    }
+    out
+}
+
+/// A file's id: its build id, else a hash of its first and last 4 KiB and its length.
+fn file_id<'a, R: object::ReadRef<'a>>(elf: &object::File<'a, R>, data: R, key: FileKey) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    if let Ok(Some(build_id)) = elf.build_id() {
+        "build-id".hash(&mut hasher);
+        build_id.hash(&mut hasher);
+        return hasher.finish() | 1;
+    }
+    let len = data.len().unwrap_or(0);
+    "content".hash(&mut hasher);
+    len.hash(&mut hasher);
+    if let Ok(head) = data.read_bytes_at(0, len.min(4096)) {
+        head.hash(&mut hasher);
+    }
+    if let Ok(tail) = data.read_bytes_at(len.saturating_sub(4096), len.min(4096)) {
+        tail.hash(&mut hasher);
+    }
+    if len == 0 {
+        key.hash(&mut hasher);
+    }
+    hasher.finish() | 1
+}
+
+/// Id for a file that could not be read: no table is ever stored under it.
+fn fallback_id(key: FileKey) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    "unreadable".hash(&mut hasher);
+    key.hash(&mut hasher);
+    hasher.finish() | 1
+}
+
+/// The vDSO is the same image in every process: compile the daemon's own copy once.
+fn own_vdso() -> Option<(FileInfo, Table)> {
+    // SAFETY: getauxval has no preconditions.
+    let base = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) };
+    if base == 0 {
+        return None;
+    }
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let line = maps.lines().find(|l| l.ends_with("[vdso]"))?;
+    let (range, _) = line.split_once(' ')?;
+    let (start, end) = range.split_once('-')?;
+    let (start, end) = (u64::from_str_radix(start, 16).ok()?, u64::from_str_radix(end, 16).ok()?);
+    if start != base || end <= start {
+        return None;
+    }
+    // SAFETY: [start, end) is the daemon's own vDSO mapping, readable and never unmapped.
+    let image = unsafe { std::slice::from_raw_parts(start as *const u8, (end - start) as usize) };
+    let elf = object::File::parse(image).ok()?;
+    let (table, _) = table::compile(&elf, None::<&object::File<'_, &[u8]>>).ok()?;
+    let mut hasher = std::hash::DefaultHasher::new();
+    "vdso".hash(&mut hasher);
+    image.hash(&mut hasher);
+    let info = FileInfo {
+        id: hasher.finish() | 1,
+        kind: FileKind::Table,
+        segments: load_segments(&elf),
+        path: "[vdso]".to_owned(),
+        used: 0,
+    };
+    Some((info, table))
+}
+
+/// Maps `UNWIND_*` map errors for the daemon's error type.
+pub fn map_error(error: MapError) -> Box<MapError> {
+    Box::new(error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_cover_the_range_exactly() {
+        for (start, end) in [
+            (0x5555_5555_4000u64, 0x5555_5557_b000u64),
+            (0x7f00_0000_0000, 0x7f00_0000_1000),
+            (0x1000, 0x1_0000_0000),
+            (0x7fff_f7fc_3000, 0x7fff_f7fc_5000),
+        ] {
+            let blocks = prefixes(start, end);
+            let mut at = start;
+            for (bits, block) in &blocks {
+                assert_eq!(*block, at, "blocks are contiguous");
+                let size = 1u64 << (64 - bits);
+                assert_eq!(block % size, 0, "block {block:#x} is aligned to its size");
+                at += size;
+            }
+            assert_eq!(at, end);
+            assert!(blocks.len() <= 2 * 64);
+        }
+        assert_eq!(prefixes(0x4000, 0x8000), vec![(50, 0x4000)]);
+    }
+
+    #[test]
+    fn bias_comes_from_the_segment_of_the_mapping_offset() {
+        // A PIE: text segment at file offset 0x1000, vaddr 0x1000; mapped at 0x5555_5555_5000.
+        let segments = vec![(0, 0, 0x6d8), (0x1000, 0x1000, 0x1b5), (0x2000, 0x2000, 0x100)];
+        assert_eq!(bias(&segments, 0x5555_5555_5000, 0x1000), Some(0x5555_5555_4000));
+        // A non-PIE executable: vaddr 0x401000 at offset 0x1000, mapped at its vaddr.
+        let segments = vec![(0, 0x40_0000, 0x500), (0x1000, 0x40_1000, 0x2000)];
+        assert_eq!(bias(&segments, 0x40_1000, 0x1000), Some(0));
+    }
+}

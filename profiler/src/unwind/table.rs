@@ -1,0 +1,543 @@
+//! Compiles a file's call-frame information (CFI) into the sorted rows the BPF unwinder
+//! searches.
+//!
+//! The DWARF CFA state machine runs here, once per FDE (gimli); BPF only applies the result.
+//! A row says, from its address up to the next row's, where the caller's frame (CFA) is and
+//! where rbp was saved. Sources, first that exists: `.eh_frame`, `.debug_frame` in the file,
+//! `.debug_frame` in its separate debug file. Addresses between FDEs get explicit GAP rows
+//! (framehop's rule: a leaf returns through `[rsp]`, anything else follows the frame pointer),
+//! and Go code (`.gopclntab`) gets frame-pointer rows, because Go keeps frame pointers and
+//! emits no CFI.
+use gimli::{
+    BaseAddresses, CfaRule, CieOrFde, DebugFrame, EhFrame, Encoding, Format, NativeEndian, Operation,
+    Register, RegisterRule, UnwindContext, UnwindSection, X86_64,
+};
+use object::{Object as _, ObjectSection as _, ReadRef};
+use profiler_common::{UnwindRow, cfa, invalid};
+
+type Slice<'a> = gimli::EndianSlice<'a, NativeEndian>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("not an x86-64 ELF file")]
+    Architecture,
+    #[error("no call-frame information (.eh_frame or .debug_frame)")]
+    NoCfi,
+    #[error("malformed {section}: {source}")]
+    Malformed {
+        section: &'static str,
+        source: gimli::Error,
+    },
+    #[error("{section} is unreadable: {source}")]
+    Section {
+        section: &'static str,
+        source: object::Error,
+    },
+    #[error("code spans {span:#x} bytes, more than a table can address (4 GiB)")]
+    TooLarge { span: u64 },
+}
+
+/// A row with its absolute ELF virtual address (before rebasing to the table's base).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AbsRow {
+    pub vaddr: u64,
+    pub rule: UnwindRow,
+}
+
+/// One file's compiled table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Table {
+    /// Virtual address that row `pc` values are relative to.
+    pub base: u64,
+    /// Sorted by `pc`, no two neighbours with the same rule.
+    pub rows: Vec<UnwindRow>,
+    /// Counts of rows per [`cfa`] kind, for the statistics.
+    pub invalid_rows: u64,
+    /// FDEs whose instructions could not be evaluated (skipped, their range becomes a gap).
+    pub bad_fdes: u64,
+}
+
+impl Table {
+    pub fn bytes(&self) -> u64 {
+        (self.rows.len() * size_of::<UnwindRow>()) as u64
+    }
+
+    /// The row covering `vaddr`, exactly as the BPF program finds it.
+    pub fn lookup(&self, vaddr: u64) -> UnwindRow {
+        let Some(offset) = vaddr.checked_sub(self.base).filter(|o| *o <= u64::from(u32::MAX)) else {
+            return UnwindRow::default();
+        };
+        let target = offset as u32;
+        let index = self.rows.partition_point(|row| row.pc <= target);
+        if index == 0 {
+            UnwindRow::default()
+        } else {
+            self.rows[index - 1]
+        }
+    }
+}
+
+/// What [`compile`] found to compile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CfiSource {
+    EhFrame,
+    DebugFrame,
+    /// `.debug_frame` of the separate debug file.
+    DebugFile,
+}
+
+/// Compiles the table of `file`; `debug_file` is consulted only when `file` has no CFI.
+pub fn compile<'a, 'b, R: ReadRef<'a>, D: ReadRef<'b>>(
+    file: &object::File<'a, R>,
+    debug_file: Option<&object::File<'b, D>>,
+) -> Result<(Table, CfiSource), TableError> {
+    if file.architecture() != object::Architecture::X86_64 {
+        return Err(TableError::Architecture);
+    }
+    let go_text = go_text_range(file);
+    let mut rows = Vec::new();
+    let mut stats = Stats::default();
+    let source = if let Some(section) = file.section_by_name(".eh_frame") {
+        let data = section_data(&section, ".eh_frame")?;
+        let mut bases = BaseAddresses::default().set_eh_frame(section.address());
+        if let Some(hdr) = file.section_by_name(".eh_frame_hdr") {
+            bases = bases.set_eh_frame_hdr(hdr.address());
+        }
+        if let Some(text) = file.section_by_name(".text") {
+            bases = bases.set_text(text.address());
+        }
+        if let Some(got) = file.section_by_name(".got") {
+            bases = bases.set_got(got.address());
+        }
+        let mut eh_frame = EhFrame::new(&data, NativeEndian);
+        eh_frame.set_address_size(8);
+        collect(&eh_frame, &bases, ".eh_frame", &mut rows, &mut stats)?;
+        CfiSource::EhFrame
+    } else if let Some(section) = file.section_by_name(".debug_frame") {
+        collect_debug_frame(&section, &mut rows, &mut stats)?;
+        CfiSource::DebugFrame
+    } else if let Some(section) = debug_file.and_then(|f| f.section_by_name(".debug_frame")) {
+        collect_debug_frame(&section, &mut rows, &mut stats)?;
+        CfiSource::DebugFile
+    } else if go_text.is_some() {
+        CfiSource::EhFrame
+    } else {
+        return Err(TableError::NoCfi);
+    };
+    if let Some((start, end)) = go_text {
+        add_go_rows(&mut rows, start, end);
+    }
+    if rows.is_empty() {
+        return Err(TableError::NoCfi);
+    }
+    let table = finish(rows, stats)?;
+    Ok((table, source))
+}
+
+/// Whether `file` is Go code with no CFI of its own: the BPF program can follow its frame
+/// pointers without any table.
+pub fn frame_pointer_only<'a, R: ReadRef<'a>>(file: &object::File<'a, R>) -> bool {
+    go_text_range(file).is_some()
+        && file.section_by_name(".eh_frame").is_none()
+        && file.section_by_name(".debug_frame").is_none()
+}
+
+fn section_data<'a, R: ReadRef<'a>>(
+    section: &object::Section<'a, '_, R>,
+    name: &'static str,
+) -> Result<std::borrow::Cow<'a, [u8]>, TableError> {
+    section
+        .uncompressed_data()
+        .map_err(|source| TableError::Section { section: name, source })
+}
+
+fn collect_debug_frame<'a, R: ReadRef<'a>>(
+    section: &object::Section<'a, '_, R>,
+    rows: &mut Vec<AbsRow>,
+    stats: &mut Stats,
+) -> Result<(), TableError> {
+    let data = section_data(section, ".debug_frame")?;
+    let mut debug_frame = DebugFrame::new(&data, NativeEndian);
+    debug_frame.set_address_size(8);
+    collect(&debug_frame, &BaseAddresses::default(), ".debug_frame", rows, stats)
+}
+
+/// The code range of Go functions (`runtime.text`..`runtime.etext`, else `.text` of a file
+/// with `.gopclntab`).
+fn go_text_range<'a, R: ReadRef<'a>>(file: &object::File<'a, R>) -> Option<(u64, u64)> {
+    file.section_by_name(".gopclntab")
+        .or_else(|| file.section_by_name(".data.rel.ro.gopclntab"))?;
+    let text = file.section_by_name(".text")?;
+    let (mut start, mut end) = (text.address(), text.address() + text.size());
+    for symbol in object::Object::symbols(file) {
+        match object::ObjectSymbol::name(&symbol) {
+            Ok("runtime.text") => start = object::ObjectSymbol::address(&symbol),
+            Ok("runtime.etext") => end = object::ObjectSymbol::address(&symbol),
+            _ => {}
+        }
+    }
+    (start < end).then_some((start, end))
+}
+
+#[derive(Default)]
+struct Stats {
+    invalid: u64,
+    bad_fdes: u64,
+}
+
+fn collect<'a, S>(
+    section: &S,
+    bases: &BaseAddresses,
+    name: &'static str,
+    rows: &mut Vec<AbsRow>,
+    stats: &mut Stats,
+) -> Result<(), TableError>
+where
+    S: UnwindSection<Slice<'a>>,
+{
+    let malformed = |source| TableError::Malformed { section: name, source };
+    let mut ctx = UnwindContext::new();
+    let mut entries = section.entries(bases);
+    let encoding = Encoding {
+        address_size: 8,
+        format: Format::Dwarf32,
+        version: 4,
+    };
+    loop {
+        let entry = match entries.next() {
+            Ok(Some(entry)) => entry,
+            Ok(None) => break,
+            // A broken entry ends the walk of the section (the length fields that link
+            // entries cannot be trusted after it); what was read so far is kept.
+            Err(error) if !rows.is_empty() => {
+                stats.bad_fdes += 1;
+                tracing::debug!(section = name, %error, "CFI section ends in a malformed entry");
+                break;
+            }
+            Err(error) => return Err(malformed(error)),
+        };
+        let CieOrFde::Fde(partial) = entry else {
+            continue;
+        };
+        let Ok(fde) = partial.parse(|section, bases, offset| section.cie_from_offset(bases, offset)) else {
+            stats.bad_fdes += 1;
+            continue;
+        };
+        let (start, end) = (fde.initial_address(), fde.end_address());
+        // Zero-address FDEs come from discarded sections in .debug_frame.
+        if start == 0 || end <= start {
+            continue;
+        }
+        let signal = fde.is_signal_trampoline();
+        let mut fde_rows = Vec::new();
+        let table = fde.rows(section, bases, &mut ctx);
+        let ok = table.and_then(|mut table| {
+            while let Some(row) = table.next_row()? {
+                let rule = if signal {
+                    UnwindRow {
+                        cfa_rule: cfa::SIGNAL,
+                        ..UnwindRow::default()
+                    }
+                } else {
+                    convert(row, section, encoding)
+                };
+                fde_rows.push(AbsRow {
+                    vaddr: row.start_address(),
+                    rule,
+                });
+            }
+            Ok(())
+        });
+        if ok.is_err() {
+            stats.bad_fdes += 1;
+            continue;
+        }
+        stats.invalid += fde_rows.iter().filter(|r| r.rule.cfa_rule == cfa::INVALID).count() as u64;
+        rows.extend(fde_rows);
+        // Where this FDE ends, a gap starts (the next FDE, if adjacent, replaces it).
+        rows.push(AbsRow {
+            vaddr: end,
+            rule: UnwindRow::default(),
+        });
+    }
+    Ok(())
+}
+
+fn invalid_row(reason: u16) -> UnwindRow {
+    UnwindRow {
+        pc: 0,
+        cfa: reason,
+        cfa_rule: cfa::INVALID,
+        rbp: 0,
+    }
+}
+
+/// Converts gimli's row into ours (x86-64 rules that BPF can follow).
+fn convert<'a, S: UnwindSection<Slice<'a>>>(
+    row: &gimli::UnwindTableRow<usize>,
+    section: &S,
+    encoding: Encoding,
+) -> UnwindRow {
+    match row.register(X86_64::RA) {
+        Some(RegisterRule::Undefined) => {
+            return UnwindRow {
+                cfa_rule: cfa::STOP,
+                ..UnwindRow::default()
+            };
+        }
+        Some(RegisterRule::Offset(-8)) | None => {}
+        Some(_) => return invalid_row(invalid::RA_RULE),
+    }
+    let rbp = match row.register(X86_64::RBP) {
+        Some(RegisterRule::Offset(offset)) => {
+            if offset % 8 != 0 || !(-1024..=1016).contains(&offset) {
+                return invalid_row(invalid::RBP_RULE);
+            }
+            (offset / 8) as i8
+        }
+        _ => 0,
+    };
+    let (cfa_rule, operand) = match row.cfa() {
+        CfaRule::RegisterAndOffset { register, offset } => {
+            let kind = match *register {
+                X86_64::RSP => cfa::SP_OFFSET,
+                X86_64::RBP => cfa::BP_OFFSET,
+                _ => return invalid_row(invalid::CFA_REGISTER),
+            };
+            match u16::try_from(*offset) {
+                Ok(offset) => (kind, offset),
+                Err(_) => return invalid_row(invalid::OFFSET_RANGE),
+            }
+        }
+        CfaRule::Expression(expression) => match expression
+            .get(section)
+            .ok()
+            .and_then(|e| classify_expression(e, encoding))
+        {
+            Some(rule) => rule,
+            None => return invalid_row(invalid::CFA_EXPRESSION),
+        },
+    };
+    UnwindRow {
+        pc: 0,
+        cfa: operand,
+        cfa_rule,
+        rbp,
+    }
+}
+
+/// Recognizes the CFA expressions compilers emit on x86-64: the two PLT forms and
+/// `*(reg + a) + b` (functions that realign the stack).
+fn classify_expression(expression: gimli::Expression<Slice<'_>>, encoding: Encoding) -> Option<(u8, u16)> {
+    let mut ops = Vec::with_capacity(12);
+    let mut iter = expression.operations(encoding);
+    while let Some(op) = iter.next().ok()? {
+        ops.push(op);
+        if ops.len() > 11 {
+            return None;
+        }
+    }
+    let constant = |op: &Operation<Slice<'_>>| match op {
+        Operation::UnsignedConstant { value } => Some(*value),
+        _ => None,
+    };
+    let reg_offset = |op: &Operation<Slice<'_>>| match op {
+        Operation::RegisterOffset { register, offset, .. } => Some((*register, *offset)),
+        _ => None,
+    };
+    // rsp + 8 + (((rip & 15) >= N) << 3)
+    if ops.len() == 9
+        && reg_offset(&ops[0]) == Some((X86_64::RSP, 8))
+        && reg_offset(&ops[1]) == Some((Register(16), 0))
+        && constant(&ops[2]) == Some(15)
+        && matches!(ops[3], Operation::And)
+        && matches!(ops[5], Operation::Ge)
+        && constant(&ops[6]) == Some(3)
+        && matches!(ops[7], Operation::Shl)
+        && matches!(ops[8], Operation::Plus)
+    {
+        return match constant(&ops[4]) {
+            Some(11) => Some((cfa::PLT1, 0)),
+            Some(10) => Some((cfa::PLT2, 0)),
+            _ => None,
+        };
+    }
+    // *(reg + a) [+ b]
+    if (ops.len() == 2 || ops.len() == 3) && matches!(ops[1], Operation::Deref { .. }) {
+        let (register, a) = reg_offset(&ops[0])?;
+        let b = match ops.get(2) {
+            None => 0,
+            Some(Operation::PlusConstant { value }) => *value,
+            Some(_) => return None,
+        };
+        let kind = match register {
+            X86_64::RSP => cfa::DEREF_SP,
+            X86_64::RBP => cfa::DEREF_BP,
+            _ => return None,
+        };
+        let a = u8::try_from(a).ok()?;
+        let b = u8::try_from(b).ok()?;
+        return Some((kind, u16::from(a) << 8 | u16::from(b)));
+    }
+    None
+}
+
+/// Frame-pointer rows over Go code wherever no FDE says otherwise (cgo's C parts have FDEs).
+fn add_go_rows(rows: &mut Vec<AbsRow>, start: u64, end: u64) {
+    let mut covered: Vec<(u64, u64)> = Vec::new();
+    let mut sorted = rows.clone();
+    sorted.sort_by_key(|r| r.vaddr);
+    let mut open: Option<u64> = None;
+    for row in &sorted {
+        match (open, row.rule.cfa_rule == cfa::GAP) {
+            (None, false) => open = Some(row.vaddr),
+            (Some(from), true) => {
+                covered.push((from, row.vaddr));
+                open = None;
+            }
+            _ => {}
+        }
+    }
+    let fp = UnwindRow {
+        cfa_rule: cfa::FRAME_POINTER,
+        ..UnwindRow::default()
+    };
+    let mut cursor = start;
+    for (from, to) in covered.into_iter().filter(|(f, t)| *t > start && *f < end) {
+        if from > cursor {
+            rows.push(AbsRow { vaddr: cursor, rule: fp });
+        }
+        cursor = cursor.max(to);
+    }
+    if cursor < end {
+        rows.push(AbsRow { vaddr: cursor, rule: fp });
+        rows.push(AbsRow {
+            vaddr: end,
+            rule: UnwindRow::default(),
+        });
+    }
+}
+
+/// Sorts, resolves overlaps (a rule beats a gap at the same address), removes rows that repeat
+/// the previous rule, and rebases to the lowest address.
+fn finish(mut rows: Vec<AbsRow>, stats: Stats) -> Result<Table, TableError> {
+    // Stable: at one address, FDE rows (pushed before the gap that ends the previous FDE, or
+    // after it) are ordered so that a non-gap wins.
+    rows.sort_by_key(|r| (r.vaddr, r.rule.cfa_rule != cfa::GAP));
+    let mut merged: Vec<AbsRow> = Vec::with_capacity(rows.len());
+    for row in rows {
+        if let Some(last) = merged.last_mut()
+            && last.vaddr == row.vaddr
+        {
+            *last = row;
+            continue;
+        }
+        merged.push(row);
+    }
+    let mut deduped: Vec<AbsRow> = Vec::with_capacity(merged.len());
+    for row in merged {
+        if deduped.last().is_some_and(|last| last.rule == row.rule) {
+            continue;
+        }
+        deduped.push(row);
+    }
+    while deduped.first().is_some_and(|r| r.rule.cfa_rule == cfa::GAP) {
+        deduped.remove(0);
+    }
+    let Some(first) = deduped.first() else {
+        return Ok(Table::default());
+    };
+    let base = first.vaddr;
+    let last = deduped.last().map_or(base, |r| r.vaddr);
+    let span = last - base;
+    if span > u64::from(u32::MAX) {
+        return Err(TableError::TooLarge { span });
+    }
+    let rows = deduped
+        .into_iter()
+        .map(|r| UnwindRow {
+            pc: (r.vaddr - base) as u32,
+            ..r.rule
+        })
+        .collect();
+    Ok(Table {
+        base,
+        rows,
+        invalid_rows: stats.invalid,
+        bad_fdes: stats.bad_fdes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(kind: u8, operand: u16, rbp: i8) -> UnwindRow {
+        UnwindRow {
+            pc: 0,
+            cfa: operand,
+            cfa_rule: kind,
+            rbp,
+        }
+    }
+
+    #[test]
+    fn finish_merges_gaps_and_duplicates() {
+        let sp8 = row(cfa::SP_OFFSET, 8, 0);
+        let sp16 = row(cfa::SP_OFFSET, 16, 0);
+        let rows = vec![
+            AbsRow { vaddr: 0x1000, rule: sp8 },
+            AbsRow { vaddr: 0x1001, rule: sp16 },
+            AbsRow { vaddr: 0x1010, rule: UnwindRow::default() },
+            // The next FDE starts where the previous ends: its rule replaces the gap.
+            AbsRow { vaddr: 0x1010, rule: sp8 },
+            AbsRow { vaddr: 0x1020, rule: UnwindRow::default() },
+            AbsRow { vaddr: 0x1030, rule: sp8 },
+            AbsRow { vaddr: 0x1030, rule: sp8 },
+            AbsRow { vaddr: 0x1040, rule: UnwindRow::default() },
+        ];
+        let table = finish(rows, Stats::default()).unwrap();
+        assert_eq!(table.base, 0x1000);
+        let pcs: Vec<(u32, u8)> = table.rows.iter().map(|r| (r.pc, r.cfa_rule)).collect();
+        assert_eq!(
+            pcs,
+            vec![
+                (0, cfa::SP_OFFSET),
+                (1, cfa::SP_OFFSET),
+                (0x10, cfa::SP_OFFSET),
+                (0x20, cfa::GAP),
+                (0x30, cfa::SP_OFFSET),
+                (0x40, cfa::GAP)
+            ]
+        );
+        assert_eq!(table.lookup(0x0fff).cfa_rule, cfa::GAP);
+        assert_eq!(table.lookup(0x1005), sp16.with_pc(1));
+        assert_eq!(table.lookup(0x1025).cfa_rule, cfa::GAP);
+        assert_eq!(table.lookup(0x1000_0000).cfa_rule, cfa::GAP);
+    }
+
+    trait WithPc {
+        fn with_pc(self, pc: u32) -> Self;
+    }
+    impl WithPc for UnwindRow {
+        fn with_pc(mut self, pc: u32) -> Self {
+            self.pc = pc;
+            self
+        }
+    }
+
+    #[test]
+    fn go_rows_fill_only_uncovered_code() {
+        let c = row(cfa::SP_OFFSET, 8, 0);
+        let mut rows = vec![
+            AbsRow { vaddr: 0x2000, rule: c },
+            AbsRow { vaddr: 0x2100, rule: UnwindRow::default() },
+        ];
+        add_go_rows(&mut rows, 0x1000, 0x3000);
+        let table = finish(rows, Stats::default()).unwrap();
+        assert_eq!(table.lookup(0x1500).cfa_rule, cfa::FRAME_POINTER);
+        assert_eq!(table.lookup(0x2050).cfa_rule, cfa::SP_OFFSET);
+        assert_eq!(table.lookup(0x2200).cfa_rule, cfa::FRAME_POINTER);
+        assert_eq!(table.lookup(0x3000).cfa_rule, cfa::GAP);
+    }
+}
