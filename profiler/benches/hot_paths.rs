@@ -97,7 +97,7 @@ fn report(c: &mut Criterion) {
         agg.add(&decode(r).expect("decodes"));
     }
     let snapshot = agg.flush(SystemTime::now(), CounterSnapshot::default());
-    let mut reporter = Reporter::new(99, EventSource::CpuClock);
+    let mut reporter = Reporter::new(99, EventSource::CpuClock, Default::default());
     // First build reads kallsyms; measure the steady state after it.
     let _ = reporter.build(&snapshot, (0, 0, 0));
     c.bench_function("symbolize+encode+gzip one interval", |b| {

@@ -148,7 +148,6 @@ struct FileInfo {
     kind: FileKind,
     /// PT_LOAD segments: (file offset, virtual address).
     segments: Vec<(u64, u64, u64)>,
-    path: String,
     used: u64,
 }
 
@@ -439,7 +438,6 @@ impl Unwinder {
             id: fallback_id(key),
             kind: FileKind::Failed,
             segments: Vec::new(),
-            path: path.to_owned(),
             used: self.clock,
         };
         self.files.insert(key, info.clone());
@@ -457,7 +455,6 @@ impl Unwinder {
             id,
             kind: FileKind::Table,
             segments,
-            path: path.to_owned(),
             used: self.clock,
         };
         if table::frame_pointer_only(&elf) {
@@ -725,7 +722,6 @@ fn own_vdso() -> Option<(FileInfo, Table)> {
         id: hasher.finish() | 1,
         kind: FileKind::Table,
         segments: load_segments(&elf),
-        path: "[vdso]".to_owned(),
         used: 0,
     };
     Some((info, table))
