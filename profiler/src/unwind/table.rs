@@ -136,10 +136,10 @@ pub fn compile<'a, 'b, R: ReadRef<'a>, D: ReadRef<'b>>(
 
 /// Whether `file` is Go code with no CFI of its own: the BPF program can follow its frame
 /// pointers without any table.
+/// (Go's `.debug_frame` is not used: it does not describe where rbp is saved, and Go's frame
+/// pointers are exact.)
 pub fn frame_pointer_only<'a, R: ReadRef<'a>>(file: &object::File<'a, R>) -> bool {
-    go_text_range(file).is_some()
-        && file.section_by_name(".eh_frame").is_none()
-        && file.section_by_name(".debug_frame").is_none()
+    go_text_range(file).is_some() && file.section_by_name(".eh_frame").is_none()
 }
 
 fn section_data<'a, R: ReadRef<'a>>(
