@@ -300,7 +300,12 @@ unsafe fn walk_user(ctx: &PerfEventContext, tgid: u32, kernel_len: usize) -> (us
         // Interrupted inside a syscall: the user pc is the return point after `syscall`.
         s.is_return = u8::from(regs.orig_ax != u64::MAX);
         s.status = UnwindStatus::MaxDepth as u8;
-        bpf_loop(MAX_USER_DEPTH as u32, step as *mut c_void, core::ptr::null_mut(), 0);
+        bpf_loop(
+            MAX_USER_DEPTH as u32,
+            step as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        );
         let status = match s.status {
             0 => UnwindStatus::Complete,
             2 => UnwindStatus::NoMapping,
@@ -448,7 +453,15 @@ fn apply(state: &mut UnwindState, row: UnwindRow) -> i64 {
         cfa::SIGNAL => return signal_frame(state),
         _ => return stop(state, UnwindStatus::UnsupportedRule),
     };
-    if cfa <= sp || cfa - sp > MAX_FRAME_BYTES {
+    // Table rules must move up the stack. Frame-pointer chains may jump to another stack (Go's
+    // mcall and systemstack switch between a goroutine's stack and g0's), so they only need
+    // an aligned frame pointer; a cycle ends at the depth limit.
+    let bad = if via_fp {
+        bp & 7 != 0
+    } else {
+        cfa <= sp || cfa - sp > MAX_FRAME_BYTES
+    };
+    if bad {
         return stop(state, UnwindStatus::BadFrame);
     }
     let Some(ra) = read_user_u64(cfa - 8) else {

@@ -10,9 +10,9 @@ use aya::{
     },
 };
 use profiler_common::{
-    COUNTER_SLOTS, Counter, GLOBAL_FILTER_PIDS, GLOBAL_UNWIND_MODE, MAP_COUNTERS, MAP_MAPPINGS, MAP_PROC_EVENTS,
-    MAP_PROCS, MAP_SAMPLES, MAP_TARGET_PIDS, MAP_UNWIND_FILES, MAP_UNWIND_ROWS, PROGRAM_EXEC, PROGRAM_EXIT,
-    PROGRAM_SAMPLE, UNWIND_MODE_FRAME_POINTERS, UNWIND_MODE_TABLES,
+    COUNTER_SLOTS, Counter, GLOBAL_FILTER_PIDS, GLOBAL_UNWIND_MODE, MAP_COUNTERS, MAP_MAPPINGS,
+    MAP_PROC_EVENTS, MAP_PROCS, MAP_SAMPLES, MAP_TARGET_PIDS, MAP_UNWIND_FILES, MAP_UNWIND_ROWS,
+    PROGRAM_EXEC, PROGRAM_EXIT, PROGRAM_SAMPLE, UNWIND_MODE_FRAME_POINTERS, UNWIND_MODE_TABLES,
 };
 
 use crate::{
@@ -286,7 +286,9 @@ impl BpfSession {
                 kernel: kernel.clone(),
                 source: Box::new(e),
             })?;
-        program.load().map_err(|e| load_error(PROGRAM_SAMPLE, &kernel, e))?;
+        program
+            .load()
+            .map_err(|e| load_error(PROGRAM_SAMPLE, &kernel, e))?;
 
         if sampling.unwinder == Unwinder::Dwarf {
             for (name, tracepoint) in [
@@ -295,7 +297,10 @@ impl BpfSession {
             ] {
                 let program: &mut RawTracePoint = ebpf
                     .program_mut(name)
-                    .ok_or(BpfError::Missing { kind: "program", name })?
+                    .ok_or(BpfError::Missing {
+                        kind: "program",
+                        name,
+                    })?
                     .try_into()
                     .map_err(|e| BpfError::Program {
                         program: name,
@@ -321,11 +326,15 @@ impl BpfSession {
     /// Takes the maps of the unwind stage out of the session (once).
     pub fn take_unwind_maps(&mut self) -> Result<UnwindMaps, BpfError> {
         let mut take = |name: &'static str| {
-            self.ebpf.take_map(name).ok_or(BpfError::Missing { kind: "map", name })
+            self.ebpf
+                .take_map(name)
+                .ok_or(BpfError::Missing { kind: "map", name })
         };
-        let wrap = |name: &'static str| move |e| BpfError::Map {
-            name,
-            source: Box::new(e),
+        let wrap = |name: &'static str| {
+            move |e| BpfError::Map {
+                name,
+                source: Box::new(e),
+            }
         };
         let rows = match take(MAP_UNWIND_ROWS)? {
             aya::maps::Map::Array(data) => data,

@@ -91,6 +91,10 @@ pub fn decode(bytes: &[u8]) -> Result<Sample, DecodeError> {
 
 /// What flows from the sampler (and the interval clock) to the aggregator.
 #[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "a flush (with the 256-byte counter snapshot) is sent once per interval"
+)]
 pub enum Message {
     /// The samples of one drain of the ring buffer (at most [`MAX_BATCH`]).
     Samples(Vec<Sample>),
@@ -185,7 +189,10 @@ impl Asker {
         let Some(requests) = &self.requests else {
             return;
         };
-        if !matches!(sample.unwind, UnwindStatus::FramePointerOnly | UnwindStatus::NoMapping) {
+        if !matches!(
+            sample.unwind,
+            UnwindStatus::FramePointerOnly | UnwindStatus::NoMapping
+        ) {
             return;
         }
         let now = std::time::Instant::now();
@@ -197,7 +204,8 @@ impl Asker {
             return;
         }
         if self.last.len() >= 4096 {
-            self.last.retain(|_, t| now.duration_since(*t) < ASK_AT_MOST_EVERY);
+            self.last
+                .retain(|_, t| now.duration_since(*t) < ASK_AT_MOST_EVERY);
         }
         self.last.insert(sample.tgid, now);
         requests.load(sample.tgid);

@@ -116,6 +116,95 @@ pub fn stripped_go_fixture() -> &'static Path {
     BIN.get_or_init(|| go_build("gohot-stripped", &["-ldflags=-s -w"]))
 }
 
+/// Flags of the no-frame-pointer fixtures: optimized the way distributions build, without
+/// frame pointers, with CFI (.eh_frame) as GCC emits it by default on x86-64.
+const NOFP_FLAGS: [&str; 4] = ["-O2", "-fomit-frame-pointer", "-g", "-Wl,--build-id"];
+
+/// The no-frame-pointer C fixture and its shared library `libdeep.so` (found via RUNPATH
+/// `$ORIGIN`): main → qsort (libc) → compare → deep_a/b/c → deep_leaf (libdeep.so).
+pub fn nofp_c_fixture() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = build_dir();
+        let src = fixtures_dir().join("nofp");
+        run_ok(
+            Command::new("gcc")
+                .args(NOFP_FLAGS)
+                .args(["-shared", "-fPIC", "-o"])
+                .arg(dir.join("libdeep.so"))
+                .arg(src.join("libdeep.c")),
+        );
+        let out = dir.join("deep-nofp");
+        run_ok(
+            Command::new("gcc")
+                .args(NOFP_FLAGS)
+                .arg("-o")
+                .arg(&out)
+                .arg(src.join("deep.c"))
+                .arg("-L")
+                .arg(&dir)
+                .args(["-ldeep", "-Wl,-rpath,$ORIGIN"]),
+        );
+        out
+    })
+}
+
+/// The no-frame-pointer C++ fixture: its work runs inside `std::call_once` (libc's
+/// pthread_once and libstdc++'s __once_proxy) and a `std::function`.
+pub fn nofp_cpp_fixture() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = build_dir().join("once-nofp");
+        run_ok(
+            Command::new("g++")
+                .args(NOFP_FLAGS)
+                .arg("-o")
+                .arg(&out)
+                .arg(fixtures_dir().join("nofp/once.cpp")),
+        );
+        out
+    })
+}
+
+/// The signal-handler fixture: half its CPU is spent in a SIGPROF handler.
+pub fn signal_fixture() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = build_dir().join("signal-nofp");
+        run_ok(
+            Command::new("gcc")
+                .args(NOFP_FLAGS)
+                .arg("-o")
+                .arg(&out)
+                .arg(fixtures_dir().join("nofp/signal.c")),
+        );
+        out
+    })
+}
+
+/// The Rust fixture, release-optimized without frame pointers (crate name `nofp_rust`).
+pub fn nofp_rust_fixture() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = build_dir().join("nofp_rust");
+        let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+        run_ok(
+            Command::new(rustc)
+                .args([
+                    "--edition=2021",
+                    "--crate-name=nofp_rust",
+                    "-Copt-level=3",
+                    "-Cdebuginfo=1",
+                    "-Cforce-frame-pointers=no",
+                    "-o",
+                ])
+                .arg(&out)
+                .arg(fixtures_dir().join("nofp/deep.rs")),
+        );
+        out
+    })
+}
+
 /// Compiles a C or C++ fixture with debug info, frame pointers and a GNU build id.
 fn cc_build(compiler: &str, optimization: &str, name: &str, source: &str) -> PathBuf {
     let out = build_dir().join(name);

@@ -154,6 +154,22 @@ impl GoPclntab {
         self.nfunc
     }
 
+    /// Every function as (entry, end, name), in address order. Unreadable entries are skipped.
+    pub fn functions(&self) -> impl Iterator<Item = (u64, u64, &str)> + '_ {
+        (0..self.nfunc).filter_map(move |i| {
+            let (entry, funcoff) = self.functab_entry(i)?;
+            let (end, _) = self.functab_entry(i + 1)?;
+            let func = self.functab.checked_add(funcoff)?;
+            let fields = match self.version {
+                Version::Go116 => func.checked_add(self.ptr_size)?,
+                Version::Go118 | Version::Go120 => func.checked_add(4)?,
+            };
+            let name_off = u32_at(&self.data, fields)? as usize;
+            let name = cstr_at(&self.data, self.funcname.checked_add(name_off)?)?;
+            Some((entry, end, name))
+        })
+    }
+
     /// Bytes held (the table is kept whole).
     pub fn bytes(&self) -> u64 {
         self.data.len() as u64

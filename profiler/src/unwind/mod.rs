@@ -265,11 +265,9 @@ impl Unwinder {
         }
         for event in events {
             match event.kind {
-                proc_event::EXEC => {
-                    if self.processes.contains_key(&event.tgid) {
-                        debug!(pid = event.tgid, "exec: reloading mappings");
-                        self.load(event.tgid);
-                    }
+                proc_event::EXEC if self.processes.contains_key(&event.tgid) => {
+                    debug!(pid = event.tgid, "exec: reloading mappings");
+                    self.load(event.tgid);
                 }
                 proc_event::EXIT => self.unload(event.tgid),
                 _ => {}
@@ -363,7 +361,10 @@ impl Unwinder {
                 Target::Anonymous => fp_mapping(),
             };
             for (prefix, start) in prefixes(m.start, m.end) {
-                entries.push((Key::new(MAPPING_PID_PREFIX + prefix, mapping_key(pid, start)), value));
+                entries.push((
+                    Key::new(MAPPING_PID_PREFIX + prefix, mapping_key(pid, start)),
+                    value,
+                ));
             }
         }
         for (key, value) in &entries {
@@ -404,7 +405,14 @@ impl Unwinder {
     }
 
     /// The file behind a mapping: identified, classified and its table loaded (once).
-    fn file(&mut self, pid: u32, m: &ExecMapping, key: FileKey, path: &str, deleted: bool) -> Option<FileInfo> {
+    fn file(
+        &mut self,
+        pid: u32,
+        m: &ExecMapping,
+        key: FileKey,
+        path: &str,
+        deleted: bool,
+    ) -> Option<FileInfo> {
         self.clock += 1;
         if let Some(info) = self.files.get_mut(&key) {
             info.used = self.clock;
@@ -421,7 +429,11 @@ impl Unwinder {
         if !deleted {
             candidates.push(proc_dir.join("root").join(path.trim_start_matches('/')));
         }
-        candidates.push(proc_dir.join("map_files").join(format!("{:x}-{:x}", m.start, m.end)));
+        candidates.push(
+            proc_dir
+                .join("map_files")
+                .join(format!("{:x}-{:x}", m.start, m.end)),
+        );
         let mut last_error = String::new();
         for candidate in candidates {
             match self.build(pid, &candidate, key, path) {
@@ -457,10 +469,6 @@ impl Unwinder {
             segments,
             used: self.clock,
         };
-        if table::frame_pointer_only(&elf) {
-            info.kind = FileKind::FramePointer;
-            return Ok(info);
-        }
         if self.store.contains(id) {
             return Ok(info);
         }
@@ -561,7 +569,11 @@ fn fp_mapping() -> Mapping {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Target {
-    File { key: FileKey, path: String, deleted: bool },
+    File {
+        key: FileKey,
+        path: String,
+        deleted: bool,
+    },
     Vdso,
     Anonymous,
 }
@@ -592,11 +604,19 @@ fn read_exec_mappings(proc_root: &Path, pid: u32) -> Result<Vec<ExecMapping>, pr
                 };
                 // Size and mtime make the identity robust against inode reuse; a file that is
                 // gone keeps zeros (it is then read through map_files).
-                let meta = std::fs::metadata(proc_root.join(pid.to_string()).join("root").join(path.trim_start_matches('/')))
-                    .ok()
-                    .filter(|meta| meta.ino() == m.inode);
+                let meta = std::fs::metadata(
+                    proc_root
+                        .join(pid.to_string())
+                        .join("root")
+                        .join(path.trim_start_matches('/')),
+                )
+                .ok()
+                .filter(|meta| meta.ino() == m.inode);
                 let (size, mtime) = meta.map_or((0, 0), |meta| {
-                    (meta.len(), i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()))
+                    (
+                        meta.len(),
+                        i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+                    )
                 });
                 Target::File {
                     key: ((m.dev.0, m.dev.1), m.inode, size, mtime),
@@ -624,9 +644,11 @@ fn signature_of(maps: &[ExecMapping]) -> u64 {
     hasher.finish()
 }
 
-/// (file offset, file size, virtual address) of each PT_LOAD segment.
+/// (file offset, virtual address, file size) of each executable PT_LOAD segment.
 fn load_segments<'a, R: object::ReadRef<'a>>(elf: &object::File<'a, R>) -> Vec<(u64, u64, u64)> {
+    const PF_X: u32 = 1;
     elf.segments()
+        .filter(|s| matches!(s.flags(), object::SegmentFlags::Elf { p_flags } if p_flags & PF_X != 0))
         .map(|s| {
             let (offset, size) = s.file_range();
             (offset, s.address(), size)
@@ -634,14 +656,16 @@ fn load_segments<'a, R: object::ReadRef<'a>>(elf: &object::File<'a, R>) -> Vec<(
         .collect()
 }
 
-/// Load bias of a mapping: address − ELF virtual address, from the segment holding the
-/// mapping's file offset.
+/// Load bias of an executable mapping: address − ELF virtual address. The mapping starts at
+/// the page holding its segment's first byte, so its offset is the segment's offset rounded
+/// down to a page (0x17000 for a segment at 0x17010).
 fn bias(segments: &[(u64, u64, u64)], start: u64, offset: u64) -> Option<u64> {
+    const PAGE: u64 = 4096;
     let (seg_offset, seg_vaddr, _) = segments
         .iter()
-        .find(|(o, _, size)| offset >= *o && offset < o.saturating_add((*size).max(1)))
-        .or_else(|| segments.iter().find(|(o, _, _)| *o <= offset))?;
-    let vaddr = seg_vaddr.checked_add(offset - seg_offset)?;
+        .find(|(o, _, size)| offset >= o & !(PAGE - 1) && offset < o.saturating_add((*size).max(1)))?;
+    // vaddr of the mapping's first byte: the segment's vaddr minus what precedes it in the page.
+    let vaddr = seg_vaddr.checked_sub(seg_offset.checked_sub(offset)?)?;
     Some(start.wrapping_sub(vaddr))
 }
 
@@ -707,7 +731,10 @@ fn own_vdso() -> Option<(FileInfo, Table)> {
     let line = maps.lines().find(|l| l.ends_with("[vdso]"))?;
     let (range, _) = line.split_once(' ')?;
     let (start, end) = range.split_once('-')?;
-    let (start, end) = (u64::from_str_radix(start, 16).ok()?, u64::from_str_radix(end, 16).ok()?);
+    let (start, end) = (
+        u64::from_str_radix(start, 16).ok()?,
+        u64::from_str_radix(end, 16).ok()?,
+    );
     if start != base || end <= start {
         return None;
     }
@@ -761,10 +788,18 @@ mod tests {
     #[test]
     fn bias_comes_from_the_segment_of_the_mapping_offset() {
         // A PIE: text segment at file offset 0x1000, vaddr 0x1000; mapped at 0x5555_5555_5000.
-        let segments = vec![(0, 0, 0x6d8), (0x1000, 0x1000, 0x1b5), (0x2000, 0x2000, 0x100)];
+        let segments = vec![(0x1000, 0x1000, 0x1b5)];
         assert_eq!(bias(&segments, 0x5555_5555_5000, 0x1000), Some(0x5555_5555_4000));
         // A non-PIE executable: vaddr 0x401000 at offset 0x1000, mapped at its vaddr.
-        let segments = vec![(0, 0x40_0000, 0x500), (0x1000, 0x40_1000, 0x2000)];
+        let segments = vec![(0x1000, 0x40_1000, 0x2000)];
         assert_eq!(bias(&segments, 0x40_1000, 0x1000), Some(0));
+        // rustc's layout: the text segment starts mid-page (offset 0x17010, vaddr 0x18010) and
+        // is mapped from offset 0x17000.
+        let segments = vec![(0x17010, 0x18010, 0x3fea0)];
+        assert_eq!(
+            bias(&segments, 0x55f5_4109_c000, 0x17000),
+            Some(0x55f5_4109_c000 - 0x18000)
+        );
+        assert_eq!(bias(&segments, 0x1000, 0x5_0000_0000), None);
     }
 }

@@ -156,7 +156,11 @@ impl RowStore {
         // SAFETY: [first, first + n) was just allocated inside the mapping's `len` rows, and
         // nothing else writes this memory.
         unsafe {
-            std::ptr::copy_nonoverlapping(table.rows.as_ptr(), self.rows.ptr.as_ptr().add(first as usize), n as usize);
+            std::ptr::copy_nonoverlapping(
+                table.rows.as_ptr(),
+                self.rows.ptr.as_ptr().add(first as usize),
+                n as usize,
+            );
         }
         let entry = FileTable {
             base: table.base,

@@ -84,6 +84,8 @@ pub enum CfiSource {
     DebugFrame,
     /// `.debug_frame` of the separate debug file.
     DebugFile,
+    /// Go code without CFI: frame-pointer rows, and stops at the functions that start stacks.
+    GoFramePointers,
 }
 
 /// Compiles the table of `file`; `debug_file` is consulted only when `file` has no CFI.
@@ -113,19 +115,22 @@ pub fn compile<'a, 'b, R: ReadRef<'a>, D: ReadRef<'b>>(
         eh_frame.set_address_size(8);
         collect(&eh_frame, &bases, ".eh_frame", &mut rows, &mut stats)?;
         CfiSource::EhFrame
+    } else if go_text.is_some() {
+        // Go's .debug_frame does not say where rbp is saved, and Go keeps exact frame
+        // pointers: those are used instead.
+        CfiSource::GoFramePointers
     } else if let Some(section) = file.section_by_name(".debug_frame") {
         collect_debug_frame(&section, &mut rows, &mut stats)?;
         CfiSource::DebugFrame
     } else if let Some(section) = debug_file.and_then(|f| f.section_by_name(".debug_frame")) {
         collect_debug_frame(&section, &mut rows, &mut stats)?;
         CfiSource::DebugFile
-    } else if go_text.is_some() {
-        CfiSource::EhFrame
     } else {
         return Err(TableError::NoCfi);
     };
     if let Some((start, end)) = go_text {
         add_go_rows(&mut rows, start, end);
+        add_go_stops(file, &mut rows);
     }
     if rows.is_empty() {
         return Err(TableError::NoCfi);
@@ -134,21 +139,69 @@ pub fn compile<'a, 'b, R: ReadRef<'a>, D: ReadRef<'b>>(
     Ok((table, source))
 }
 
-/// Whether `file` is Go code with no CFI of its own: the BPF program can follow its frame
-/// pointers without any table.
-/// (Go's `.debug_frame` is not used: it does not describe where rbp is saved, and Go's frame
-/// pointers are exact.)
-pub fn frame_pointer_only<'a, R: ReadRef<'a>>(file: &object::File<'a, R>) -> bool {
-    go_text_range(file).is_some() && file.section_by_name(".eh_frame").is_none()
+/// Go functions at the bottom of a stack: the walk stops there instead of following a frame
+/// pointer that the runtime never set up (thread entry, goroutine entry, process entry).
+/// Both spellings: `.gopclntab` names assembly functions without the `.abi0` suffix that the
+/// symbol table has.
+const GO_STACK_BOTTOMS: [&str; 6] = [
+    "runtime.mstart",
+    "runtime.goexit",
+    "runtime.rt0_go",
+    "runtime.mstart.abi0",
+    "runtime.goexit.abi0",
+    "runtime.rt0_go.abi0",
+];
+
+/// STOP rows over the Go functions that start stacks, found through `.gopclntab` (so stripped
+/// binaries get them too).
+fn add_go_stops<'a, R: ReadRef<'a>>(file: &object::File<'a, R>, rows: &mut Vec<AbsRow>) {
+    let Some(section) = file
+        .section_by_name(".gopclntab")
+        .or_else(|| file.section_by_name(".data.rel.ro.gopclntab"))
+    else {
+        return;
+    };
+    let Ok(data) = section.uncompressed_data() else {
+        return;
+    };
+    let text = file.section_by_name(".text").map(|s| s.address());
+    let Some(table) = crate::symbolize::gopclntab::GoPclntab::parse(data.into_owned(), text) else {
+        return;
+    };
+    let bottoms: Vec<(u64, u64)> = table
+        .functions()
+        .filter(|(_, _, name)| GO_STACK_BOTTOMS.contains(name))
+        .map(|(entry, end, _)| (entry, end))
+        .collect();
+    let fp = UnwindRow {
+        cfa_rule: cfa::FRAME_POINTER,
+        ..UnwindRow::default()
+    };
+    let stop = UnwindRow {
+        cfa_rule: cfa::STOP,
+        ..UnwindRow::default()
+    };
+    // Ends first, then starts: at an address where one bottom ends and another begins, the
+    // later row (the stop) wins when the rows are merged.
+    for &(_, end) in &bottoms {
+        rows.push(AbsRow { vaddr: end, rule: fp });
+    }
+    for &(entry, _) in &bottoms {
+        rows.push(AbsRow {
+            vaddr: entry,
+            rule: stop,
+        });
+    }
 }
 
 fn section_data<'a, R: ReadRef<'a>>(
     section: &object::Section<'a, '_, R>,
     name: &'static str,
 ) -> Result<std::borrow::Cow<'a, [u8]>, TableError> {
-    section
-        .uncompressed_data()
-        .map_err(|source| TableError::Section { section: name, source })
+    section.uncompressed_data().map_err(|source| TableError::Section {
+        section: name,
+        source,
+    })
 }
 
 fn collect_debug_frame<'a, R: ReadRef<'a>>(
@@ -159,7 +212,13 @@ fn collect_debug_frame<'a, R: ReadRef<'a>>(
     let data = section_data(section, ".debug_frame")?;
     let mut debug_frame = DebugFrame::new(&data, NativeEndian);
     debug_frame.set_address_size(8);
-    collect(&debug_frame, &BaseAddresses::default(), ".debug_frame", rows, stats)
+    collect(
+        &debug_frame,
+        &BaseAddresses::default(),
+        ".debug_frame",
+        rows,
+        stats,
+    )
 }
 
 /// The code range of Go functions (`runtime.text`..`runtime.etext`, else `.text` of a file
@@ -195,7 +254,10 @@ fn collect<'a, S>(
 where
     S: UnwindSection<Slice<'a>>,
 {
-    let malformed = |source| TableError::Malformed { section: name, source };
+    let malformed = |source| TableError::Malformed {
+        section: name,
+        source,
+    };
     let mut ctx = UnwindContext::new();
     let mut entries = section.entries(bases);
     let encoding = Encoding {
@@ -252,7 +314,10 @@ where
             stats.bad_fdes += 1;
             continue;
         }
-        stats.invalid += fde_rows.iter().filter(|r| r.rule.cfa_rule == cfa::INVALID).count() as u64;
+        stats.invalid += fde_rows
+            .iter()
+            .filter(|r| r.rule.cfa_rule == cfa::INVALID)
+            .count() as u64;
         rows.extend(fde_rows);
         // Where this FDE ends, a gap starts (the next FDE, if adjacent, replaces it).
         rows.push(AbsRow {
@@ -405,12 +470,18 @@ fn add_go_rows(rows: &mut Vec<AbsRow>, start: u64, end: u64) {
     let mut cursor = start;
     for (from, to) in covered.into_iter().filter(|(f, t)| *t > start && *f < end) {
         if from > cursor {
-            rows.push(AbsRow { vaddr: cursor, rule: fp });
+            rows.push(AbsRow {
+                vaddr: cursor,
+                rule: fp,
+            });
         }
         cursor = cursor.max(to);
     }
     if cursor < end {
-        rows.push(AbsRow { vaddr: cursor, rule: fp });
+        rows.push(AbsRow {
+            vaddr: cursor,
+            rule: fp,
+        });
         rows.push(AbsRow {
             vaddr: end,
             rule: UnwindRow::default(),
@@ -486,15 +557,39 @@ mod tests {
         let sp8 = row(cfa::SP_OFFSET, 8, 0);
         let sp16 = row(cfa::SP_OFFSET, 16, 0);
         let rows = vec![
-            AbsRow { vaddr: 0x1000, rule: sp8 },
-            AbsRow { vaddr: 0x1001, rule: sp16 },
-            AbsRow { vaddr: 0x1010, rule: UnwindRow::default() },
+            AbsRow {
+                vaddr: 0x1000,
+                rule: sp8,
+            },
+            AbsRow {
+                vaddr: 0x1001,
+                rule: sp16,
+            },
+            AbsRow {
+                vaddr: 0x1010,
+                rule: UnwindRow::default(),
+            },
             // The next FDE starts where the previous ends: its rule replaces the gap.
-            AbsRow { vaddr: 0x1010, rule: sp8 },
-            AbsRow { vaddr: 0x1020, rule: UnwindRow::default() },
-            AbsRow { vaddr: 0x1030, rule: sp8 },
-            AbsRow { vaddr: 0x1030, rule: sp8 },
-            AbsRow { vaddr: 0x1040, rule: UnwindRow::default() },
+            AbsRow {
+                vaddr: 0x1010,
+                rule: sp8,
+            },
+            AbsRow {
+                vaddr: 0x1020,
+                rule: UnwindRow::default(),
+            },
+            AbsRow {
+                vaddr: 0x1030,
+                rule: sp8,
+            },
+            AbsRow {
+                vaddr: 0x1030,
+                rule: sp8,
+            },
+            AbsRow {
+                vaddr: 0x1040,
+                rule: UnwindRow::default(),
+            },
         ];
         let table = finish(rows, Stats::default()).unwrap();
         assert_eq!(table.base, 0x1000);
@@ -530,8 +625,14 @@ mod tests {
     fn go_rows_fill_only_uncovered_code() {
         let c = row(cfa::SP_OFFSET, 8, 0);
         let mut rows = vec![
-            AbsRow { vaddr: 0x2000, rule: c },
-            AbsRow { vaddr: 0x2100, rule: UnwindRow::default() },
+            AbsRow {
+                vaddr: 0x2000,
+                rule: c,
+            },
+            AbsRow {
+                vaddr: 0x2100,
+                rule: UnwindRow::default(),
+            },
         ];
         add_go_rows(&mut rows, 0x1000, 0x3000);
         let table = finish(rows, Stats::default()).unwrap();
@@ -539,5 +640,179 @@ mod tests {
         assert_eq!(table.lookup(0x2050).cfa_rule, cfa::SP_OFFSET);
         assert_eq!(table.lookup(0x2200).cfa_rule, cfa::FRAME_POINTER);
         assert_eq!(table.lookup(0x3000).cfa_rule, cfa::GAP);
+    }
+}
+
+#[cfg(test)]
+mod real_files {
+    use gimli::{EhFrameHdr, UnwindSection as _};
+    use object::{Object as _, ObjectSection as _};
+
+    use super::*;
+
+    /// Compiles `path` and checks, at every FDE's start, middle and last byte and at a spread
+    /// of other addresses, that our row (found as BPF finds it) says what gimli's own
+    /// evaluation (via the `.eh_frame_hdr` search table) says.
+    pub(super) fn check_against_gimli(path: &str) -> usize {
+        let data = std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let file = object::File::parse(data.as_slice()).expect("ELF");
+        let (table, source) = compile(&file, None::<&object::File<'_, &[u8]>>).expect("table");
+        assert_eq!(source, CfiSource::EhFrame);
+        let eh = file.section_by_name(".eh_frame").expect(".eh_frame");
+        let hdr = file.section_by_name(".eh_frame_hdr").expect(".eh_frame_hdr");
+        let text = file.section_by_name(".text").expect(".text");
+        let bases = BaseAddresses::default()
+            .set_eh_frame(eh.address())
+            .set_eh_frame_hdr(hdr.address())
+            .set_text(text.address());
+        let eh_data = eh.data().expect("data");
+        let mut eh_frame = EhFrame::new(eh_data, NativeEndian);
+        eh_frame.set_address_size(8);
+        let hdr_data = hdr.data().expect("data");
+        let parsed = EhFrameHdr::new(hdr_data, NativeEndian)
+            .parse(&bases, 8)
+            .expect("hdr");
+        let search = parsed.table().expect("search table");
+        let encoding = Encoding {
+            address_size: 8,
+            format: Format::Dwarf32,
+            version: 4,
+        };
+        let mut ctx = UnwindContext::new();
+        let mut addresses = Vec::new();
+        let mut entries = eh_frame.entries(&bases);
+        while let Some(entry) = entries.next().expect("entry") {
+            if let CieOrFde::Fde(partial) = entry {
+                let fde = partial.parse(|s, b, o| s.cie_from_offset(b, o)).expect("fde");
+                let (start, end) = (fde.initial_address(), fde.end_address());
+                addresses.extend([start, start + (end - start) / 2, end - 1, end]);
+            }
+        }
+        let (lo, hi) = (text.address(), text.address() + text.size());
+        addresses.extend((lo..hi).step_by(97));
+        let mut checked = 0;
+        for addr in addresses {
+            let ours = table.lookup(addr);
+            let expected =
+                match search.unwind_info_for_address(&eh_frame, &bases, &mut ctx, addr, |s, b, o| {
+                    s.cie_from_offset(b, o)
+                }) {
+                    Ok(row) => {
+                        let signal = search
+                            .fde_for_address(&eh_frame, &bases, addr, |s, b, o| s.cie_from_offset(b, o))
+                            .map(|f| f.is_signal_trampoline())
+                            .unwrap_or(false);
+                        if signal {
+                            UnwindRow {
+                                cfa_rule: cfa::SIGNAL,
+                                ..UnwindRow::default()
+                            }
+                        } else {
+                            convert(row, &eh_frame, encoding)
+                        }
+                    }
+                    Err(gimli::Error::NoUnwindInfoForAddress) => UnwindRow::default(),
+                    Err(error) => panic!("gimli at {addr:#x}: {error}"),
+                };
+            assert_eq!(
+                (ours.cfa_rule, ours.cfa, ours.rbp),
+                (expected.cfa_rule, expected.cfa, expected.rbp),
+                "{path} at {addr:#x}"
+            );
+            checked += 1;
+        }
+        checked
+    }
+
+    fn first_existing(candidates: &[&str]) -> Option<String> {
+        candidates
+            .iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .map(|p| (*p).to_owned())
+    }
+
+    #[test]
+    fn libc_rows_match_gimli() {
+        let path = first_existing(&[
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+        ])
+        .expect("libc.so.6 (Debian layout)");
+        assert!(check_against_gimli(&path) > 10_000);
+    }
+
+    #[test]
+    fn libstdcxx_rows_match_gimli() {
+        let path = first_existing(&[
+            "/usr/lib/x86_64-linux-gnu/libstdc++.so.6",
+            "/lib/x86_64-linux-gnu/libstdc++.so.6",
+        ])
+        .expect("libstdc++.so.6 (Debian layout)");
+        assert!(check_against_gimli(&path) > 10_000);
+    }
+
+    #[test]
+    fn libc_signal_trampoline_and_plt_rows_are_recognized() {
+        let path = first_existing(&[
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+        ])
+        .expect("libc.so.6");
+        let data = std::fs::read(&path).expect("read libc");
+        let file = object::File::parse(data.as_slice()).expect("ELF");
+        let (table, _) = compile(&file, None::<&object::File<'_, &[u8]>>).expect("table");
+        let kinds: std::collections::HashSet<u8> = table.rows.iter().map(|r| r.cfa_rule).collect();
+        assert!(kinds.contains(&cfa::SIGNAL), "__restore_rt is a signal frame");
+        assert!(
+            kinds.contains(&cfa::PLT1) || kinds.contains(&cfa::PLT2),
+            "PLT rows"
+        );
+        assert!(
+            kinds.contains(&cfa::STOP),
+            "an undefined return address ends the stack"
+        );
+        // Only a handful of assembly routines keep the return address in a register
+        // (__vfork, clone's child path): the walk stops there and says so.
+        let invalid: Vec<_> = table.rows.iter().filter(|r| r.cfa_rule == cfa::INVALID).collect();
+        assert!(invalid.len() < 16, "{invalid:?}");
+        assert!(invalid.iter().all(|r| r.cfa == invalid::RA_RULE), "{invalid:?}");
+    }
+
+    #[test]
+    fn corrupt_cfi_is_an_error_or_a_partial_table_never_a_panic() {
+        let path = first_existing(&[
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+        ])
+        .expect("libc.so.6");
+        let clean = std::fs::read(&path).expect("read libc");
+        let (offset, size) = {
+            let file = object::File::parse(clean.as_slice()).expect("ELF");
+            let section = file.section_by_name(".eh_frame").expect(".eh_frame");
+            section.file_range().expect("range")
+        };
+        let (offset, size) = (offset as usize, size as usize);
+        for (seed, cut) in [(1u8, 0usize), (7, size / 2), (13, size - 64)] {
+            let mut data = clean.clone();
+            for (i, byte) in data[offset + cut..offset + size].iter_mut().enumerate() {
+                *byte = (i as u8).wrapping_mul(seed).wrapping_add(seed) ^ 0x5a;
+            }
+            let file = object::File::parse(data.as_slice()).expect("ELF headers intact");
+            match compile(&file, None::<&object::File<'_, &[u8]>>) {
+                Ok((table, _)) => assert!(cut > 0 && !table.rows.is_empty()),
+                Err(error) => assert!(
+                    matches!(error, TableError::Malformed { .. } | TableError::NoCfi),
+                    "{error}"
+                ),
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "diagnostic: UNWIND_CHECK=<path> compares any file"]
+    fn any_file_matches_gimli() {
+        if let Ok(path) = std::env::var("UNWIND_CHECK") {
+            check_against_gimli(&path);
+        }
     }
 }
