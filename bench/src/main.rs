@@ -20,7 +20,9 @@ use profiler::{
     encode::decode,
     symbolize::{SymbolSource as _, elf::ElfImage},
 };
-use tests::{Fixture, c_fixture, go_fixture, inline_fixture};
+use tests::{
+    Fixture, c_fixture, go_fixture, inline_fixture, nofp_c_fixture, nofp_cpp_fixture, nofp_rust_fixture,
+};
 
 #[derive(Parser)]
 #[command(about = "Measure the profiler's overhead against perf record and bpftrace")]
@@ -106,10 +108,21 @@ fn cpus() -> u64 {
 }
 
 fn ours(args: &Args, hz: u32, scratch: &Path) -> Result<ToolRun> {
+    ours_with(args, hz, scratch, &[]).map(|(run, _)| run)
+}
+
+/// Runs the profiler with `extra` flags; also returns the decoded profile.
+fn ours_with(
+    args: &Args,
+    hz: u32,
+    scratch: &Path,
+    extra: &[&str],
+) -> Result<(ToolRun, profiler::pprof::Profile)> {
     let out = scratch.join("ours.pb.gz");
     let m = measure::run(
         Command::new(&args.profiler)
             .args(["record", "--top", "0", "--frequency", &hz.to_string()])
+            .args(extra)
             .args(["--duration", &format!("{}s", args.seconds), "--output"])
             .arg(&out),
         scratch,
@@ -122,13 +135,108 @@ fn ours(args: &Args, hz: u32, scratch: &Path) -> Result<ToolRun> {
         .iter()
         .map(|s| s.value.first().copied().unwrap_or(0) as u64)
         .sum();
-    Ok(ToolRun {
-        tool: "profiler",
-        hz,
-        m,
-        samples,
-        output_bytes: bytes.len() as u64,
-    })
+    Ok((
+        ToolRun {
+            tool: "profiler",
+            hz,
+            m,
+            samples,
+            output_bytes: bytes.len() as u64,
+        },
+        profile,
+    ))
+}
+
+/// Share of a profile's samples whose stack has a frame named `main` (all frames of all
+/// locations, so inlined calls count).
+fn share_reaching_main(profile: &profiler::pprof::Profile) -> f64 {
+    let functions: std::collections::HashMap<u64, &str> = profile
+        .function
+        .iter()
+        .map(|f| (f.id, profile.string_table[f.name as usize].as_str()))
+        .collect();
+    let locations: std::collections::HashMap<u64, &profiler::pprof::Location> =
+        profile.location.iter().map(|l| (l.id, l)).collect();
+    let (mut with, mut total) = (0i64, 0i64);
+    for sample in &profile.sample {
+        let count = sample.value.first().copied().unwrap_or(0);
+        total += count;
+        let reaches = sample.location_id.iter().any(|id| {
+            locations.get(id).is_some_and(|l| {
+                l.line
+                    .iter()
+                    .any(|line| functions.get(&line.function_id) == Some(&"main"))
+            })
+        });
+        if reaches {
+            with += count;
+        }
+    }
+    with as f64 / total.max(1) as f64
+}
+
+/// DWARF unwinding against frame pointers on the no-frame-pointer fixtures.
+struct UnwindComparison {
+    rows: Vec<(String, ToolRun, f64)>,
+}
+
+fn unwind_comparison(args: &Args, scratch: &Path) -> Result<UnwindComparison> {
+    let load: Vec<Fixture> = [nofp_c_fixture(), nofp_cpp_fixture(), nofp_rust_fixture()]
+        .into_iter()
+        .map(|bin| Fixture::start(bin, 3600))
+        .collect();
+    let pids: Vec<String> = load.iter().map(|f| f.pid().to_string()).collect();
+    let mut rows = Vec::new();
+    for unwinder in ["dwarf", "frame-pointer"] {
+        eprintln!("bench: profiler at 99 Hz on the no-frame-pointer fixtures, --unwinder {unwinder}");
+        let mut extra = vec!["--unwinder", unwinder];
+        for pid in &pids {
+            extra.extend(["--pid", pid.as_str()]);
+        }
+        let (run, profile) = ours_with(args, 99, scratch, &extra)?;
+        rows.push((unwinder.to_owned(), run, share_reaching_main(&profile)));
+    }
+    drop(load);
+    Ok(UnwindComparison { rows })
+}
+
+/// Compiling the unwind tables of the fixture set and the libraries they map.
+struct TableBuild {
+    files: Vec<(String, usize, f64)>,
+}
+
+fn table_build() -> Result<TableBuild> {
+    let mut paths: Vec<PathBuf> = vec![
+        nofp_c_fixture().to_owned(),
+        nofp_c_fixture().with_file_name("libdeep.so"),
+        nofp_cpp_fixture().to_owned(),
+        nofp_rust_fixture().to_owned(),
+        go_fixture().to_owned(),
+    ];
+    for lib in [
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        "/usr/lib/x86_64-linux-gnu/libstdc++.so.6",
+        "/lib/x86_64-linux-gnu/libgcc_s.so.1",
+        "/lib64/ld-linux-x86-64.so.2",
+    ] {
+        if Path::new(lib).is_file() {
+            paths.push(lib.into());
+        }
+    }
+    let mut files = Vec::new();
+    for path in paths {
+        let data = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let started = Instant::now();
+        let elf = object::File::parse(data.as_slice())?;
+        let (table, _) = profiler::unwind::table::compile(&elf, None::<&object::File<'_, &[u8]>>)
+            .with_context(|| format!("unwind table of {}", path.display()))?;
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let name = path
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        files.push((name, table.rows.len(), ms));
+    }
+    Ok(TableBuild { files })
 }
 
 fn perf(args: &Args, hz: u32, scratch: &Path) -> Result<ToolRun> {
@@ -385,6 +493,8 @@ fn main() -> Result<()> {
     }
     let sym = symbolization(&files)?;
     let cold = dwarf_cold(&[inline_fixture(), c_fixture(), go_fixture()])?;
+    let unwinding = unwind_comparison(&args, &scratch)?;
+    let tables = table_build()?;
 
     let mut md = String::new();
     let _ = writeln!(
@@ -489,6 +599,44 @@ fn main() -> Result<()> {
         cold.inlined
     );
     metrics.push(("dwarf_cold_us_per_address".into(), cold.ns_per_address / 1000.0));
+
+    let _ = writeln!(
+        md,
+        "\nUser stacks of the no-frame-pointer fixtures (C, C++, Rust at -O2; 99 Hz):\n\n| unwinder | BPF (ns/sample) | steady CPU (ms/s) | samples | samples reaching `main` |\n|---|---|---|---|---|"
+    );
+    for (unwinder, r, share) in &unwinding.rows {
+        let _ = writeln!(
+            md,
+            "| {unwinder} | {:.0} | {:.2} | {} | {:.1} % |",
+            r.m.bpf.ns_per_run(),
+            1000.0 * r.m.steady_cpu_per_second,
+            r.samples,
+            100.0 * share
+        );
+        if unwinder == "dwarf" {
+            metrics.push(("dwarf_bpf_ns_per_sample".into(), r.m.bpf.ns_per_run()));
+            metrics.push(("dwarf_stacks_reaching_main".into(), *share));
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\nUnwind tables (compiled in userspace, 8 bytes per row):\n\n| file | rows | KiB | build (ms) |\n|---|---|---|---|"
+    );
+    let (mut all_rows, mut all_ms) = (0usize, 0.0f64);
+    for (name, rows, ms) in &tables.files {
+        let _ = writeln!(
+            md,
+            "| {name} | {rows} | {:.0} | {ms:.1} |",
+            *rows as f64 * 8.0 / 1024.0
+        );
+        all_rows += rows;
+        all_ms += ms;
+    }
+    let _ = writeln!(
+        md,
+        "| all | {all_rows} | {:.0} | {all_ms:.1} |",
+        all_rows as f64 * 8.0 / 1024.0
+    );
 
     if let Some(dir) = args.out.parent() {
         fs::create_dir_all(dir)?;
