@@ -76,7 +76,7 @@ fn rss_kib(pid: i32) -> Option<u64> {
         .ok()
 }
 
-/// (run_time_ns, run_cnt) per BPF program id held open by `pid`.
+/// (run_time_ns, run_cnt) per perf_event BPF program id held open by `pid`.
 fn bpf_programs(pid: i32) -> HashMap<u64, (u64, u64)> {
     let mut out = HashMap::new();
     let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
@@ -91,6 +91,11 @@ fn bpf_programs(pid: i32) -> HashMap<u64, (u64, u64)> {
                 .find_map(|l| l.strip_prefix(name))
                 .and_then(|v| v.trim().parse::<u64>().ok())
         };
+        // Sampling programs only (BPF_PROG_TYPE_PERF_EVENT = 7), not the profiler's exec and
+        // exit tracepoints: the figure is the cost per sample.
+        if field("prog_type:") != Some(7) {
+            continue;
+        }
         if let (Some(id), Some(ns), Some(cnt)) = (field("prog_id:"), field("run_time_ns:"), field("run_cnt:"))
         {
             out.insert(id, (ns, cnt));
@@ -111,8 +116,7 @@ pub fn run(cmd: &mut Command, scratch: &Path, steady_until: Duration) -> Result<
     let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
     let pid = child.id() as i32;
     let mut rss = Vec::new();
-    let mut first: Option<(Instant, u64, u64)> = None;
-    let mut last: Option<(Instant, u64, u64)> = None;
+    let mut programs: HashMap<u64, ((Instant, u64, u64), (Instant, u64, u64))> = HashMap::new();
     let mut steady: Option<(Instant, u64)> = None;
     let mut steady_last: Option<(Instant, u64)> = None;
     let (status, usage) = loop {
@@ -136,12 +140,12 @@ pub fn run(cmd: &mut Command, scratch: &Path, steady_until: Duration) -> Result<
             steady.get_or_insert((Instant::now(), ns));
             steady_last = Some((Instant::now(), ns));
         }
-        let progs = bpf_programs(pid);
-        if !progs.is_empty() {
-            let (ns, cnt) = progs.values().fold((0, 0), |(a, b), (ns, cnt)| (a + ns, b + cnt));
-            let now = (Instant::now(), ns, cnt);
-            first.get_or_insert(now);
-            last = Some(now);
+        // Per program: its first and last reading (a program unloaded before the others
+        // keeps its last one).
+        for (id, (ns, cnt)) in bpf_programs(pid) {
+            let now = Instant::now();
+            let entry = programs.entry(id).or_insert(((now, ns, cnt), (now, ns, cnt)));
+            entry.1 = (now, ns, cnt);
         }
         thread::sleep(POLL);
     };
@@ -154,14 +158,12 @@ pub fn run(cmd: &mut Command, scratch: &Path, steady_until: Duration) -> Result<
     let second_half = &rss[rss.len() / 2..];
     let mut sorted = second_half.to_vec();
     sorted.sort_unstable();
-    let bpf = match (first, last) {
-        (Some((t0, ns0, cnt0)), Some((t1, ns1, cnt1))) => BpfTime {
-            run_ns: ns1.saturating_sub(ns0),
-            runs: cnt1.saturating_sub(cnt0),
-            window: t1 - t0,
-        },
-        _ => BpfTime::default(),
-    };
+    let mut bpf = BpfTime::default();
+    for ((t0, ns0, cnt0), (t1, ns1, cnt1)) in programs.values() {
+        bpf.run_ns += ns1.saturating_sub(*ns0);
+        bpf.runs += cnt1.saturating_sub(*cnt0);
+        bpf.window = bpf.window.max(*t1 - *t0);
+    }
     let steady_cpu_per_second = match (steady, steady_last) {
         (Some((t0, ns0)), Some((t1, ns1))) if t1 > t0 => {
             ns1.saturating_sub(ns0) as f64 / (t1 - t0).as_nanos() as f64

@@ -117,8 +117,9 @@ pub struct SamplingConfig {
     pub unwind_rows: u32,
 }
 
-/// Smallest accepted unwind-table budget: one large library.
-pub const MIN_UNWIND_TABLE_BYTES: u64 = 1 << 20;
+/// Smallest accepted unwind-table budget (8,192 rows: a small program; libc alone needs
+/// ~28,000).
+pub const MIN_UNWIND_TABLE_BYTES: u64 = 64 << 10;
 /// Largest: the row index is 32 bits, and a bigger preallocated array helps nobody.
 pub const MAX_UNWIND_TABLE_BYTES: u64 = 4 << 30;
 
@@ -134,7 +135,7 @@ pub enum ConfigError {
     DurationTooShort { flag: &'static str, value: Duration },
     #[error("--retain-count must be at least 1")]
     RetainCount,
-    #[error("--unwind-table-size must be between 1M and 4G, got {0} bytes")]
+    #[error("--unwind-table-size must be between 64K and 4G, got {0} bytes")]
     UnwindTableSize(u64),
 }
 
@@ -249,7 +250,7 @@ mod tests {
         };
         assert_eq!(
             args.validate(19).unwrap_err().to_string(),
-            "--unwind-table-size must be between 1M and 4G, got 1000 bytes"
+            "--unwind-table-size must be between 64K and 4G, got 1000 bytes"
         );
     }
 

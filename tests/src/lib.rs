@@ -149,6 +149,25 @@ pub fn nofp_c_fixture() -> &'static Path {
     })
 }
 
+/// The dlopen fixture: loads `libdeep.so` 1.5 s after `ready` and burns CPU in it.
+pub fn dlopen_fixture() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // libdeep.so is built beside it by the no-frame-pointer C fixture.
+        let dir = nofp_c_fixture().parent().expect("build dir").to_owned();
+        let out = dir.join("dlopen-late");
+        run_ok(
+            Command::new("gcc")
+                .args(NOFP_FLAGS)
+                .arg("-o")
+                .arg(&out)
+                .arg(fixtures_dir().join("nofp/dlopen.c"))
+                .args(["-ldl", "-Wl,-rpath,$ORIGIN"]),
+        );
+        out
+    })
+}
+
 /// The no-frame-pointer C++ fixture: its work runs inside `std::call_once` (libc's
 /// pthread_once and libstdc++'s __once_proxy) and a `std::function`.
 pub fn nofp_cpp_fixture() -> &'static Path {

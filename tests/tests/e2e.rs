@@ -15,8 +15,8 @@ use std::{
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _, read::File as ElfFile};
 use profiler::{encode::decode, pprof::Profile};
 use tests::{
-    Fixture, build_dir, c_fixture, cpp_fixture, go_fixture, inline_fixture, marker_line, nofp_c_fixture,
-    nofp_cpp_fixture, nofp_rust_fixture, profiler_bin, signal_fixture, stripped_go_fixture,
+    Fixture, build_dir, c_fixture, cpp_fixture, dlopen_fixture, go_fixture, inline_fixture, marker_line,
+    nofp_c_fixture, nofp_cpp_fixture, nofp_rust_fixture, profiler_bin, signal_fixture, stripped_go_fixture,
     stripped_inline_fixture,
 };
 
@@ -1190,4 +1190,116 @@ fn go_tables_follow_frame_pointers_and_stop_at_stack_bottoms() {
     ] {
         assert_eq!(table.lookup(address(name) + 1).cfa_rule, cfa::STOP, "{name}");
     }
+}
+
+/// Samples of `pid` that ended with `[unwind: …]` or `[truncated: …]`, count-weighted.
+fn truncated_samples(view: &View, samples: &[&profiler::pprof::Sample]) -> i64 {
+    samples
+        .iter()
+        .filter(|s| {
+            view.stack(s)
+                .iter()
+                .any(|f| f.starts_with("[unwind") || f.starts_with("[truncated"))
+        })
+        .map(|s| View::count(s))
+        .sum()
+}
+
+#[test]
+fn exec_and_dlopen_are_followed() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    // dlopen after the process was loaded: the first samples in the new library miss the
+    // mappings, ask for a reload, and the rest unwind.
+    let fixture = Fixture::start(dlopen_fixture(), 60);
+    let pid = fixture.pid();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("dlopen.pb.gz");
+    let profile = record(&["--pid", &pid.to_string(), "--frequency", "250"], 4, &out);
+    drop(fixture);
+    let view = View::new(&profile);
+    let samples = view.samples_of(pid);
+    let total: i64 = samples.iter().map(|s| View::count(s)).sum();
+    assert!(total > 200, "got {total} samples");
+    let share = share_with(&view, &samples, &["deep_leaf", "call_deep", "main"]);
+    assert!(
+        share >= 0.95,
+        "{:.1} % of {total} samples reach main through the dlopen'd library:\n{}",
+        share * 100.0,
+        stacks_without(&view, &samples, &["deep_leaf", "call_deep", "main"])
+    );
+
+    // exec: the shell is loaded first, then replaced by the fixture under the same pid.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!(
+        "echo ready; sleep 1.5; exec {} 60 >/dev/null",
+        nofp_c_fixture().display()
+    ));
+    let fixture = Fixture::start_command(cmd);
+    let pid = fixture.pid();
+    let out = dir.path().join("exec.pb.gz");
+    let profile = record(&["--pid", &pid.to_string(), "--frequency", "250"], 4, &out);
+    drop(fixture);
+    let view = View::new(&profile);
+    let samples = view.samples_of(pid);
+    let total: i64 = samples.iter().map(|s| View::count(s)).sum();
+    assert!(total > 200, "got {total} samples");
+    let share = share_with(&view, &samples, &["deep_leaf", "main", "__libc_start*"]);
+    assert!(
+        share >= 0.95,
+        "{:.1} % of {total} samples after exec reach main:\n{}",
+        share * 100.0,
+        stacks_without(&view, &samples, &["deep_leaf", "main", "__libc_start*"])
+    );
+    assert!(
+        truncated_samples(&view, &samples) * 20 <= total,
+        "walks ended early after exec"
+    );
+}
+
+#[test]
+fn a_small_table_budget_evicts_and_names_what_it_could_not_walk() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    // 256 KiB = 32,768 rows: not enough for libc (~28,000) and libstdc++ (~30,000) together.
+    let c = Fixture::start(nofp_c_fixture(), 60);
+    let cpp = Fixture::start(nofp_cpp_fixture(), 60);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("budget.pb.gz");
+    let profile = record(
+        &[
+            "--pid",
+            &c.pid().to_string(),
+            "--pid",
+            &cpp.pid().to_string(),
+            "--frequency",
+            "250",
+            "--unwind-table-size",
+            "256K",
+        ],
+        3,
+        &out,
+    );
+    let view = View::new(&profile);
+    let comments: Vec<&str> = profile.comment.iter().map(|&i| view.s(i)).collect();
+    let tables = comments
+        .iter()
+        .find(|c| c.starts_with("unwind tables"))
+        .expect("unwind table comment");
+    assert!(tables.contains("of 0.2 MiB"), "{tables}");
+    assert!(!tables.contains(" 0 evicted"), "{tables}");
+    // Nothing is lost: both processes keep all their samples, and walks that met an evicted
+    // table say so.
+    for pid in [c.pid(), cpp.pid()] {
+        let samples = view.samples_of(pid);
+        let total: i64 = samples.iter().map(|s| View::count(s)).sum();
+        assert!(total > 300, "pid {pid}: {total} samples");
+    }
+    let all: Vec<&profiler::pprof::Sample> = profile.sample.iter().collect();
+    let named = share_with(&view, &all, &["[unwind: no table for *"]);
+    assert!(named > 0.0, "no walk named a missing table; {tables}");
 }

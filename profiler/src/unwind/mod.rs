@@ -178,7 +178,7 @@ pub struct Unwinder {
 
 impl Unwinder {
     pub fn new(maps: UnwindMaps, proc_root: PathBuf, stats: Arc<UnwindStats>) -> Result<Self, UnwindError> {
-        let store = RowStore::new(&maps.rows, maps.capacity, maps.files)?;
+        let store = RowStore::new(maps.rows, maps.capacity, maps.files)?;
         stats
             .rows_capacity
             .store(u64::from(maps.capacity), Ordering::Relaxed);

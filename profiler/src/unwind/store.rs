@@ -7,7 +7,7 @@
 //! files in use (their samples then end in `[unwind: no table for …]`). Order of updates, so
 //! BPF never follows a file entry into rows that are not there: rows are written before the
 //! file entry is inserted, and the file entry is deleted before its rows are freed.
-use std::{collections::BTreeMap, io, os::fd::AsFd as _, ptr::NonNull};
+use std::{collections::BTreeMap, io, os::fd::AsFd as _};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use foldhash::HashMap;
@@ -17,7 +17,7 @@ use super::table::Table;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("mapping UNWIND_ROWS into memory: {0}")]
+    #[error("writing UNWIND_ROWS through mmap: {0}")]
     Mmap(io::Error),
     #[error("UNWIND_FILES: {0}")]
     Files(#[from] Box<MapError>),
@@ -43,25 +43,51 @@ struct Resident {
     last_used: u64,
 }
 
-/// The writable view of `UNWIND_ROWS`.
-struct RowsMmap {
-    ptr: NonNull<UnwindRow>,
-    len: usize,
-    bytes: usize,
-}
+const PAGE: usize = 4096;
 
-// SAFETY: the mapping is owned by this struct and only written through `&mut self`.
-unsafe impl Send for RowsMmap {}
-
-impl Drop for RowsMmap {
-    fn drop(&mut self) {
-        // SAFETY: ptr/bytes are exactly what mmap returned.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+/// Writes `rows` at row index `first` of the mmapable `UNWIND_ROWS` array: maps just the pages
+/// they cover, copies, unmaps. Keeping the whole array mapped would add it (64 MiB by
+/// default) to the daemon's resident set for no benefit.
+fn write_rows(map: &MapData, first: u32, rows: &[UnwindRow]) -> io::Result<()> {
+    if rows.is_empty() {
+        return Ok(());
     }
+    let start = first as usize * size_of::<UnwindRow>();
+    let end = start + std::mem::size_of_val(rows);
+    let map_start = start / PAGE * PAGE;
+    let map_len = end.div_ceil(PAGE) * PAGE - map_start;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&map.fd().as_fd());
+    // SAFETY: a shared read-write mapping of whole pages inside the array's data (the caller
+    // allocated [first, first + rows.len()) within capacity), released below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            map_len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            map_start as libc::off_t,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the destination lies inside the fresh mapping (start - map_start + bytes <=
+    // map_len); source and destination do not overlap.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            rows.as_ptr().cast::<u8>(),
+            ptr.cast::<u8>().add(start - map_start),
+            std::mem::size_of_val(rows),
+        );
+        libc::munmap(ptr, map_len);
+    }
+    Ok(())
 }
 
 pub struct RowStore {
-    rows: RowsMmap,
+    rows_map: MapData,
+    capacity: u32,
     files: BpfHashMap<MapData, u64, FileTable>,
     free: FreeList,
     resident: HashMap<u64, Resident>,
@@ -70,40 +96,19 @@ pub struct RowStore {
 }
 
 impl RowStore {
-    /// Maps `rows_map` (an mmapable array of `capacity` rows) and takes over `files`.
+    /// Takes over `rows_map` (an mmapable array of `capacity` rows) and `files`; checks that
+    /// the array can be written.
     pub fn new(
-        rows_map: &MapData,
+        rows_map: MapData,
         capacity: u32,
         files: BpfHashMap<MapData, u64, FileTable>,
     ) -> Result<Self, StoreError> {
-        let page = 4096usize;
-        let bytes = (capacity as usize * size_of::<UnwindRow>()).div_ceil(page) * page;
-        let fd = rows_map.fd().as_fd();
-        // SAFETY: a shared read-write mapping of the array's fd, of the array's size rounded
-        // to whole pages (what the kernel allows for BPF_F_MMAPABLE arrays).
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(StoreError::Mmap(io::Error::last_os_error()));
-        }
-        let ptr = NonNull::new(ptr.cast::<UnwindRow>()).ok_or(StoreError::Mmap(io::Error::other("null")))?;
-        let free = FreeList::new(capacity);
+        write_rows(&rows_map, 0, &[UnwindRow::default()]).map_err(StoreError::Mmap)?;
         Ok(RowStore {
-            rows: RowsMmap {
-                ptr,
-                len: capacity as usize,
-                bytes,
-            },
+            rows_map,
+            capacity,
             files,
-            free,
+            free: FreeList::new(capacity),
             resident: HashMap::default(),
             clock: 0,
             stats: StoreStats {
@@ -133,10 +138,10 @@ impl RowStore {
     /// Loads `table` under `file_id` (replacing an older copy), evicting as needed.
     pub fn insert(&mut self, file_id: u64, table: &Table) -> Result<(), StoreError> {
         let n = table.rows.len();
-        if n > self.rows.len {
+        if n > self.capacity as usize {
             return Err(StoreError::TooLarge {
                 rows: n,
-                capacity: self.rows.len as u32,
+                capacity: self.capacity,
             });
         }
         let users = self.resident.get(&file_id).map_or(0, |f| f.users);
@@ -149,18 +154,13 @@ impl RowStore {
             if !self.evict_one(file_id)? {
                 return Err(StoreError::TooLarge {
                     rows: n as usize,
-                    capacity: self.rows.len as u32,
+                    capacity: self.capacity,
                 });
             }
         };
-        // SAFETY: [first, first + n) was just allocated inside the mapping's `len` rows, and
-        // nothing else writes this memory.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                table.rows.as_ptr(),
-                self.rows.ptr.as_ptr().add(first as usize),
-                n as usize,
-            );
+        if let Err(error) = write_rows(&self.rows_map, first, &table.rows) {
+            self.free.release(first, n);
+            return Err(StoreError::Mmap(error));
         }
         let entry = FileTable {
             base: table.base,
