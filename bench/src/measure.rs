@@ -76,6 +76,9 @@ fn rss_kib(pid: i32) -> Option<u64> {
         .ok()
 }
 
+/// When a program's stats were read: (time, run_time_ns, run_cnt).
+type Reading = (Instant, u64, u64);
+
 /// (run_time_ns, run_cnt) per perf_event BPF program id held open by `pid`.
 fn bpf_programs(pid: i32) -> HashMap<u64, (u64, u64)> {
     let mut out = HashMap::new();
@@ -116,7 +119,7 @@ pub fn run(cmd: &mut Command, scratch: &Path, steady_until: Duration) -> Result<
     let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
     let pid = child.id() as i32;
     let mut rss = Vec::new();
-    let mut programs: HashMap<u64, ((Instant, u64, u64), (Instant, u64, u64))> = HashMap::new();
+    let mut programs: HashMap<u64, (Reading, Reading)> = HashMap::new();
     let mut steady: Option<(Instant, u64)> = None;
     let mut steady_last: Option<(Instant, u64)> = None;
     let (status, usage) = loop {

@@ -296,12 +296,16 @@ pub struct Mapping {
     pub file_id: u64,
     /// Load bias: ELF virtual address = address − bias.
     pub bias: u64,
+    /// The whole mapping, `[start, end)` (an LPM entry covers an aligned part of it): the
+    /// walk reuses this entry while frames stay inside it.
+    pub start: u64,
+    pub end: u64,
     /// One of the [`mapping`] constants.
     pub kind: u32,
     pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Mapping>() == 24);
+const _: () = assert!(core::mem::size_of::<Mapping>() == 40);
 
 /// Value of [`MAP_PROCS`].
 pub mod proc_state {
@@ -344,7 +348,12 @@ pub struct UnwindState {
     pub is_return: u8,
     /// An [`UnwindStatus`].
     pub status: u8,
-    pub _pad: [u8; 2],
+    /// 1 when `mapping` and `table` hold the mapping of the previous frame (and its table).
+    pub cached: u8,
+    /// 1 when `table` is valid for the cached mapping.
+    pub has_table: u8,
+    pub mapping: Mapping,
+    pub table: FileTable,
 }
 
 #[cfg(feature = "user")]

@@ -300,6 +300,7 @@ unsafe fn walk_user(ctx: &PerfEventContext, tgid: u32, kernel_len: usize) -> (us
         // Interrupted inside a syscall: the user pc is the return point after `syscall`.
         s.is_return = u8::from(regs.orig_ax != u64::MAX);
         s.status = UnwindStatus::MaxDepth as u8;
+        s.cached = 0;
         bpf_loop(
             MAX_USER_DEPTH as u32,
             step as *mut c_void,
@@ -363,18 +364,32 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
     unsafe { (*record).frames[slot] = pc };
     state.frames += 1;
 
-    let key = Key::new(96, mapping_key(state.tgid, pc));
-    let Some(found) = MAPPINGS.get(&key) else {
-        return stop(state, UnwindStatus::NoMapping);
-    };
+    // Frames of one file usually follow each other: reuse the previous frame's mapping and
+    // table instead of searching the trie and the file hash again.
+    if state.cached == 0 || pc < state.mapping.start || pc >= state.mapping.end {
+        let key = Key::new(96, mapping_key(state.tgid, pc));
+        let Some(found) = MAPPINGS.get(&key) else {
+            return stop(state, UnwindStatus::NoMapping);
+        };
+        state.mapping = *found;
+        state.cached = 1;
+        state.has_table = 0;
+        if found.kind == mapping::TABLE {
+            // SAFETY: the value is copied out at once.
+            if let Some(table) = unsafe { UNWIND_FILES.get(&found.file_id) } {
+                state.table = *table;
+                state.has_table = 1;
+            }
+        }
+    }
     let lookup = pc - u64::from(state.is_return);
-    let row = match found.kind {
+    let row = match state.mapping.kind {
         mapping::TABLE => {
-            let Some(table) = (unsafe { UNWIND_FILES.get(&found.file_id) }) else {
+            if state.has_table == 0 {
                 return stop(state, UnwindStatus::NoTable);
-            };
-            let vaddr = lookup.wrapping_sub(found.bias);
-            find_row(table, vaddr)
+            }
+            let vaddr = lookup.wrapping_sub(state.mapping.bias);
+            find_row(&state.table, vaddr)
         }
         mapping::FRAME_POINTER => UnwindRow {
             pc: 0,

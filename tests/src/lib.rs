@@ -168,6 +168,22 @@ pub fn dlopen_fixture() -> &'static Path {
     })
 }
 
+/// The deep-recursion fixture: 400 frames of `descend` under the hot leaf.
+pub fn recurse_fixture() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = build_dir().join("recurse-nofp");
+        run_ok(
+            Command::new("gcc")
+                .args(NOFP_FLAGS)
+                .arg("-o")
+                .arg(&out)
+                .arg(fixtures_dir().join("nofp/recurse.c")),
+        );
+        out
+    })
+}
+
 /// The no-frame-pointer C++ fixture: its work runs inside `std::call_once` (libc's
 /// pthread_once and libstdc++'s __once_proxy) and a `std::function`.
 pub fn nofp_cpp_fixture() -> &'static Path {

@@ -16,8 +16,8 @@ use object::{Object as _, ObjectSection as _, ObjectSymbol as _, read::File as E
 use profiler::{encode::decode, pprof::Profile};
 use tests::{
     Fixture, build_dir, c_fixture, cpp_fixture, dlopen_fixture, go_fixture, inline_fixture, marker_line,
-    nofp_c_fixture, nofp_cpp_fixture, nofp_rust_fixture, profiler_bin, signal_fixture, stripped_go_fixture,
-    stripped_inline_fixture,
+    nofp_c_fixture, nofp_cpp_fixture, nofp_rust_fixture, profiler_bin, recurse_fixture, signal_fixture,
+    stripped_go_fixture, stripped_inline_fixture,
 };
 
 /// One privileged test at a time: they share two CPUs and would skew each other's samples.
@@ -1302,4 +1302,58 @@ fn a_small_table_budget_evicts_and_names_what_it_could_not_walk() {
     let all: Vec<&profiler::pprof::Sample> = profile.sample.iter().collect();
     let named = share_with(&view, &all, &["[unwind: no table for *"]);
     assert!(named > 0.0, "no walk named a missing table; {tables}");
+}
+
+#[test]
+fn stacks_deeper_than_the_limit_keep_256_user_frames_and_say_so() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    let fixture = Fixture::start(recurse_fixture(), 60);
+    let pid = fixture.pid();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("deep.pb.gz");
+    let profile = record(&["--pid", &pid.to_string(), "--frequency", "250"], 2, &out);
+    drop(fixture);
+    let view = View::new(&profile);
+    let samples = view.samples_of(pid);
+    let total: i64 = samples.iter().map(|s| View::count(s)).sum();
+    assert!(total > 200, "got {total} samples");
+    let truncated: Vec<_> = samples
+        .iter()
+        .filter(|s| view.stack(s).last() == Some(&"[truncated: max depth 256]"))
+        .collect();
+    let n: i64 = truncated.iter().map(|s| View::count(s)).sum();
+    assert!(
+        n * 100 >= total * 99,
+        "{n} of {total} samples say they were truncated"
+    );
+    let kernel_mapping: Vec<u64> = profile
+        .mapping
+        .iter()
+        .filter(|m| view.s(m.filename) == "[kernel.kallsyms]")
+        .map(|m| m.id)
+        .collect();
+    for s in truncated {
+        // Locations: kernel frames, 256 user frames, the synthetic truncation frame.
+        let user = s
+            .location_id
+            .iter()
+            .filter(|id| !kernel_mapping.contains(&view.locations[*id].mapping_id))
+            .count();
+        assert_eq!(
+            user,
+            257,
+            "user frames of a truncated walk: {}",
+            view.stack(s).join(" <- ")
+        );
+    }
+    let comments: Vec<&str> = profile.comment.iter().map(|&i| view.s(i)).collect();
+    assert!(
+        comments
+            .iter()
+            .any(|c| c.starts_with("user stack walks:") && c.contains("max-depth")),
+        "{comments:?}"
+    );
 }

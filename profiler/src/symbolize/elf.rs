@@ -212,12 +212,18 @@ impl ElfImage {
             .and_then(|s| s.uncompressed_data().ok())
             .and_then(|data| GoPclntab::parse(data.into_owned(), text));
         Ok(ElfImage {
-            gopclntab,
             build_id,
             segments,
             symbols,
-            dwarf: Dwarf::load(&elf),
+            // Go binaries are named from .gopclntab; their DWARF (zlib-compressed by the Go
+            // linker) would cost tens of MiB once decompressed, for the same names and lines.
+            dwarf: if gopclntab.is_some() {
+                None
+            } else {
+                Dwarf::load(&elf)
+            },
             debuglink,
+            gopclntab,
         })
     }
 

@@ -336,6 +336,8 @@ impl Unwinder {
                     Mapping {
                         file_id: info.id,
                         bias,
+                        start: m.start,
+                        end: m.end,
                         kind,
                         _pad: 0,
                     }
@@ -351,14 +353,16 @@ impl Unwinder {
                         Mapping {
                             file_id: vdso.id,
                             bias: m.start - vdso.segments.first().map_or(0, |s| s.1),
+                            start: m.start,
+                            end: m.end,
                             kind: mapping::TABLE,
                             _pad: 0,
                         }
                     }
-                    None => fp_mapping(),
+                    None => fp_mapping(m),
                 },
                 // JIT code and other anonymous executable memory.
-                Target::Anonymous => fp_mapping(),
+                Target::Anonymous => fp_mapping(m),
             };
             for (prefix, start) in prefixes(m.start, m.end) {
                 entries.push((
@@ -558,10 +562,12 @@ impl Unwinder {
     }
 }
 
-fn fp_mapping() -> Mapping {
+fn fp_mapping(m: &ExecMapping) -> Mapping {
     Mapping {
         file_id: 0,
         bias: 0,
+        start: m.start,
+        end: m.end,
         kind: mapping::FRAME_POINTER,
         _pad: 0,
     }
