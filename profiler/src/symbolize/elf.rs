@@ -215,13 +215,7 @@ impl ElfImage {
             build_id,
             segments,
             symbols,
-            // Go binaries are named from .gopclntab; their DWARF (zlib-compressed by the Go
-            // linker) would cost tens of MiB once decompressed, for the same names and lines.
-            dwarf: if gopclntab.is_some() {
-                None
-            } else {
-                Dwarf::load(&elf)
-            },
+            dwarf: Dwarf::load(&elf),
             debuglink,
             gopclntab,
         })
