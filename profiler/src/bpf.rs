@@ -203,6 +203,21 @@ fn verifier_excerpt(log: &str) -> String {
     lines[start..].join("\n")
 }
 
+/// The perf_event program of `ebpf`.
+fn sampling_program<'a>(ebpf: &'a mut Ebpf, kernel: &str) -> Result<&'a mut PerfEvent, BpfError> {
+    ebpf.program_mut(PROGRAM_SAMPLE)
+        .ok_or(BpfError::Missing {
+            kind: "program",
+            name: PROGRAM_SAMPLE,
+        })?
+        .try_into()
+        .map_err(|e| BpfError::Program {
+            program: PROGRAM_SAMPLE,
+            kernel: kernel.to_owned(),
+            source: Box::new(e),
+        })
+}
+
 fn load_error(program: &'static str, kernel: &str, error: ProgramError) -> BpfError {
     match error {
         ProgramError::LoadError {
@@ -274,19 +289,7 @@ impl BpfSession {
             }
         }
 
-        let program: &mut PerfEvent = ebpf
-            .program_mut(PROGRAM_SAMPLE)
-            .ok_or(BpfError::Missing {
-                kind: "program",
-                name: PROGRAM_SAMPLE,
-            })?
-            .try_into()
-            .map_err(|e| BpfError::Program {
-                program: PROGRAM_SAMPLE,
-                kernel: kernel.clone(),
-                source: Box::new(e),
-            })?;
-        program
+        sampling_program(&mut ebpf, &kernel)?
             .load()
             .map_err(|e| load_error(PROGRAM_SAMPLE, &kernel, e))?;
 
@@ -362,19 +365,7 @@ impl BpfSession {
     /// Attaches one perf event per online CPU at `frequency` Hz.
     pub fn attach(&mut self, frequency: u32) -> Result<(), BpfError> {
         let kernel = self.kernel.clone();
-        let program: &mut PerfEvent = self
-            .ebpf
-            .program_mut(PROGRAM_SAMPLE)
-            .ok_or(BpfError::Missing {
-                kind: "program",
-                name: PROGRAM_SAMPLE,
-            })?
-            .try_into()
-            .map_err(|e| BpfError::Program {
-                program: PROGRAM_SAMPLE,
-                kernel: kernel.clone(),
-                source: Box::new(e),
-            })?;
+        let program = sampling_program(&mut self.ebpf, &kernel)?;
         let cpus =
             aya::util::online_cpus().map_err(|(path, source)| BpfError::OnlineCpus { path, source })?;
         let policy = SamplePolicy::Frequency(u64::from(frequency));

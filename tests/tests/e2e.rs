@@ -93,10 +93,18 @@ struct Recorded {
 
 /// Records `fixture` alone for `seconds`, then stops it.
 fn record_fixture(fixture: Fixture, seconds: u32) -> Recorded {
+    record_fixture_with(fixture, seconds, &[])
+}
+
+/// Records `fixture` alone at 250 Hz for `seconds` with `extra` flags, then stops it.
+fn record_fixture_with(fixture: Fixture, seconds: u32, extra: &[&str]) -> Recorded {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("fixture.pb.gz");
     let pid = fixture.pid();
-    let profile = record(&["--pid", &pid.to_string(), "--frequency", "250"], seconds, &out);
+    let pid_text = pid.to_string();
+    let mut args = vec!["--pid", pid_text.as_str(), "--frequency", "250"];
+    args.extend_from_slice(extra);
+    let profile = record(&args, seconds, &out);
     drop(fixture);
     Recorded {
         profile,
@@ -893,25 +901,19 @@ fn stacks_without(view: &View, samples: &[&profiler::pprof::Sample], names: &[&s
         .join("\n")
 }
 
+/// The samples of `pid` and their total count.
+fn samples_and_total<'a>(view: &View<'a>, pid: u32) -> (Vec<&'a profiler::pprof::Sample>, i64) {
+    let samples = view.samples_of(pid);
+    let total = samples.iter().map(|s| View::count(s)).sum();
+    (samples, total)
+}
+
 /// Records `fixture` and asserts that >= 99 % of its samples reach every name in `reach`, with
 /// `hot` the function most often on top.
-fn assert_complete_stacks(fixture: Fixture, reach: &[&str], hot: &str, extra: &[&str]) -> Recorded {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = dir.path().join("fixture.pb.gz");
-    let pid = fixture.pid();
-    let mut args = vec![
-        "--pid".to_owned(),
-        pid.to_string(),
-        "--frequency".to_owned(),
-        "250".to_owned(),
-    ];
-    args.extend(extra.iter().map(|s| (*s).to_owned()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let profile = record(&args, 3, &out);
-    drop(fixture);
-    let view = View::new(&profile);
-    let samples = view.samples_of(pid);
-    let total: i64 = samples.iter().map(|s| View::count(s)).sum();
+fn assert_complete_stacks(fixture: Fixture, reach: &[&str], hot: &str) -> Recorded {
+    let recorded = record_fixture(fixture, 3);
+    let view = View::new(&recorded.profile);
+    let (samples, total) = samples_and_total(&view, recorded.pid);
     assert!(total > 300, "got {total} samples");
     let share = share_with(&view, &samples, reach);
     assert!(
@@ -921,12 +923,7 @@ fn assert_complete_stacks(fixture: Fixture, reach: &[&str], hot: &str, extra: &[
         stacks_without(&view, &samples, reach)
     );
     assert_eq!(top_function(&view, &samples), hot);
-    Recorded {
-        profile,
-        pid,
-        out,
-        _dir: dir,
-    }
+    recorded
 }
 
 #[test]
@@ -936,12 +933,7 @@ fn c_without_frame_pointers_unwinds_through_libc_and_a_shared_library() {
         return;
     }
     let bin = nofp_c_fixture();
-    let recorded = assert_complete_stacks(
-        Fixture::start(bin, 60),
-        &["main", "__libc_start*"],
-        "deep_leaf",
-        &[],
-    );
+    let recorded = assert_complete_stacks(Fixture::start(bin, 60), &["main", "__libc_start*"], "deep_leaf");
     let view = View::new(&recorded.profile);
     let samples = view.samples_of(recorded.pid);
     // The whole chain, through qsort in libc and three frames of libdeep.so.
@@ -964,25 +956,9 @@ fn c_without_frame_pointers_unwinds_through_libc_and_a_shared_library() {
     assert!(top.contains("deep_leaf"), "{top}");
 
     // The kernel's frame-pointer walk, for comparison, loses main in most samples.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = dir.path().join("fp.pb.gz");
-    let fixture = Fixture::start(bin, 60);
-    let pid = fixture.pid();
-    let profile = record(
-        &[
-            "--pid",
-            &pid.to_string(),
-            "--frequency",
-            "250",
-            "--unwinder",
-            "frame-pointer",
-        ],
-        2,
-        &out,
-    );
-    drop(fixture);
-    let view = View::new(&profile);
-    let samples = view.samples_of(pid);
+    let fp = record_fixture_with(Fixture::start(bin, 60), 2, &["--unwinder", "frame-pointer"]);
+    let view = View::new(&fp.profile);
+    let samples = view.samples_of(fp.pid);
     let share = share_with(&view, &samples, &["main"]);
     assert!(
         share < 0.5,
@@ -1001,7 +977,6 @@ fn cpp_without_frame_pointers_unwinds_through_libstdcxx() {
         Fixture::start(nofp_cpp_fixture(), 60),
         &["main", "run_for(double)"],
         "cpp_leaf(unsigned long)",
-        &[],
     );
     let view = View::new(&recorded.profile);
     let samples = view.samples_of(recorded.pid);
@@ -1039,7 +1014,6 @@ fn rust_release_without_frame_pointers_reaches_main() {
         Fixture::start(nofp_rust_fixture(), 60),
         &["nofp_rust::main", "main"],
         "nofp_rust::rust_leaf",
-        &[],
     );
 }
 
@@ -1049,7 +1023,7 @@ fn samples_in_a_signal_handler_unwind_through_the_signal_frame() {
     if !privileged() {
         return;
     }
-    let recorded = assert_complete_stacks(Fixture::start(signal_fixture(), 60), &["main"], "spin", &[]);
+    let recorded = assert_complete_stacks(Fixture::start(signal_fixture(), 60), &["main"], "spin");
     let view = View::new(&recorded.profile);
     let samples = view.samples_of(recorded.pid);
     let in_handler: Vec<_> = samples
@@ -1095,7 +1069,7 @@ fn deleted_binaries_still_unwind_and_corrupt_cfi_never_crashes() {
     let fixture = Fixture::start(&copy, 60);
     std::fs::remove_file(&copy).expect("delete binary");
     std::fs::remove_file(dir.path().join("libdeep.so")).expect("delete library");
-    assert_complete_stacks(fixture, &["main", "deep_leaf"], "deep_leaf", &[]);
+    assert_complete_stacks(fixture, &["main", "deep_leaf"], "deep_leaf");
 
     // .eh_frame overwritten with garbage: the program runs (it never throws), the daemon must
     // neither crash nor lose the samples; walks that cannot continue say so.
@@ -1112,14 +1086,9 @@ fn deleted_binaries_still_unwind_and_corrupt_cfi_never_crashes() {
         *byte = (i as u8).wrapping_mul(37) ^ 0xa5;
     }
     std::fs::write(&copy, &data).expect("write corrupt copy");
-    let fixture = Fixture::start(&copy, 60);
-    let pid = fixture.pid();
-    let out = dir.path().join("corrupt.pb.gz");
-    let profile = record(&["--pid", &pid.to_string(), "--frequency", "250"], 2, &out);
-    drop(fixture);
-    let view = View::new(&profile);
-    let samples = view.samples_of(pid);
-    let total: i64 = samples.iter().map(|s| View::count(s)).sum();
+    let recorded = record_fixture(Fixture::start(&copy, 60), 2);
+    let view = View::new(&recorded.profile);
+    let (samples, total) = samples_and_total(&view, recorded.pid);
     assert!(total > 200, "got {total} samples");
     // libdeep.so is intact: its frames are still walked.
     assert!(share_with(&view, &samples, &["deep_leaf", "deep_a"]) > 0.5);
@@ -1213,15 +1182,9 @@ fn exec_and_dlopen_are_followed() {
     }
     // dlopen after the process was loaded: the first samples in the new library miss the
     // mappings, ask for a reload, and the rest unwind.
-    let fixture = Fixture::start(dlopen_fixture(), 60);
-    let pid = fixture.pid();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = dir.path().join("dlopen.pb.gz");
-    let profile = record(&["--pid", &pid.to_string(), "--frequency", "250"], 4, &out);
-    drop(fixture);
-    let view = View::new(&profile);
-    let samples = view.samples_of(pid);
-    let total: i64 = samples.iter().map(|s| View::count(s)).sum();
+    let recorded = record_fixture(Fixture::start(dlopen_fixture(), 60), 4);
+    let view = View::new(&recorded.profile);
+    let (samples, total) = samples_and_total(&view, recorded.pid);
     assert!(total > 200, "got {total} samples");
     let share = share_with(&view, &samples, &["deep_leaf", "call_deep", "main"]);
     assert!(
@@ -1237,14 +1200,9 @@ fn exec_and_dlopen_are_followed() {
         "echo ready; sleep 1.5; exec {} 60 >/dev/null",
         nofp_c_fixture().display()
     ));
-    let fixture = Fixture::start_command(cmd);
-    let pid = fixture.pid();
-    let out = dir.path().join("exec.pb.gz");
-    let profile = record(&["--pid", &pid.to_string(), "--frequency", "250"], 4, &out);
-    drop(fixture);
-    let view = View::new(&profile);
-    let samples = view.samples_of(pid);
-    let total: i64 = samples.iter().map(|s| View::count(s)).sum();
+    let recorded = record_fixture(Fixture::start_command(cmd), 4);
+    let view = View::new(&recorded.profile);
+    let (samples, total) = samples_and_total(&view, recorded.pid);
     assert!(total > 200, "got {total} samples");
     let share = share_with(&view, &samples, &["deep_leaf", "main", "__libc_start*"]);
     assert!(
@@ -1310,15 +1268,10 @@ fn stacks_deeper_than_the_limit_keep_256_user_frames_and_say_so() {
     if !privileged() {
         return;
     }
-    let fixture = Fixture::start(recurse_fixture(), 60);
-    let pid = fixture.pid();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = dir.path().join("deep.pb.gz");
-    let profile = record(&["--pid", &pid.to_string(), "--frequency", "250"], 2, &out);
-    drop(fixture);
-    let view = View::new(&profile);
-    let samples = view.samples_of(pid);
-    let total: i64 = samples.iter().map(|s| View::count(s)).sum();
+    let recorded = record_fixture(Fixture::start(recurse_fixture(), 60), 2);
+    let profile = &recorded.profile;
+    let view = View::new(profile);
+    let (samples, total) = samples_and_total(&view, recorded.pid);
     assert!(total > 200, "got {total} samples");
     let truncated: Vec<_> = samples
         .iter()

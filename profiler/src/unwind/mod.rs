@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap as BpfHashMap, LpmTrie, MapData, MapError, RingBuf, lpm_trie::Key};
+use aya::maps::{HashMap as BpfHashMap, LpmTrie, MapData, RingBuf, lpm_trie::Key};
 use foldhash::{HashMap, HashSet};
 use object::{Object as _, ObjectSegment as _, ReadCache};
 use procfs::process::{MMPermissions, MMapPath, Process};
@@ -461,8 +461,7 @@ impl Unwinder {
     }
 
     fn build(&mut self, pid: u32, candidate: &Path, key: FileKey, path: &str) -> Result<FileInfo, String> {
-        let (file, meta) = open_regular(candidate, Some(key.1)).map_err(|e| e.to_string())?;
-        let _ = meta;
+        let (file, _) = open_regular(candidate, Some(key.1)).map_err(|e| e.to_string())?;
         let cache = ReadCache::new(file);
         let elf = object::File::parse(&cache).map_err(|e| format!("{}: {e}", candidate.display()))?;
         let segments = load_segments(&elf);
@@ -758,11 +757,6 @@ fn own_vdso() -> Option<(FileInfo, Table)> {
         used: 0,
     };
     Some((info, table))
-}
-
-/// Maps `UNWIND_*` map errors for the daemon's error type.
-pub fn map_error(error: MapError) -> Box<MapError> {
-    Box::new(error)
 }
 
 #[cfg(test)]
