@@ -356,6 +356,8 @@ pub struct UnwindState {
     pub table: FileTable,
 }
 
+const _: () = assert!(core::mem::size_of::<UnwindState>() == 96);
+
 #[cfg(feature = "user")]
 // SAFETY: repr(C), Copy, integers and integer arrays with explicit padding: every bit pattern
 // is valid.
