@@ -322,12 +322,14 @@ impl Unwinder {
         for m in &maps {
             let value = match &m.target {
                 Target::File { key, path, deleted } => {
-                    let Some(info) = self.file(pid, m, *key, path, *deleted) else {
-                        continue;
-                    };
+                    let info = self.file(pid, m, *key, path, *deleted);
                     files.push(info.id);
-                    let Some(bias) = bias(&info.segments, m.start, m.offset) else {
-                        continue;
+                    // An unreadable file has no segments; its frames end the walk as "no
+                    // table" whatever the bias.
+                    let bias = match bias(&info.segments, m.start, m.offset) {
+                        Some(bias) => bias,
+                        None if matches!(info.kind, FileKind::Failed) => 0,
+                        None => continue,
                     };
                     let kind = match info.kind {
                         FileKind::FramePointer => mapping::FRAME_POINTER,
@@ -409,14 +411,7 @@ impl Unwinder {
     }
 
     /// The file behind a mapping: identified, classified and its table loaded (once).
-    fn file(
-        &mut self,
-        pid: u32,
-        m: &ExecMapping,
-        key: FileKey,
-        path: &str,
-        deleted: bool,
-    ) -> Option<FileInfo> {
+    fn file(&mut self, pid: u32, m: &ExecMapping, key: FileKey, path: &str, deleted: bool) -> FileInfo {
         self.clock += 1;
         if let Some(info) = self.files.get_mut(&key) {
             info.used = self.clock;
@@ -425,7 +420,7 @@ impl Unwinder {
                 // Evicted earlier; build it again now that a process needs it.
                 self.files.remove(&key);
             } else {
-                return Some(info);
+                return info;
             }
         }
         let proc_dir = self.proc_root.join(pid.to_string());
@@ -443,21 +438,21 @@ impl Unwinder {
             match self.build(pid, &candidate, key, path) {
                 Ok(info) => {
                     self.files.insert(key, info.clone());
-                    return Some(info);
+                    return info;
                 }
                 Err(error) => last_error = error,
             }
         }
+        // Not remembered: the file may be readable through the next process that maps it (this
+        // one may have exited mid-load).
         self.stats.table_errors.fetch_add(1, Ordering::Relaxed);
-        debug!(pid, path, error = %last_error, "no unwind table for mapped file");
-        let info = FileInfo {
+        debug!(pid, path, error = %last_error, "mapped file unreadable; no unwind table");
+        FileInfo {
             id: fallback_id(key),
             kind: FileKind::Failed,
             segments: Vec::new(),
             used: self.clock,
-        };
-        self.files.insert(key, info.clone());
-        Some(info)
+        }
     }
 
     fn build(&mut self, pid: u32, candidate: &Path, key: FileKey, path: &str) -> Result<FileInfo, String> {

@@ -51,7 +51,7 @@ pub struct Table {
     pub base: u64,
     /// Sorted by `pc`, no two neighbours with the same rule.
     pub rows: Vec<UnwindRow>,
-    /// Counts of rows per [`cfa`] kind, for the statistics.
+    /// Rows with a rule BPF cannot follow ([`cfa::INVALID`]), for the statistics.
     pub invalid_rows: u64,
     /// FDEs whose instructions could not be evaluated (skipped, their range becomes a gap).
     pub bad_fdes: u64,
