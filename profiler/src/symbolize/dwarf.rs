@@ -43,7 +43,8 @@ impl Dwarf {
                     .is_ok_and(|n| n.starts_with(".debug_") || n.starts_with(".zdebug_"))
             })
             .map(|s| s.size())
-            .sum();
+            // Section sizes are untrusted header values: saturate instead of overflowing.
+            .fold(0u64, u64::saturating_add);
         if debug_bytes > MAX_DEBUG_BYTES || info.size() == 0 {
             return None;
         }

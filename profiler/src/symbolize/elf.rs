@@ -335,6 +335,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn debug_sections_with_absurd_sizes_do_not_overflow() {
+        // Found by `cargo xtask fuzz` (elf target): debug section sizes that add up past
+        // u64::MAX. The test binary itself has debug sections; two get huge header sizes.
+        let mut data = std::fs::read(std::env::current_exe().expect("test binary")).expect("read");
+        let debug: Vec<usize> = {
+            let file = object::File::parse(data.as_slice()).expect("ELF");
+            file.sections()
+                .filter(|s| s.name().is_ok_and(|n| n.starts_with(".debug_")))
+                .map(|s| s.index().0)
+                .take(2)
+                .collect()
+        };
+        assert_eq!(debug.len(), 2, "the test binary has debug sections");
+        let shoff = u64::from_le_bytes(data[0x28..0x30].try_into().expect("8 bytes")) as usize;
+        let shentsize = u16::from_le_bytes(data[0x3a..0x3c].try_into().expect("2 bytes")) as usize;
+        for index in debug {
+            let size_at = shoff + index * shentsize + 0x20;
+            data[size_at..size_at + 8].copy_from_slice(&(u64::MAX / 2 + 1).to_le_bytes());
+        }
+        let image = ElfImage::parse(data.as_slice()).expect("headers still parse");
+        assert!(image.dwarf.is_none(), "oversized DWARF is refused");
+    }
+
+    #[test]
     fn refuses_fifos_and_replaced_files_without_blocking() {
         let dir = tempfile::tempdir().expect("tempdir");
         let fifo = dir.path().join("fifo");
