@@ -337,8 +337,21 @@ mod tests {
     #[test]
     fn debug_sections_with_absurd_sizes_do_not_overflow() {
         // Found by `cargo xtask fuzz` (elf target): debug section sizes that add up past
-        // u64::MAX. The test binary itself has debug sections; two get huge header sizes.
-        let mut data = std::fs::read(std::env::current_exe().expect("test binary")).expect("read");
+        // u64::MAX (a panic with overflow checks, a wrapped and accepted total without).
+        // A small program built with -g gets two huge debug section sizes.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source = dir.path().join("tiny.c");
+        let binary = dir.path().join("tiny");
+        std::fs::write(&source, "int main(void) { return 0; }\n").expect("write source");
+        let status = std::process::Command::new("gcc")
+            .arg("-g")
+            .arg("-o")
+            .arg(&binary)
+            .arg(&source)
+            .status()
+            .expect("gcc (installed by cargo xtask setup)");
+        assert!(status.success(), "gcc failed");
+        let mut data = std::fs::read(&binary).expect("read");
         let debug: Vec<usize> = {
             let file = object::File::parse(data.as_slice()).expect("ELF");
             file.sections()
@@ -347,7 +360,7 @@ mod tests {
                 .take(2)
                 .collect()
         };
-        assert_eq!(debug.len(), 2, "the test binary has debug sections");
+        assert_eq!(debug.len(), 2, "a -g build has debug sections");
         let shoff = u64::from_le_bytes(data[0x28..0x30].try_into().expect("8 bytes")) as usize;
         let shentsize = u16::from_le_bytes(data[0x3a..0x3c].try_into().expect("2 bytes")) as usize;
         for index in debug {
