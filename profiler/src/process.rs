@@ -30,6 +30,36 @@ pub struct FileKey {
     pub mtime_ns: i128,
 }
 
+impl FileKey {
+    /// The key of a file found at a candidate path: `dev` and `inode` from /proc/<pid>/maps,
+    /// size and modification time from its metadata.
+    pub fn of(dev: (i32, i32), inode: u64, meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        FileKey {
+            dev,
+            inode,
+            size: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        }
+    }
+}
+
+/// Where a file mapped by a process can be opened, in order: its path inside the process's
+/// mount namespace (not for deleted files), then `map_files` of the mapping `[start, end)`.
+pub fn mapped_file_paths(
+    proc_dir: &std::path::Path,
+    path: &str,
+    deleted: bool,
+    (start, end): (u64, u64),
+) -> Vec<PathBuf> {
+    let mut candidates = Vec::with_capacity(2);
+    if !deleted {
+        candidates.push(proc_dir.join("root").join(path.trim_start_matches('/')));
+    }
+    candidates.push(proc_dir.join("map_files").join(format!("{start:x}-{end:x}")));
+    candidates
+}
+
 /// A file mapped executable by at least one process.
 #[derive(Debug)]
 pub struct ObjectFile {
@@ -459,11 +489,7 @@ impl ProcessRegistry {
         use std::os::unix::fs::MetadataExt as _;
         let generation = self.generation;
         let proc_dir = self.procfs_root.join(pid.to_string());
-        let mut candidates = Vec::with_capacity(2);
-        if !deleted {
-            candidates.push(proc_dir.join("root").join(path.trim_start_matches('/')));
-        }
-        candidates.push(proc_dir.join("map_files").join(format!("{start:x}-{end:x}")));
+        let candidates = mapped_file_paths(&proc_dir, path, deleted, (start, end));
         let mut last_error = String::from("no path to open");
         let mut unread_key = FileKey {
             dev,
@@ -487,13 +513,7 @@ impl ProcessRegistry {
                     continue;
                 }
             };
-            let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
-            let key = FileKey {
-                dev,
-                inode,
-                size: meta.len(),
-                mtime_ns,
-            };
+            let key = FileKey::of(dev, inode, &meta);
             if let Some((object, used)) = self.objects.get_mut(&key) {
                 *used = generation;
                 return Arc::clone(object);

@@ -37,7 +37,10 @@ use self::{
     store::{RowStore, StoreError},
     table::{Table, TableError},
 };
-use crate::symbolize::elf::open_regular;
+use crate::{
+    process::{FileKey, mapped_file_paths},
+    symbolize::elf::open_regular,
+};
 
 /// Requests waiting for the stage; more are dropped (and counted) by the sender.
 pub const REQUEST_QUEUE: usize = 1024;
@@ -150,9 +153,6 @@ struct FileInfo {
     segments: Vec<(u64, u64, u64)>,
     used: u64,
 }
-
-/// Identity of a mapped file before it is opened: (dev, inode, size, mtime).
-type FileKey = ((i32, i32), u64, u64, i128);
 
 #[derive(Default)]
 struct LoadedProcess {
@@ -424,15 +424,7 @@ impl Unwinder {
             }
         }
         let proc_dir = self.proc_root.join(pid.to_string());
-        let mut candidates = Vec::with_capacity(2);
-        if !deleted {
-            candidates.push(proc_dir.join("root").join(path.trim_start_matches('/')));
-        }
-        candidates.push(
-            proc_dir
-                .join("map_files")
-                .join(format!("{:x}-{:x}", m.start, m.end)),
-        );
+        let candidates = mapped_file_paths(&proc_dir, path, deleted, (m.start, m.end));
         let mut last_error = String::new();
         for candidate in candidates {
             match self.build(pid, &candidate, key, path) {
@@ -456,7 +448,7 @@ impl Unwinder {
     }
 
     fn build(&mut self, pid: u32, candidate: &Path, key: FileKey, path: &str) -> Result<FileInfo, String> {
-        let (file, _) = open_regular(candidate, Some(key.1)).map_err(|e| e.to_string())?;
+        let (file, _) = open_regular(candidate, Some(key.inode)).map_err(|e| e.to_string())?;
         let cache = ReadCache::new(file);
         let elf = object::File::parse(&cache).map_err(|e| format!("{}: {e}", candidate.display()))?;
         let segments = load_segments(&elf);
@@ -538,7 +530,7 @@ impl Unwinder {
             return;
         }
         let mut by_age: Vec<(u64, FileKey)> = self.files.iter().map(|(k, f)| (f.used, *k)).collect();
-        by_age.sort_unstable();
+        by_age.sort_unstable_by_key(|(used, _)| *used);
         let excess = self.files.len() - MAX_KNOWN_FILES / 2;
         for (_, key) in by_age.into_iter().take(excess) {
             self.files.remove(&key);
@@ -612,17 +604,16 @@ fn read_exec_mappings(proc_root: &Path, pid: u32) -> Result<Vec<ExecMapping>, pr
                 )
                 .ok()
                 .filter(|meta| meta.ino() == m.inode);
-                let (size, mtime) = meta.map_or((0, 0), |meta| {
-                    (
-                        meta.len(),
-                        i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-                    )
-                });
-                Target::File {
-                    key: ((m.dev.0, m.dev.1), m.inode, size, mtime),
-                    path,
-                    deleted,
-                }
+                let key = match meta {
+                    Some(meta) => FileKey::of(m.dev, m.inode, &meta),
+                    None => FileKey {
+                        dev: m.dev,
+                        inode: m.inode,
+                        size: 0,
+                        mtime_ns: 0,
+                    },
+                };
+                Target::File { key, path, deleted }
             }
             MMapPath::Vdso => Target::Vdso,
             MMapPath::Vsyscall => continue,
