@@ -90,7 +90,7 @@ const MCONTEXT_RIP: u64 = 128;
 
 /// `struct pt_regs` (x86-64) as the perf context and `bpf_task_pt_regs` hold it.
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct PtRegs {
     r15: u64,
     r14: u64,
@@ -258,29 +258,7 @@ unsafe fn walk_user(ctx: &PerfEventContext, tgid: u32, kernel_len: usize) -> (us
     let Some(state) = UNWIND_STATE.get_ptr_mut(0) else {
         return (0, UnwindStatus::ReadError);
     };
-    let mut regs = PtRegs {
-        r15: 0,
-        r14: 0,
-        r13: 0,
-        r12: 0,
-        bp: 0,
-        bx: 0,
-        r11: 0,
-        r10: 0,
-        r9: 0,
-        r8: 0,
-        ax: 0,
-        cx: 0,
-        dx: 0,
-        si: 0,
-        di: 0,
-        orig_ax: 0,
-        ip: 0,
-        cs: 0,
-        flags: 0,
-        sp: 0,
-        ss: 0,
-    };
+    let mut regs = PtRegs::default();
     // SAFETY: `state` is this CPU's slot; see try_sample for the nesting argument.
     unsafe {
         if !user_regs(ctx, &mut regs) {
@@ -307,16 +285,7 @@ unsafe fn walk_user(ctx: &PerfEventContext, tgid: u32, kernel_len: usize) -> (us
             core::ptr::null_mut(),
             0,
         );
-        let status = match s.status {
-            0 => UnwindStatus::Complete,
-            2 => UnwindStatus::NoMapping,
-            3 => UnwindStatus::NoTable,
-            4 => UnwindStatus::UnsupportedRule,
-            5 => UnwindStatus::BadFrame,
-            6 => UnwindStatus::ReadError,
-            8 => UnwindStatus::BadPc,
-            _ => UnwindStatus::MaxDepth,
-        };
+        let status = UnwindStatus::from_u8(s.status).unwrap_or(UnwindStatus::MaxDepth);
         ((s.frames as usize).min(MAX_USER_DEPTH), status)
     }
 }

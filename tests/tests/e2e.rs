@@ -458,8 +458,7 @@ fn check_inline_frames(bin: &Path, expect: &Inlined) {
             })
             .collect()
     };
-    let samples = view.samples_of(pid);
-    let total: i64 = samples.iter().map(|s| View::count(s)).sum();
+    let (samples, total) = samples_and_total(&view, pid);
     let inlined: i64 = samples
         .iter()
         .filter(|s| {
@@ -515,8 +514,7 @@ fn jit_frames_are_named_from_the_perf_map() {
         _dir,
     } = record_fixture(fixture, 3);
     let view = View::new(&profile);
-    let samples = view.samples_of(pid);
-    let total: i64 = samples.iter().map(|s| View::count(s)).sum();
+    let (samples, total) = samples_and_total(&view, pid);
     let in_hot_loop: i64 = samples
         .iter()
         .filter(|s| {
@@ -607,8 +605,7 @@ fn stripped_go_binary_is_named_in_profiles() {
         _dir,
     } = record_fixture(Fixture::start(bin, 60), 3);
     let view = View::new(&profile);
-    let samples = view.samples_of(pid);
-    let total: i64 = samples.iter().map(|s| View::count(s)).sum();
+    let (samples, total) = samples_and_total(&view, pid);
     let named: i64 = samples
         .iter()
         .filter(|s| {
@@ -640,8 +637,7 @@ fn go_fixture_frames_are_named() {
         _dir,
     } = record_fixture(Fixture::start(bin, 60), 3);
     let view = View::new(&profile);
-    let samples = view.samples_of(pid);
-    let total: i64 = samples.iter().map(|s| View::count(s)).sum();
+    let (samples, total) = samples_and_total(&view, pid);
     assert!(total > 200, "got {total} samples");
     let with = |name: &str| -> i64 {
         samples
@@ -1253,8 +1249,7 @@ fn a_small_table_budget_evicts_and_names_what_it_could_not_walk() {
     // Nothing is lost: both processes keep all their samples, and walks that met an evicted
     // table say so.
     for pid in [c.pid(), cpp.pid()] {
-        let samples = view.samples_of(pid);
-        let total: i64 = samples.iter().map(|s| View::count(s)).sum();
+        let (_, total) = samples_and_total(&view, pid);
         assert!(total > 300, "pid {pid}: {total} samples");
     }
     let all: Vec<&profiler::pprof::Sample> = profile.sample.iter().collect();
