@@ -1,4 +1,5 @@
-//! Builds the eBPF object (embedded by `bpf::EBPF_OBJECT`) and the pprof protobuf types.
+//! Builds the eBPF object (embedded by `bpf::EBPF_OBJECT`) and the protobuf types (pprof and
+//! the backends' ingestion APIs).
 use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
@@ -6,12 +7,22 @@ use anyhow::{Context as _, bail};
 const SETUP_HINT: &str = "run `cargo xtask setup` to install the eBPF toolchain";
 
 fn main() -> anyhow::Result<()> {
-    println!("cargo:rerun-if-changed=proto/profile.proto");
-    let descriptors =
-        protox::compile(["proto/profile.proto"], ["proto"]).context("compiling proto/profile.proto")?;
-    prost_build::Config::new()
+    const PROTOS: [&str; 4] = [
+        "proto/profile.proto",
+        "proto/pyroscope_push.proto",
+        "proto/parca_profilestore.proto",
+        "proto/otlp_profiles.proto",
+    ];
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let descriptors = protox::compile(PROTOS, ["proto"]).context("compiling the .proto files")?;
+    // Parca's gRPC service gets a client (the exporter) and a server (tests stand in for Parca).
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
         .compile_fds(descriptors)
-        .context("generating pprof types")?;
+        .context("generating protobuf types")?;
 
     check_ebpf_toolchain()?;
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);

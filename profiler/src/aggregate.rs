@@ -97,13 +97,13 @@ impl Interval {
         id
     }
 
-    fn object(&mut self, object: Arc<ObjectFile>) -> u32 {
+    fn object(&mut self, object: &Arc<ObjectFile>) -> u32 {
         if let Some(&id) = self.object_ids.get(&object.key) {
             return id;
         }
         let id = self.objects.len() as u32;
         self.object_ids.insert(object.key, id);
-        self.objects.push(object);
+        self.objects.push(Arc::clone(object));
         id
     }
 
@@ -117,13 +117,109 @@ impl Interval {
         self.stack_ids.insert(ids, id);
         id
     }
+
+    /// Counts one resolved sample.
+    fn insert(&mut self, sample: &Resolved, meta: impl FnOnce() -> ProcessMeta) {
+        let mut ids = Vec::with_capacity(sample.kernel.len() + sample.user.len() + 1);
+        for &ip in &sample.kernel {
+            ids.push(self.frame(Frame::Kernel(ip)));
+        }
+        for (frame, addr) in &sample.user {
+            let frame = match frame {
+                UserFrame::Object { object, vaddr } => Frame::Object {
+                    object: self.object(object),
+                    vaddr: *vaddr,
+                },
+                UserFrame::Special { name, offset } => Frame::Special {
+                    name: Arc::clone(name),
+                    offset: *offset,
+                },
+                UserFrame::Jit { name } => Frame::Jit(Arc::clone(name)),
+                UserFrame::Unknown => Frame::Unknown(*addr),
+            };
+            ids.push(self.frame(frame));
+        }
+        if let Some(reason) = &sample.truncated {
+            ids.push(self.frame(Frame::Truncated(Arc::clone(reason))));
+        }
+        if ids.is_empty() {
+            ids.push(self.frame(Frame::NoStack));
+        }
+        let stack = self.stack(ids);
+        *self.counts.entry((sample.tgid, stack)).or_default() += 1;
+        self.processes.entry(sample.tgid).or_insert_with(meta);
+    }
+
+    fn into_snapshot(
+        self,
+        start: SystemTime,
+        end: SystemTime,
+        counters: CounterSnapshot,
+        registry: RegistryStats,
+    ) -> Snapshot {
+        let mut counts: Vec<StackCount> = self
+            .counts
+            .into_iter()
+            .map(|((pid, stack), count)| StackCount { pid, stack, count })
+            .collect();
+        counts.sort_unstable_by_key(|c| (c.pid, c.stack));
+        Snapshot {
+            start,
+            end,
+            frames: self.frames,
+            stacks: self.stacks,
+            objects: self.objects,
+            counts,
+            processes: self.processes,
+            counters,
+            registry,
+        }
+    }
 }
+
+/// A sample with its user addresses resolved to files, before interning.
+struct Resolved {
+    tgid: u32,
+    /// Kernel addresses, caller-adjusted.
+    kernel: Vec<u64>,
+    /// User frames with their caller-adjusted addresses.
+    user: Vec<(UserFrame, u64)>,
+    truncated: Option<Arc<str>>,
+}
+
+/// Which samples an on-demand profile keeps (all given conditions must hold).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TapFilter {
+    /// Processes (host pids); empty: any.
+    pub pids: Vec<u32>,
+    /// Process name (`comm`), exact.
+    pub comm: Option<String>,
+}
+
+impl TapFilter {
+    fn matches(&self, tgid: u32, comm: &str) -> bool {
+        (self.pids.is_empty() || self.pids.contains(&tgid)) && self.comm.as_deref().is_none_or(|c| c == comm)
+    }
+}
+
+/// An on-demand profile being collected beside the interval (`/debug/pprof/profile`).
+struct Tap {
+    id: u64,
+    filter: TapFilter,
+    start: SystemTime,
+    counters_at_start: CounterSnapshot,
+    interval: Interval,
+}
+
+/// Most on-demand profiles collected at once; the endpoint refuses more.
+pub const MAX_TAPS: usize = 8;
 
 pub struct Aggregator {
     registry: ProcessRegistry,
     interval: Interval,
     start: SystemTime,
     counters_at_start: CounterSnapshot,
+    taps: Vec<Tap>,
 }
 
 impl Aggregator {
@@ -133,15 +229,17 @@ impl Aggregator {
             interval: Interval::default(),
             start,
             counters_at_start: counters,
+            taps: Vec::new(),
         }
     }
 
-    pub fn add(&mut self, sample: &Sample) {
-        let interval = &mut self.interval;
-        let mut ids = Vec::with_capacity(sample.kernel.len() + sample.user.len());
-        for (i, &ip) in sample.kernel.iter().enumerate() {
-            ids.push(interval.frame(Frame::Kernel(caller_adjusted(i, ip))));
-        }
+    fn resolve(&mut self, sample: &Sample) -> Resolved {
+        let kernel = sample
+            .kernel
+            .iter()
+            .enumerate()
+            .map(|(i, &ip)| caller_adjusted(i, ip))
+            .collect();
         // The frame-pointer walk can end on a zero return address (Go's runtime frames do);
         // nothing executes in the first page, so such entries mark the end, not a frame.
         let user = sample.user.iter().take_while(|&&ip| ip >= FIRST_CODE_ADDRESS);
@@ -154,54 +252,72 @@ impl Aggregator {
             Some(UserFrame::Special { name, .. }) => Some(name.to_string()),
             _ => None,
         };
-        for (frame, addr) in frames.into_iter().zip(addrs) {
-            let frame = match frame {
-                UserFrame::Object { object, vaddr } => Frame::Object {
-                    object: interval.object(object),
-                    vaddr,
-                },
-                UserFrame::Special { name, offset } => Frame::Special { name, offset },
-                UserFrame::Jit { name } => Frame::Jit(name),
-                UserFrame::Unknown => Frame::Unknown(addr),
-            };
-            ids.push(interval.frame(frame));
+        Resolved {
+            tgid: sample.tgid,
+            kernel,
+            user: frames.into_iter().zip(addrs).collect(),
+            truncated: truncation(sample.unwind, last_file.as_deref()).map(Into::into),
         }
-        if let Some(reason) = truncation(sample.unwind, last_file.as_deref()) {
-            ids.push(interval.frame(Frame::Truncated(reason.into())));
+    }
+
+    pub fn add(&mut self, sample: &Sample) {
+        let resolved = self.resolve(sample);
+        let registry = &mut self.registry;
+        let mut meta = None;
+        let mut meta_of = |registry: &mut ProcessRegistry| {
+            meta.get_or_insert_with(|| {
+                let mut meta = registry.meta(sample.tgid);
+                // A process gone before /proc could be read keeps the name of the sampled thread.
+                meta.comm.get_or_insert_with(|| sample.comm.clone());
+                meta
+            })
+            .clone()
+        };
+        self.interval.insert(&resolved, || meta_of(registry));
+        if self.taps.is_empty() {
+            return;
         }
-        if ids.is_empty() {
-            ids.push(interval.frame(Frame::NoStack));
+        let process = meta_of(registry);
+        let comm = process.comm.as_deref().unwrap_or(&sample.comm);
+        for tap in &mut self.taps {
+            if tap.filter.matches(sample.tgid, comm) {
+                tap.interval.insert(&resolved, || process.clone());
+            }
         }
-        let stack = interval.stack(ids);
-        *interval.counts.entry((sample.tgid, stack)).or_default() += 1;
-        if let std::collections::hash_map::Entry::Vacant(slot) = interval.processes.entry(sample.tgid) {
-            let mut meta = self.registry.meta(sample.tgid);
-            // A process gone before /proc could be read keeps the name of the sampled thread.
-            meta.comm.get_or_insert_with(|| sample.comm.clone());
-            slot.insert(meta);
-        }
+    }
+
+    /// Starts an on-demand profile. Ids must be unique among open taps.
+    pub fn open_tap(&mut self, id: u64, filter: TapFilter, counters: CounterSnapshot) {
+        self.taps.push(Tap {
+            id,
+            filter,
+            start: SystemTime::now(),
+            counters_at_start: counters,
+            interval: Interval::default(),
+        });
+    }
+
+    /// Ends an on-demand profile and returns what it collected.
+    pub fn close_tap(&mut self, id: u64, counters: CounterSnapshot) -> Option<Snapshot> {
+        let at = self.taps.iter().position(|t| t.id == id)?;
+        let tap = self.taps.swap_remove(at);
+        Some(tap.interval.into_snapshot(
+            tap.start,
+            SystemTime::now(),
+            counters.since(&tap.counters_at_start),
+            self.registry.stats.clone(),
+        ))
     }
 
     /// Closes the interval at `end` and starts the next one.
     pub fn flush(&mut self, end: SystemTime, counters: CounterSnapshot) -> Snapshot {
         let interval = std::mem::take(&mut self.interval);
-        let mut counts: Vec<StackCount> = interval
-            .counts
-            .into_iter()
-            .map(|((pid, stack), count)| StackCount { pid, stack, count })
-            .collect();
-        counts.sort_unstable_by_key(|c| (c.pid, c.stack));
-        let snapshot = Snapshot {
-            start: self.start,
+        let snapshot = interval.into_snapshot(
+            self.start,
             end,
-            frames: interval.frames,
-            stacks: interval.stacks,
-            objects: interval.objects,
-            counts,
-            processes: interval.processes,
-            counters: counters.since(&self.counters_at_start),
-            registry: self.registry.stats.clone(),
-        };
+            counters.since(&self.counters_at_start),
+            self.registry.stats.clone(),
+        );
         self.registry.end_interval();
         self.start = end;
         self.counters_at_start = counters;
@@ -234,7 +350,7 @@ fn caller_adjusted(index: usize, ip: u64) -> u64 {
 /// The aggregator stage: runs on a blocking thread (it reads /proc and parses ELF files) until
 /// it has flushed the last interval. A full report queue blocks it; the sampler then drops and
 /// counts samples instead of growing memory.
-pub fn run(mut aggregator: Aggregator, mut rx: mpsc::Receiver<Message>, tx: mpsc::Sender<Snapshot>) {
+pub fn run(mut aggregator: Aggregator, mut rx: mpsc::Receiver<Message>, tx: mpsc::Sender<Job>) {
     while let Some(message) = rx.blocking_recv() {
         match message {
             Message::Samples(samples) => samples.iter().for_each(|s| aggregator.add(s)),
@@ -245,12 +361,31 @@ pub fn run(mut aggregator: Aggregator, mut rx: mpsc::Receiver<Message>, tx: mpsc
                     stacks = snapshot.stacks.len(),
                     "interval closed"
                 );
-                if tx.blocking_send(snapshot).is_err() || last {
+                if tx.blocking_send(Job::Interval(snapshot)).is_err() || last {
                     return;
+                }
+            }
+            Message::OpenTap { id, filter, counters } => aggregator.open_tap(id, filter, counters),
+            Message::CloseTap { id, counters, reply } => {
+                if let Some(snapshot) = aggregator.close_tap(id, counters) {
+                    // The requester may be gone (client disconnected): nothing to do then.
+                    let _ = reply.send(snapshot);
                 }
             }
         }
     }
+}
+
+/// Work for the report stage.
+#[derive(Debug)]
+pub enum Job {
+    /// A closed interval: encode and export.
+    Interval(Snapshot),
+    /// An on-demand profile: encode and answer.
+    OnDemand {
+        snapshot: Snapshot,
+        reply: tokio::sync::oneshot::Sender<Vec<u8>>,
+    },
 }
 
 #[cfg(test)]

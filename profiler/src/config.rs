@@ -104,6 +104,72 @@ pub struct RunArgs {
     /// Keep at most this many bytes of profiles (suffixes K, M, G are binary units).
     #[arg(long, env = "PROFILER_RETAIN_BYTES", default_value = "1G", value_parser = parse_bytes)]
     pub retain_bytes: u64,
+    /// Do not write the local archive (profiles go only to the config file's exporters).
+    #[arg(long, env = "PROFILER_NO_ARCHIVE")]
+    pub no_archive: bool,
+    /// Configuration file (YAML) with the exporters: Pyroscope, Parca, OTLP
+    /// (docs/configuration.md).
+    #[arg(long, short = 'c', env = "PROFILER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Check the flags, the configuration file, credentials and certificates, then exit
+    /// without sampling.
+    #[arg(long)]
+    pub check_config: bool,
+    #[command(flatten)]
+    pub http: HttpArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct HttpArgs {
+    /// Address of the endpoint for `go tool pprof` (/debug/pprof/profile), /metrics, /healthz
+    /// and /readyz; `off` disables it. A non-loopback address needs --http-bearer-token-file or
+    /// --http-client-ca.
+    #[arg(long, env = "PROFILER_HTTP_LISTEN", default_value = DEFAULT_HTTP_LISTEN, value_parser = parse_listen)]
+    pub http_listen: Listen,
+    /// Address serving only /healthz, /readyz and /metrics, without authentication (for probes
+    /// and Prometheus); off by default.
+    #[arg(long, env = "PROFILER_HEALTH_LISTEN", default_value = "off", value_parser = parse_listen)]
+    pub health_listen: Listen,
+    /// File holding the bearer token requests to the endpoint must carry (re-read on change).
+    #[arg(long, env = "PROFILER_HTTP_BEARER_TOKEN_FILE")]
+    pub http_bearer_token_file: Option<PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM).
+    #[arg(long, env = "PROFILER_HTTP_TLS_CERT", requires = "http_tls_key")]
+    pub http_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --http-tls-cert.
+    #[arg(long, env = "PROFILER_HTTP_TLS_KEY", requires = "http_tls_cert")]
+    pub http_tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(long, env = "PROFILER_HTTP_CLIENT_CA")]
+    pub http_client_ca: Option<PathBuf>,
+}
+
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:7073";
+
+/// A listen address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen(pub Option<std::net::SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "off" || s.is_empty() {
+        return Ok(Listen(None));
+    }
+    s.parse().map(|a| Listen(Some(a))).map_err(|_| {
+        format!("`{s}` is not an address (examples: 127.0.0.1:7073, [::1]:7073, 0.0.0.0:7073, off)")
+    })
+}
+
+impl HttpArgs {
+    pub fn settings(&self) -> crate::server::ServerSettings {
+        crate::server::ServerSettings {
+            listen: self.http_listen.0,
+            health_listen: self.health_listen.0,
+            bearer_token_file: self.http_bearer_token_file.clone(),
+            tls_cert: self.http_tls_cert.clone(),
+            tls_key: self.http_tls_key.clone(),
+            client_ca: self.http_client_ca.clone(),
+        }
+    }
 }
 
 /// Validated sampling settings shared by both commands.

@@ -19,6 +19,7 @@ use tokio::{
     task::JoinError,
     time::{Instant, MissedTickBehavior},
 };
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -27,9 +28,12 @@ use crate::{
     bpf::{BpfError, BpfSession},
     config::{SamplingConfig, Unwinder},
     export::Exporter,
+    metrics::{ExporterView, Telemetry},
     process::{CacheLimits, ProcessRegistry},
+    remote::RemoteHandle,
     report::{self, Reporter, RunSummary},
     sampler::{self, Message, PipelineStats},
+    server::{Endpoint, ServerSettings},
     unwind::{Requests, UnwindStats},
 };
 
@@ -47,6 +51,8 @@ pub enum DaemonError {
     Unwind(#[from] crate::unwind::UnwindError),
     #[error("starting a thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Server(#[from] crate::server::ServerError),
 }
 
 pub struct Plan {
@@ -56,9 +62,18 @@ pub struct Plan {
     /// Stop after the first interval (`record`).
     pub once: bool,
     pub exporters: Vec<Box<dyn Exporter>>,
+    /// The remote exporters among `exporters`: their metrics and their shutdown.
+    pub remotes: Vec<RemoteHandle>,
     /// Byte budget of the parsed-file cache.
     pub symbol_cache_bytes: u64,
+    /// The HTTP endpoint (checked: [`ServerSettings::check`] gave `tls`).
+    pub server: ServerSettings,
+    pub tls: Option<TlsAcceptor>,
 }
+
+/// How long a stopping daemon keeps sending spooled profiles before it leaves them for the
+/// next start.
+pub const EXPORT_GRACE: Duration = Duration::from_secs(5);
 
 /// Maps each requested pid to its process (a thread id maps to its thread group).
 pub fn resolve_pids(pids: &[u32]) -> Result<Vec<u32>, DaemonError> {
@@ -97,7 +112,7 @@ async fn shutdown_signal() {
     }
 }
 
-pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
+pub async fn run(mut plan: Plan) -> Result<RunSummary, DaemonError> {
     let pids = resolve_pids(&plan.sampling.pids)?;
     let frequency = plan.sampling.frequency.get();
     let mut session = BpfSession::load(&plan.sampling, &pids)?;
@@ -125,6 +140,20 @@ pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
         (None, None)
     };
     session.attach(frequency)?;
+    let telemetry = Arc::new(Telemetry::new(
+        frequency,
+        Arc::clone(&stats),
+        Arc::clone(&unwind_stats),
+    ));
+    for remote in &plan.remotes {
+        telemetry.add_exporter(ExporterView {
+            name: remote.name.clone(),
+            kind: remote.kind.as_str(),
+            stats: Arc::clone(&remote.stats),
+            spool: Arc::clone(&remote.spool),
+        });
+    }
+    telemetry.set_kernel_counters(session.counters()?);
 
     let (tx, rx) = mpsc::channel(sampler::QUEUE_CAPACITY);
     let (snap_tx, snap_rx) = mpsc::channel(report::QUEUE_CAPACITY);
@@ -146,12 +175,25 @@ pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
         requests,
         cancel.clone(),
     ));
-    let aggregator_task = tokio::task::spawn_blocking(move || aggregate::run(aggregator, rx, snap_tx));
     let reporter = Reporter::new(frequency, session.event, Arc::clone(&unwind_stats));
     let report_stats = Arc::clone(&stats);
-    let exporters = plan.exporters;
-    let report_task =
-        tokio::task::spawn_blocking(move || report::run(reporter, snap_rx, exporters, report_stats));
+    let exporters = std::mem::take(&mut plan.exporters);
+    let report_telemetry = Arc::clone(&telemetry);
+    // The endpoint holds weak senders: the stages end when the pipeline's own senders go,
+    // whatever requests are still open.
+    let endpoint = Arc::new(Endpoint::new(
+        tx.downgrade(),
+        snap_tx.downgrade(),
+        Arc::clone(&telemetry),
+        &plan.server,
+    ));
+    let aggregator_task = tokio::task::spawn_blocking(move || aggregate::run(aggregator, rx, snap_tx));
+    let report_task = tokio::task::spawn_blocking(move || {
+        report::run(reporter, snap_rx, exporters, report_stats, report_telemetry)
+    });
+    let server_cancel = CancellationToken::new();
+    crate::server::start(&plan.server, plan.tls.take(), endpoint, &server_cancel).await?;
+    telemetry.ready.store(true, std::sync::atomic::Ordering::Relaxed);
 
     let stop = shutdown_signal();
     tokio::pin!(stop);
@@ -160,8 +202,11 @@ pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
     clock.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut sampler_task = Some(sampler_task);
     let mut sampler_result = None;
+    let mut telemetry_clock = tokio::time::interval(Duration::from_secs(1));
+    telemetry_clock.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = telemetry_clock.tick() => telemetry.set_kernel_counters(session.counters()?),
             _ = clock.tick() => {
                 if plan.once {
                     break;
@@ -182,6 +227,7 @@ pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
             }
             // The sampler only ends early on an error: stop instead of writing empty profiles.
             result = async { sampler_task.as_mut().expect("present until taken").await }, if sampler_task.is_some() => {
+                telemetry.failed.store(true, std::sync::atomic::Ordering::Relaxed);
                 sampler_task = None;
                 sampler_result = Some(result);
                 break;
@@ -208,6 +254,10 @@ pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
     drop(tx);
     aggregator_task.await?;
     let summary = report_task.await?;
+    server_cancel.cancel();
+    for remote in &mut plan.remotes {
+        remote.shutdown(EXPORT_GRACE).await;
+    }
     // The sampler task owned the request sender; with it gone the unwind stage ends.
     if let Some(thread) = unwinder_thread
         && thread.join().is_err()

@@ -1,9 +1,9 @@
 //! Exporters: where finished profiles go.
 //!
-//! [`Exporter`] is the seam for backends (Pyroscope, Parca, OTLP, the on-demand endpoint). The
-//! report stage calls every configured exporter with each profile, on its blocking thread.
-//! Today: [`FileExporter`] (one file, for `record`) and [`ArchiveExporter`] (a directory with
-//! retention, the default of `run`).
+//! The report stage calls every configured [`Exporter`] with each profile, on its blocking
+//! thread, so an exporter must not wait on the network: [`FileExporter`] (one file, for
+//! `record`), [`ArchiveExporter`] (a directory with retention, the default of `run`) and the
+//! remote ones of [`crate::remote`] (which only spool and wake their sender).
 use std::{
     fs, io,
     path::{Path, PathBuf},
@@ -29,10 +29,12 @@ pub enum ExportError {
     Directory { path: PathBuf, source: io::Error },
     #[error("output file {path}: the directory {dir} does not exist")]
     NoParent { path: PathBuf, dir: PathBuf },
+    #[error("spooling: {0}")]
+    Spool(String),
 }
 
 pub trait Exporter: Send {
-    fn name(&self) -> &'static str;
+    fn name(&self) -> &str;
     /// Delivers one profile; returns the file written, if the exporter writes files.
     fn export(&mut self, profile: &EncodedProfile) -> Result<Option<PathBuf>, ExportError>;
 }
@@ -73,7 +75,7 @@ impl FileExporter {
 }
 
 impl Exporter for FileExporter {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "file"
     }
 
@@ -157,7 +159,7 @@ pub fn file_timestamp(t: SystemTime) -> String {
 }
 
 impl Exporter for ArchiveExporter {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "archive"
     }
 

@@ -11,9 +11,13 @@ pub mod config;
 pub mod daemon;
 pub mod encode;
 pub mod export;
+pub mod metrics;
 pub mod process;
+pub mod remote;
 pub mod report;
 pub mod sampler;
+pub mod server;
+pub mod settings;
 pub mod summary;
 pub mod symbolize;
 pub mod unwind;
@@ -21,4 +25,21 @@ pub mod unwind;
 /// Types generated from `proto/profile.proto` (package `perftools.profiles`).
 pub mod pprof {
     include!(concat!(env!("OUT_DIR"), "/perftools.profiles.rs"));
+}
+
+/// Wire types of the backends' ingestion APIs (`proto/`): Pyroscope's Push, Parca's
+/// `ProfileStoreService` (client and, for tests standing in for Parca, server) and OTLP profiles.
+pub mod wire {
+    pub mod pyroscope {
+        include!(concat!(env!("OUT_DIR"), "/push.v1.rs"));
+    }
+    pub mod parca {
+        include!(concat!(env!("OUT_DIR"), "/parca.profilestore.v1alpha1.rs"));
+    }
+    pub mod otlp {
+        include!(concat!(
+            env!("OUT_DIR"),
+            "/opentelemetry.proto.profiles.v1development.rs"
+        ));
+    }
 }

@@ -5,7 +5,10 @@ use clap::Parser as _;
 use profiler::{
     config::{Cli, Command, ConfigError, check_duration},
     daemon::{self, Plan},
-    export::{ArchiveExporter, FileExporter},
+    export::{ArchiveExporter, Exporter, FileExporter},
+    remote,
+    server::ServerSettings,
+    settings::Settings,
     summary,
 };
 use profiler_common::Counter;
@@ -50,7 +53,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 interval: duration,
                 once: true,
                 exporters: vec![Box::new(exporter)],
+                remotes: Vec::new(),
                 symbol_cache_bytes: args.symbols.symbol_cache_size,
+                server: ServerSettings::default(),
+                tls: None,
             };
             let summary = daemon::run(plan).await?;
             if let Some(failure) = summary.export_failures.first() {
@@ -84,15 +90,54 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if args.retain_count == 0 {
                 return Err(ConfigError::RetainCount.into());
             }
-            let archive =
-                ArchiveExporter::new(args.output_dir.clone(), args.retain_count, args.retain_bytes)?;
-            tracing::info!(dir = %args.output_dir.display(), interval = ?interval, "writing profiles to the local archive");
+            let settings = match &args.config {
+                Some(path) => Settings::load(path)?,
+                None => Settings::default(),
+            };
+            let server = args.http.settings();
+            let tls = server.check()?;
+            let identity = remote::Identity::from_environment(sampling.frequency.get());
+            if args.no_archive && settings.exporters.is_empty() && server.listen.is_none() {
+                bail!(
+                    "--no-archive without exporters in --config and with --http-listen off: profiles would go nowhere"
+                );
+            }
+            if args.check_config {
+                for (name, exporter) in &settings.exporters {
+                    remote::check(name, exporter, &identity)?;
+                }
+                println!(
+                    "configuration ok: {} exporter(s){}, endpoint {}",
+                    settings.exporters.len(),
+                    if args.no_archive { "" } else { " + local archive" },
+                    server.listen.map_or("off".to_owned(), |a| a.to_string())
+                );
+                return Ok(());
+            }
+            let mut exporters: Vec<Box<dyn Exporter>> = Vec::new();
+            if !args.no_archive {
+                let archive =
+                    ArchiveExporter::new(args.output_dir.clone(), args.retain_count, args.retain_bytes)?;
+                tracing::info!(dir = %args.output_dir.display(), interval = ?interval, "writing profiles to the local archive");
+                exporters.push(Box::new(archive));
+            }
+            let mut remotes = Vec::new();
+            for (name, config) in &settings.exporters {
+                let (exporter, handle) =
+                    remote::start(name, config, settings.spool_dir.join(name), &identity)?;
+                tracing::info!(exporter = %name, kind = %config.kind, url = %config.url, "sending profiles");
+                exporters.push(Box::new(exporter));
+                remotes.push(handle);
+            }
             let plan = Plan {
                 sampling,
                 interval,
                 once: false,
-                exporters: vec![Box::new(archive)],
+                exporters,
+                remotes,
                 symbol_cache_bytes: args.symbols.symbol_cache_size,
+                server,
+                tls,
             };
             let summary = daemon::run(plan).await?;
             tracing::info!(profiles = summary.profiles, samples = summary.samples, "done");

@@ -4,7 +4,7 @@
 use std::{
     collections::HashMap,
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -12,10 +12,11 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::{
-    aggregate::{Frame, Snapshot},
+    aggregate::{Frame, Job, Snapshot},
     bpf::{CounterSnapshot, EventSource},
     encode::{LineSpec, MappingSpec, ProfileBuilder, gzip},
     export::{EncodedProfile, Exporter},
+    metrics::Telemetry,
     pprof,
     process::ObjectFile,
     sampler::PipelineStats,
@@ -385,13 +386,31 @@ pub struct RunSummary {
 
 pub fn run(
     mut reporter: Reporter,
-    mut rx: mpsc::Receiver<Snapshot>,
+    mut rx: mpsc::Receiver<Job>,
     mut exporters: Vec<Box<dyn Exporter>>,
     pipeline: Arc<PipelineStats>,
+    telemetry: Arc<Telemetry>,
 ) -> RunSummary {
     let mut summary = RunSummary::default();
-    while let Some(snap) = rx.blocking_recv() {
+    while let Some(job) = rx.blocking_recv() {
+        let snap = match job {
+            Job::Interval(snap) => snap,
+            Job::OnDemand { snapshot, reply } => {
+                let report = reporter.build(&snapshot, pipeline.load());
+                telemetry.add_symbols(&report.symbols);
+                info!(
+                    samples = snapshot.samples(),
+                    processes = snapshot.processes.len(),
+                    "on-demand profile built"
+                );
+                // The requester may have gone away meanwhile; nothing to do then.
+                let _ = reply.send(gzip(&report.profile));
+                continue;
+            }
+        };
         let report = reporter.build(&snap, pipeline.load());
+        telemetry.add_symbols(&report.symbols);
+        telemetry.set_registry(&snap.registry);
         let samples = snap.samples();
         let unresolved: u64 = report.symbols.unresolved.values().sum();
         info!(
@@ -415,10 +434,12 @@ pub fn run(
                 Ok(None) => {}
                 Err(e) => {
                     error!(exporter = exporter.name(), error = %e, "export failed");
+                    telemetry.export_failures.fetch_add(1, Ordering::Relaxed);
                     summary.export_failures.push(format!("{}: {e}", exporter.name()));
                 }
             }
         }
+        telemetry.profiles.fetch_add(1, Ordering::Relaxed);
         summary.profiles += 1;
         summary.samples += samples;
         for (total, add) in summary.counters.0.iter_mut().zip(snap.counters.0) {

@@ -91,10 +91,6 @@ pub fn decode(bytes: &[u8]) -> Result<Sample, DecodeError> {
 
 /// What flows from the sampler (and the interval clock) to the aggregator.
 #[derive(Debug)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "a flush (with the 256-byte counter snapshot) is sent once per interval"
-)]
 pub enum Message {
     /// The samples of one drain of the ring buffer (at most [`MAX_BATCH`]).
     Samples(Vec<Sample>),
@@ -103,6 +99,18 @@ pub enum Message {
         end: SystemTime,
         counters: CounterSnapshot,
         last: bool,
+    },
+    /// Start collecting an on-demand profile beside the interval.
+    OpenTap {
+        id: u64,
+        filter: crate::aggregate::TapFilter,
+        counters: CounterSnapshot,
+    },
+    /// Finish an on-demand profile and send its snapshot to `reply`.
+    CloseTap {
+        id: u64,
+        counters: CounterSnapshot,
+        reply: tokio::sync::oneshot::Sender<crate::aggregate::Snapshot>,
     },
 }
 

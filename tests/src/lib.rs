@@ -4,6 +4,8 @@
 //!
 //! Panics are the failure mode here: this code runs only inside tests and benchmarks.
 
+pub mod backends;
+
 use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
@@ -32,6 +34,33 @@ pub fn build_dir() -> PathBuf {
     let dir = workspace().join("target/fixtures");
     std::fs::create_dir_all(&dir).expect("fixture build dir");
     dir
+}
+
+/// One privileged test at a time: they share two CPUs and would skew each other's samples.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether this test may use BPF. Under `cargo xtask test` (PROFILER_REQUIRE_PRIVILEGED=1) a
+/// missing privilege fails the test; under a plain `cargo test` as an ordinary user the test
+/// is skipped with the reason printed.
+pub fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        assert!(
+            profiler_bin().is_file(),
+            "{} is missing: run `cargo xtask build`",
+            profiler_bin().display()
+        );
+        return true;
+    }
+    if std::env::var_os("PROFILER_REQUIRE_PRIVILEGED").is_some() {
+        panic!("privileged test run without root: run `cargo xtask test` as root");
+    }
+    eprintln!("skipped: needs root for BPF and perf events");
+    false
 }
 
 pub fn run_ok(cmd: &mut Command) {

@@ -7,7 +7,6 @@ use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    sync::{Mutex, MutexGuard},
     thread,
     time::{Duration, Instant},
 };
@@ -16,33 +15,9 @@ use object::{Object as _, ObjectSection as _, ObjectSymbol as _, read::File as E
 use profiler::{encode::decode, pprof::Profile};
 use tests::{
     Fixture, build_dir, c_fixture, cpp_fixture, dlopen_fixture, go_fixture, inline_fixture, marker_line,
-    nofp_c_fixture, nofp_cpp_fixture, nofp_rust_fixture, profiler_bin, recurse_fixture, signal_fixture,
-    stripped_go_fixture, stripped_inline_fixture,
+    nofp_c_fixture, nofp_cpp_fixture, nofp_rust_fixture, privileged, profiler_bin, recurse_fixture, serial,
+    signal_fixture, stripped_go_fixture, stripped_inline_fixture,
 };
-
-/// One privileged test at a time: they share two CPUs and would skew each other's samples.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if root {
-        assert!(
-            profiler_bin().is_file(),
-            "{} is missing: run `cargo xtask build`",
-            profiler_bin().display()
-        );
-        return true;
-    }
-    if std::env::var_os("PROFILER_REQUIRE_PRIVILEGED").is_some() {
-        panic!("privileged test run without root: run `cargo xtask test` as root");
-    }
-    eprintln!("skipped: needs root for BPF and perf events");
-    false
-}
 
 /// Runs the profiler to completion (bounded by `limit`).
 fn profiler(args: &[&str], limit: Duration) -> Output {
