@@ -59,6 +59,17 @@ impl fmt::Display for ExporterKind {
     }
 }
 
+/// How the OTLP exporter talks to its collector.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// OTLP/HTTP with protobuf bodies (port 4318 by convention).
+    #[default]
+    Http,
+    /// OTLP/gRPC (port 4317; also Parca's and Pyroscope's own ports).
+    Grpc,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExporterConfig {
@@ -71,6 +82,9 @@ pub struct ExporterConfig {
     /// Base URL (`https://pyroscope.example:4040`, `http://parca:7070`). OTLP: the full
     /// endpoint when the URL has a path, else `/v1development/profiles` is appended.
     pub url: String,
+    /// `otlp` only: `http` (default) or `grpc`.
+    #[serde(default)]
+    pub protocol: Protocol,
     /// Allows a plaintext `http://` URL. Off by default so credentials never travel in clear
     /// by accident.
     #[serde(default)]
@@ -248,6 +262,9 @@ fn check_exporter(e: &ExporterConfig) -> Result<(), String> {
         return Err(format!(
             "name `{name}` must be non-empty letters, digits, `-`, `_` or `.` (it names a directory)"
         ));
+    }
+    if e.protocol == Protocol::Grpc && e.kind != ExporterKind::Otlp {
+        return Err("`protocol: grpc` is for the otlp type (parca always uses gRPC)".to_owned());
     }
     let url = reqwest::Url::parse(&e.url).map_err(|err| format!("url `{}` is not a URL: {err}", e.url))?;
     match url.scheme() {

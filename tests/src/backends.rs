@@ -127,15 +127,30 @@ impl Backend {
 
     /// Parca's gRPC `ProfileStoreService` on `addr` (h2c, as Parca serves it).
     pub fn parca(addr: SocketAddr) -> Self {
+        Self::grpc(addr, |shared| {
+            tonic::service::Routes::new(
+                parca::profile_store_service_server::ProfileStoreServiceServer::new(ParcaStore(shared)),
+            )
+        })
+    }
+
+    /// An OTLP/gRPC collector on `addr` (h2c).
+    pub fn otlp_grpc(addr: SocketAddr) -> Self {
+        Self::grpc(addr, |shared| {
+            tonic::service::Routes::new(otlp::profiles_service_server::ProfilesServiceServer::new(
+                OtlpGrpc(shared),
+            ))
+        })
+    }
+
+    fn grpc(addr: SocketAddr, routes: impl FnOnce(Arc<Shared>) -> tonic::service::Routes) -> Self {
         let shared = Shared::new();
         let (runtime, listener, addr) = serving_runtime(addr);
-        let service = parca::profile_store_service_server::ProfileStoreServiceServer::new(ParcaStore(
-            Arc::clone(&shared),
-        ));
+        let routes = routes(Arc::clone(&shared));
         runtime.spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             let _ = tonic::transport::Server::builder()
-                .add_service(service)
+                .add_routes(routes)
                 .serve_with_incoming(incoming)
                 .await;
         });
@@ -455,6 +470,63 @@ async fn otlp_export(State(shared): State<Arc<Shared>>, headers: HeaderMap, body
     if request.dictionary.is_none() {
         return (StatusCode::BAD_REQUEST, "dictionary is required").into_response();
     }
+    let labels = resource_labels(&request);
+    shared.received.lock().expect("lock").push(Received {
+        labels,
+        profile: None,
+        otlp: Some(request),
+        headers: headers_of(&headers),
+    });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/x-protobuf")],
+        otlp::ExportProfilesServiceResponse::default().encode_to_vec(),
+    )
+        .into_response()
+}
+
+/// Request headers of a gRPC call (ASCII metadata).
+fn metadata_of(metadata: &tonic::metadata::MetadataMap) -> Vec<(String, String)> {
+    metadata
+        .iter()
+        .filter_map(|kv| match kv {
+            tonic::metadata::KeyAndValueRef::Ascii(k, v) => {
+                Some((k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+            }
+            tonic::metadata::KeyAndValueRef::Binary(..) => None,
+        })
+        .collect()
+}
+
+/// The OTLP/gRPC profiles service, from the opentelemetry-proto crate's generated server.
+struct OtlpGrpc(Arc<Shared>);
+
+#[tonic::async_trait]
+impl otlp::profiles_service_server::ProfilesService for OtlpGrpc {
+    async fn export(
+        &self,
+        request: tonic::Request<otlp::ExportProfilesServiceRequest>,
+    ) -> Result<tonic::Response<otlp::ExportProfilesServiceResponse>, tonic::Status> {
+        let headers = metadata_of(request.metadata());
+        let request = request.into_inner();
+        if request.dictionary.is_none() {
+            return Err(tonic::Status::invalid_argument("dictionary is required"));
+        }
+        let labels = resource_labels(&request);
+        self.0.received.lock().expect("lock").push(Received {
+            labels,
+            profile: None,
+            otlp: Some(request),
+            headers,
+        });
+        Ok(tonic::Response::new(
+            otlp::ExportProfilesServiceResponse::default(),
+        ))
+    }
+}
+
+/// String resource attributes, sorted.
+fn resource_labels(request: &otlp::ExportProfilesServiceRequest) -> Vec<(String, String)> {
     let mut labels: Vec<(String, String)> = request
         .resource_profiles
         .iter()
@@ -469,18 +541,7 @@ async fn otlp_export(State(shared): State<Arc<Shared>>, headers: HeaderMap, body
         })
         .collect();
     labels.sort();
-    shared.received.lock().expect("lock").push(Received {
-        labels,
-        profile: None,
-        otlp: Some(request),
-        headers: headers_of(&headers),
-    });
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/x-protobuf")],
-        otlp::ExportProfilesServiceResponse::default().encode_to_vec(),
-    )
-        .into_response()
+    labels
 }
 
 struct ParcaStore(Arc<Shared>);
@@ -501,16 +562,7 @@ impl parca::profile_store_service_server::ProfileStoreService for ParcaStore {
             };
             return Err(tonic::Status::new(code, "test failure"));
         }
-        let headers = request
-            .metadata()
-            .iter()
-            .filter_map(|kv| match kv {
-                tonic::metadata::KeyAndValueRef::Ascii(k, v) => {
-                    Some((k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
-                }
-                tonic::metadata::KeyAndValueRef::Binary(..) => None,
-            })
-            .collect::<Vec<_>>();
+        let headers = metadata_of(request.metadata());
         let request = request.into_inner();
         let mut accepted = Vec::new();
         for series in request.series {

@@ -189,6 +189,7 @@ fn every_backend_receives_each_interval_with_labels_and_credentials() {
     let pyroscope = Backend::pyroscope("127.0.0.1:0".parse().expect("addr"));
     let parca = Backend::parca("127.0.0.1:0".parse().expect("addr"));
     let otlp = Backend::otlp("127.0.0.1:0".parse().expect("addr"));
+    let otlp_grpc = Backend::otlp_grpc("127.0.0.1:0".parse().expect("addr"));
     let dir = tempfile::tempdir().expect("tempdir");
     let password = dir.path().join("password");
     std::fs::write(&password, "glc_secret\n").expect("write");
@@ -219,11 +220,19 @@ exporters:
     url: {otlp}
     insecure: true
     labels: {{service_name: burn-otlp}}
+  - type: otlp
+    name: otlp-grpc
+    protocol: grpc
+    url: {otlp_grpc}
+    insecure: true
+    labels: {{service_name: burn-otlp-grpc}}
+    headers: {{X-Scope-OrgID: tenant-c}}
 "#,
             spool = dir.path().join("spool").display(),
             pyroscope = pyroscope.url(),
             parca = parca.url(),
             otlp = otlp.url(),
+            otlp_grpc = otlp_grpc.url(),
             password = password.display(),
             token = token.display(),
         ),
@@ -242,7 +251,10 @@ exporters:
         "off",
     ]);
     wait_for("3 profiles at each backend", Duration::from_secs(30), || {
-        pyroscope.received().len() >= 6 && parca.received().len() >= 3 && otlp.received().len() >= 3
+        pyroscope.received().len() >= 6
+            && parca.received().len() >= 3
+            && otlp.received().len() >= 3
+            && otlp_grpc.received().len() >= 3
     });
     daemon.stop();
 
@@ -287,6 +299,12 @@ exporters:
     assert_eq!(header(first, "authorization"), Some("Bearer parca-token"));
     assert_eq!(header(first, "x-tenant"), Some("team-b"));
     assert!(function_names(first.profile.as_ref().expect("pprof")).contains(&"main"));
+
+    // OTLP over gRPC, served by the opentelemetry-proto crate's generated server.
+    let over_grpc = otlp_grpc.received();
+    assert_eq!(label(&over_grpc[0], "service.name"), Some("burn-otlp-grpc"));
+    assert_eq!(header(&over_grpc[0], "x-scope-orgid"), Some("tenant-c"));
+    assert!(over_grpc[0].otlp.as_ref().expect("otlp").dictionary.is_some());
 
     // OTLP, read through the opentelemetry-proto crate's types.
     let exported = otlp.received();

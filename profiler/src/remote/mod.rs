@@ -9,6 +9,7 @@
 //! and jitter, honouring `Retry-After`; profiles behind it wait in order. The spool's byte
 //! limit drops the oldest (counted). Delivery is at least once: a crash between the backend's
 //! answer and the removal sends that profile again after the restart.
+mod grpc;
 pub mod otlp;
 pub mod parca;
 pub mod pyroscope;

@@ -1,5 +1,6 @@
-//! OTLP profiles (`opentelemetry.proto.profiles.v1development`, proto v1.10) over HTTP:
-//! `POST <url>/v1development/profiles`, `application/x-protobuf`.
+//! OTLP profiles (`opentelemetry.proto.profiles.v1development`, proto v1.10) over HTTP
+//! (`POST <url>/v1development/profiles`, `application/x-protobuf`) or gRPC
+//! (`ProfilesService/Export`, `protocol: grpc`, as Parca and Pyroscope also accept).
 //!
 //! The pprof profile is converted to the OTLP shape: one shared dictionary (every table starts
 //! with its zero element), stacks deduplicated in `stack_table`, one profile of sample type
@@ -13,20 +14,27 @@ use prost::Message as _;
 
 use super::{
     Identity, Item, SendError,
+    grpc::{Grpc, classify},
     transport::{Http, exchange},
 };
 use crate::{
     encode, pprof,
-    settings::ExporterConfig,
+    settings::{ExporterConfig, Protocol},
     wire::otlp::{self as wire, any_value::Value},
 };
 
 pub const HTTP_PATH: &str = "v1development/profiles";
 pub const SCOPE_NAME: &str = "profiler";
 
+pub const GRPC_PATH: &str = "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export";
+
+enum Transport {
+    Http { http: Http, url: reqwest::Url },
+    Grpc(Grpc),
+}
+
 pub struct Export {
-    http: Http,
-    url: reqwest::Url,
+    transport: Transport,
     resource: Vec<(String, String)>,
 }
 
@@ -37,12 +45,25 @@ impl Export {
         identity: &Identity,
     ) -> Result<Self, String> {
         let parsed = reqwest::Url::parse(&config.url).map_err(|e| format!("url `{}`: {e}", config.url))?;
-        // A URL with a path is the full endpoint (OTLP's per-signal endpoint rule); a bare one is
-        // the base the signal's path goes under.
-        let url = if parsed.path().is_empty() || parsed.path() == "/" {
-            super::pyroscope::join(&config.url, HTTP_PATH)?
-        } else {
-            parsed
+        let bare = parsed.path().is_empty() || parsed.path() == "/";
+        let transport = match config.protocol {
+            Protocol::Grpc if !bare => {
+                return Err(format!(
+                    "url `{}`: a gRPC endpoint is host and port only (the service path is fixed)",
+                    config.url
+                ));
+            }
+            Protocol::Grpc => Transport::Grpc(Grpc::new(config)?),
+            // A URL with a path is the full endpoint (OTLP's per-signal endpoint rule); a bare
+            // one is the base the signal's path goes under.
+            Protocol::Http => Transport::Http {
+                http: Http::new(config)?,
+                url: if bare {
+                    super::pyroscope::join(&config.url, HTTP_PATH)?
+                } else {
+                    parsed
+                },
+            },
         };
         let mut resource: Vec<(String, String)> = labels
             .into_iter()
@@ -55,29 +76,47 @@ impl Export {
         if !resource.iter().any(|(k, _)| k == "host.name") {
             resource.push(("host.name".to_owned(), identity.node.clone()));
         }
-        Ok(Self {
-            http: Http::new(config)?,
-            url,
-            resource,
-        })
+        Ok(Self { transport, resource })
     }
 
     pub async fn send(&self, item: &Item) -> Result<(), SendError> {
         let profile = encode::decode(&item.gzip).map_err(|e| SendError::Reject {
             reason: format!("spooled profile does not decode: {e}"),
         })?;
-        let body = convert(&profile, &self.resource).encode_to_vec();
-        let request = self
-            .http
-            .post(self.url.clone())?
-            .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf")
-            .body(body);
-        let (_, answer) = exchange(request).await?;
-        let answer =
-            wire::ExportProfilesServiceResponse::decode(answer.as_slice()).map_err(|e| SendError::Retry {
-                reason: format!("answer is not an ExportProfilesServiceResponse: {e}"),
-                after: None,
-            })?;
+        let request = convert(&profile, &self.resource);
+        let answer = match &self.transport {
+            Transport::Http { http, url } => {
+                let request = http
+                    .post(url.clone())?
+                    .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf")
+                    .body(request.encode_to_vec());
+                let (_, answer) = exchange(request).await?;
+                wire::ExportProfilesServiceResponse::decode(answer.as_slice()).map_err(|e| {
+                    SendError::Retry {
+                        reason: format!("answer is not an ExportProfilesServiceResponse: {e}"),
+                        after: None,
+                    }
+                })?
+            }
+            Transport::Grpc(grpc) => {
+                let request = grpc.request(request)?;
+                let mut client = tonic::client::Grpc::new(grpc.channel.clone());
+                client.ready().await.map_err(|e| SendError::Retry {
+                    reason: format!("connecting: {e}"),
+                    after: None,
+                })?;
+                let codec = tonic_prost::ProstCodec::<
+                    wire::ExportProfilesServiceRequest,
+                    wire::ExportProfilesServiceResponse,
+                >::default();
+                let path = tonic::codegen::http::uri::PathAndQuery::from_static(GRPC_PATH);
+                client
+                    .unary(request, path, codec)
+                    .await
+                    .map_err(|status| classify(&status))?
+                    .into_inner()
+            }
+        };
         match answer.partial_success {
             Some(partial) if partial.rejected_profiles > 0 => Err(SendError::Reject {
                 reason: format!(
