@@ -14,6 +14,7 @@ use tracing::debug;
 
 use crate::{
     bpf::CounterSnapshot,
+    labels::Target,
     process::{FileKey, ObjectFile, ProcessMeta, ProcessRegistry, RegistryStats, UserFrame},
     sampler::{Message, Sample},
 };
@@ -66,6 +67,8 @@ pub struct Snapshot {
     /// Kernel counters over this interval.
     pub counters: CounterSnapshot,
     pub registry: RegistryStats,
+    /// Samples of processes a relabeling rule dropped.
+    pub dropped_by_relabeling: u64,
 }
 
 impl Snapshot {
@@ -84,6 +87,7 @@ struct Interval {
     object_ids: HashMap<FileKey, u32>,
     counts: HashMap<(u32, u32), u64>,
     processes: HashMap<u32, ProcessMeta>,
+    dropped_by_relabeling: u64,
 }
 
 impl Interval {
@@ -173,6 +177,7 @@ impl Interval {
             processes: self.processes,
             counters,
             registry,
+            dropped_by_relabeling: self.dropped_by_relabeling,
         }
     }
 }
@@ -194,11 +199,24 @@ pub struct TapFilter {
     pub pids: Vec<u32>,
     /// Process name (`comm`), exact.
     pub comm: Option<String>,
+    /// Target labels that must have these values (`service_name`, `namespace`, `pod`,
+    /// `container`). `container` also matches the container id, or its first 12 or more
+    /// characters.
+    pub labels: Vec<(String, String)>,
 }
 
 impl TapFilter {
-    fn matches(&self, tgid: u32, comm: &str) -> bool {
-        (self.pids.is_empty() || self.pids.contains(&tgid)) && self.comm.as_deref().is_none_or(|c| c == comm)
+    fn matches(&self, tgid: u32, comm: &str, target: &Target) -> bool {
+        (self.pids.is_empty() || self.pids.contains(&tgid))
+            && self.comm.as_deref().is_none_or(|c| c == comm)
+            && self.labels.iter().all(|(name, want)| {
+                target.get(name) == Some(want.as_str())
+                    || (name == "container"
+                        && want.len() >= 12
+                        && target
+                            .get("__meta_container_id")
+                            .is_some_and(|id| id.starts_with(want.as_str())))
+            })
     }
 }
 
@@ -261,12 +279,18 @@ impl Aggregator {
     }
 
     pub fn add(&mut self, sample: &Sample) {
+        let target = self.registry.target(sample.tgid, &sample.comm);
+        if target.labels.is_none() {
+            // A relabeling rule dropped this process.
+            self.interval.dropped_by_relabeling += 1;
+            return;
+        }
         let resolved = self.resolve(sample);
         let registry = &mut self.registry;
         let mut meta = None;
         let mut meta_of = |registry: &mut ProcessRegistry| {
             meta.get_or_insert_with(|| {
-                let mut meta = registry.meta(sample.tgid);
+                let mut meta = registry.meta(sample.tgid, &sample.comm);
                 // A process gone before /proc could be read keeps the name of the sampled thread.
                 meta.comm.get_or_insert_with(|| sample.comm.clone());
                 meta
@@ -280,7 +304,7 @@ impl Aggregator {
         let process = meta_of(registry);
         let comm = process.comm.as_deref().unwrap_or(&sample.comm);
         for tap in &mut self.taps {
-            if tap.filter.matches(sample.tgid, comm) {
+            if tap.filter.matches(sample.tgid, comm, &target) {
                 tap.interval.insert(&resolved, || process.clone());
             }
         }

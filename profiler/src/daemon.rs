@@ -28,6 +28,7 @@ use crate::{
     bpf::{BpfError, BpfSession},
     config::{SamplingConfig, Unwinder},
     export::Exporter,
+    labels::Labeler,
     metrics::{ExporterView, Telemetry},
     process::{CacheLimits, ProcessRegistry},
     remote::RemoteHandle,
@@ -69,6 +70,10 @@ pub struct Plan {
     /// The HTTP endpoint (checked: [`ServerSettings::check`] gave `tls`).
     pub server: ServerSettings,
     pub tls: Option<TlsAcceptor>,
+    /// Discovery and relabeling of each process's labels.
+    pub labeler: Labeler,
+    /// The cardinality guard's limit per label per profile.
+    pub label_value_limit: usize,
 }
 
 /// How long a stopping daemon keeps sending spooled profiles before it leaves them for the
@@ -164,7 +169,8 @@ pub async fn run(mut plan: Plan) -> Result<RunSummary, DaemonError> {
                 max_bytes: plan.symbol_cache_bytes,
                 ..CacheLimits::default()
             },
-        ),
+        )
+        .with_labeler(plan.labeler.clone()),
         SystemTime::now(),
         session.counters()?,
     );
@@ -175,7 +181,8 @@ pub async fn run(mut plan: Plan) -> Result<RunSummary, DaemonError> {
         requests,
         cancel.clone(),
     ));
-    let reporter = Reporter::new(frequency, session.event, Arc::clone(&unwind_stats));
+    let reporter = Reporter::new(frequency, session.event, Arc::clone(&unwind_stats))
+        .with_label_value_limit(plan.label_value_limit);
     let report_stats = Arc::clone(&stats);
     let exporters = std::mem::take(&mut plan.exporters);
     let report_telemetry = Arc::clone(&telemetry);

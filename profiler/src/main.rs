@@ -6,6 +6,7 @@ use profiler::{
     config::{Cli, Command, ConfigError, check_duration},
     daemon::{self, Plan},
     export::{ArchiveExporter, Exporter, FileExporter},
+    labels::Labeler,
     remote,
     server::ServerSettings,
     settings::Settings,
@@ -57,6 +58,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 symbol_cache_bytes: args.symbols.symbol_cache_size,
                 server: ServerSettings::default(),
                 tls: None,
+                labeler: Labeler::default(),
+                label_value_limit: profiler::report::DEFAULT_LABEL_VALUE_LIMIT,
             };
             let summary = daemon::run(plan).await?;
             if let Some(failure) = summary.export_failures.first() {
@@ -138,6 +141,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 symbol_cache_bytes: args.symbols.symbol_cache_size,
                 server,
                 tls,
+                labeler: settings.labeler,
+                label_value_limit: settings.label_value_limit,
             };
             let summary = daemon::run(plan).await?;
             tracing::info!(profiles = summary.profiles, samples = summary.samples, "done");

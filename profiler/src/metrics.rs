@@ -52,6 +52,10 @@ pub struct Telemetry {
     pub unwind: Arc<UnwindStats>,
     pub exporters: Mutex<Vec<ExporterView>>,
     pub frequency: u32,
+    /// Samples of processes dropped by relabeling rules.
+    pub dropped_by_relabeling: AtomicU64,
+    /// Label values folded by the cardinality guard, per label name.
+    pub folded: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -74,6 +78,8 @@ impl Telemetry {
             unwind,
             exporters: Mutex::default(),
             frequency,
+            dropped_by_relabeling: AtomicU64::new(0),
+            folded: Mutex::default(),
         }
     }
 
@@ -94,6 +100,14 @@ impl Telemetry {
         total.named += stats.named;
         for (reason, n) in &stats.unresolved {
             *total.unresolved.entry(*reason).or_default() += n;
+        }
+    }
+
+    pub fn add_labels(&self, dropped: u64, folded: &std::collections::BTreeMap<String, u64>) {
+        self.dropped_by_relabeling.fetch_add(dropped, Ordering::Relaxed);
+        let mut total = lock(&self.folded);
+        for (name, n) in folded {
+            *total.entry(name.clone()).or_default() += n;
         }
     }
 
@@ -278,6 +292,22 @@ impl Telemetry {
             "counter",
             "Files dropped from the symbol cache.",
             &one(r.objects_evicted),
+        );
+        family(
+            "profiler_relabel_dropped_samples_total",
+            "counter",
+            "Samples of processes a relabeling rule dropped.",
+            &one(self.dropped_by_relabeling.load(Ordering::Relaxed)),
+        );
+        let folded: Vec<(String, f64)> = lock(&self.folded)
+            .iter()
+            .map(|(name, n)| (format!("{{label=\"{name}\"}}"), *n as f64))
+            .collect();
+        family(
+            "profiler_label_values_folded_total",
+            "counter",
+            "Sample groups whose label value was folded into _overflow_ by the cardinality guard.",
+            &folded,
         );
         family(
             "profiler_profiles_total",

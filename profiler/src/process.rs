@@ -18,7 +18,10 @@ use foldhash::HashMap;
 use procfs::process::{MMPermissions, MMapPath, Process};
 use tracing::debug;
 
-use crate::symbolize::{elf::ElfImage, perfmap::PerfMap};
+use crate::{
+    labels::{Labeler, Labels, Target},
+    symbolize::{elf::ElfImage, perfmap::PerfMap},
+};
 
 /// Identity of a mapped file: device and inode as /proc/<pid>/maps shows them, plus size and
 /// modification time from stat, because filesystems reuse the inode of a deleted file.
@@ -118,6 +121,8 @@ struct ExecMapping {
 struct ProcessEntry {
     comm: Option<String>,
     exe: Option<String>,
+    /// Discovered and relabeled labels (`None` until the first read of a live process).
+    target: Option<Arc<Target>>,
     /// Executable mappings sorted by start.
     mappings: Vec<ExecMapping>,
     read_at: Option<Instant>,
@@ -151,6 +156,8 @@ pub enum UserFrame {
 pub struct ProcessMeta {
     pub comm: Option<String>,
     pub exe: Option<String>,
+    /// Its labels; a process that exited before it was read has only its pid and comm.
+    pub target: Arc<Target>,
 }
 
 /// Counters of the registry, cumulative.
@@ -209,6 +216,7 @@ pub struct ProcessRegistry {
     object_bytes: u64,
     generation: u64,
     pub stats: RegistryStats,
+    labeler: Labeler,
 }
 
 /// Bounds of the parsed-file (symbol) cache.
@@ -247,16 +255,40 @@ impl ProcessRegistry {
             object_bytes: 0,
             generation: 0,
             stats: RegistryStats::default(),
+            labeler: Labeler::default(),
         }
     }
 
-    /// Labels of a process (reading it if it is new).
-    pub fn meta(&mut self, pid: u32) -> ProcessMeta {
+    /// Relabels every process with `labeler` from its next read on.
+    pub fn with_labeler(mut self, labeler: Labeler) -> Self {
+        self.labeler = labeler;
+        self
+    }
+
+    /// Labels of a process (reading it if it is new). `comm` names a process that exited
+    /// before it could be read (the sampled thread's name).
+    pub fn meta(&mut self, pid: u32, comm: &str) -> ProcessMeta {
+        let target = self.target(pid, comm);
         let entry = self.entry(pid);
         ProcessMeta {
             comm: entry.comm.clone(),
             exe: entry.exe.clone(),
+            target,
         }
+    }
+
+    /// The labels of a process: read with it, or, for one gone before it could be read,
+    /// relabeled from its pid and `comm`.
+    pub fn target(&mut self, pid: u32, comm: &str) -> Arc<Target> {
+        if let Some(target) = &self.entry(pid).target {
+            return Arc::clone(target);
+        }
+        let mut meta = Labels::new();
+        meta.insert("__meta_process_pid".into(), pid.to_string());
+        meta.insert("__meta_process_comm".into(), comm.to_owned());
+        let target = Arc::new(self.labeler.target(meta));
+        self.entry(pid).target = Some(Arc::clone(&target));
+        target
     }
 
     /// Resolves a user-space address of `pid` to a file and ELF virtual address.
@@ -435,6 +467,8 @@ impl ProcessRegistry {
         });
         match read {
             Ok((maps, comm, exe)) => {
+                let meta = Labeler::discover(&self.procfs_root, pid, comm.as_deref(), exe.as_deref());
+                let target = Some(Arc::new(self.labeler.target(meta)));
                 let mut mappings: Vec<ExecMapping> = maps
                     .into_iter()
                     .filter(|m| m.perms.contains(MMPermissions::EXECUTE))
@@ -450,6 +484,7 @@ impl ProcessRegistry {
                 ProcessEntry {
                     comm,
                     exe,
+                    target,
                     mappings,
                     read_at: Some(Instant::now()),
                     read_generation: generation,
@@ -619,6 +654,7 @@ impl ProcessEntry {
         ProcessEntry {
             comm: None,
             exe: None,
+            target: None,
             mappings: Vec::new(),
             read_at: Some(Instant::now()),
             read_generation: generation,
@@ -689,7 +725,9 @@ mod tests {
             crate::symbolize::demangle(symbol).ends_with("marker_function"),
             "{symbol}"
         );
-        let meta = registry.meta(pid);
+        let meta = registry.meta(pid, "t");
+        let labels = meta.target.labels.as_ref().expect("kept");
+        assert!(labels.contains_key("service_name"), "{labels:?}");
         assert!(
             meta.exe
                 .is_some_and(|e| e.ends_with(exe.file_name().and_then(|n| n.to_str()).expect("name")))
@@ -715,7 +753,14 @@ mod tests {
             UserFrame::Unknown
         ));
         assert_eq!(registry.stats.maps_reads, 1, "a gone process is read once");
-        assert_eq!(registry.meta(pid), ProcessMeta::default());
+        let meta = registry.meta(pid, "true");
+        assert_eq!((meta.comm, meta.exe), (None, None));
+        // Labels from what the sample knew: its pid and thread name.
+        assert_eq!(meta.target.get("service_name"), Some("true"));
+        assert_eq!(
+            meta.target.get("__meta_process_pid"),
+            Some(pid.to_string().as_str())
+        );
     }
 
     /// (start, path) of the first executable file mapping of `pid` whose path ends in `suffix`.

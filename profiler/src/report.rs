@@ -44,6 +44,8 @@ pub struct Reporter {
     frequency: u32,
     event: EventSource,
     unwind: Arc<UnwindStats>,
+    /// Most distinct values of one label key in one profile (see [`LabelGuard`]).
+    label_value_limit: usize,
 }
 
 /// One interval, encoded.
@@ -51,6 +53,47 @@ pub struct Reporter {
 pub struct Report {
     pub profile: pprof::Profile,
     pub symbols: SymbolStats,
+    /// Label values folded by the cardinality guard, per label name (sample groups).
+    pub folded: std::collections::BTreeMap<String, u64>,
+}
+
+/// Default of [`Reporter::with_label_value_limit`].
+pub const DEFAULT_LABEL_VALUE_LIMIT: usize = 1000;
+/// What a label value past the limit becomes.
+pub const OVERFLOW_VALUE: &str = "_overflow_";
+
+/// The cardinality guard: at most `limit` distinct values per label name in one profile; the
+/// values past it are folded into [`OVERFLOW_VALUE`] and counted, so one label with an id in it
+/// cannot explode the backend's series.
+#[derive(Debug)]
+pub struct LabelGuard {
+    limit: usize,
+    seen: HashMap<String, std::collections::HashSet<String>>,
+    pub folded: std::collections::BTreeMap<String, u64>,
+}
+
+impl LabelGuard {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            seen: HashMap::new(),
+            folded: std::collections::BTreeMap::new(),
+        }
+    }
+
+    /// The value to emit for `name=value`.
+    pub fn admit<'a>(&mut self, name: &str, value: &'a str) -> &'a str {
+        let seen = self.seen.entry(name.to_owned()).or_default();
+        if seen.contains(value) {
+            return value;
+        }
+        if seen.len() < self.limit {
+            seen.insert(value.to_owned());
+            return value;
+        }
+        *self.folded.entry(name.to_owned()).or_default() += 1;
+        OVERFLOW_VALUE
+    }
 }
 
 /// The functions at a frame, or why there are none and the synthetic name that stands in.
@@ -66,6 +109,7 @@ enum MappingKey {
 impl Reporter {
     pub fn new(frequency: u32, event: EventSource, unwind: Arc<UnwindStats>) -> Self {
         Self {
+            label_value_limit: DEFAULT_LABEL_VALUE_LIMIT,
             unwind,
             kernel: KernelSymbols::empty(),
             kernel_read: None,
@@ -74,6 +118,12 @@ impl Reporter {
             frequency,
             event,
         }
+    }
+
+    /// Sets the cardinality guard's limit (distinct values per label key per profile).
+    pub fn with_label_value_limit(mut self, limit: usize) -> Self {
+        self.label_value_limit = limit.max(1);
+        self
     }
 
     fn refresh_kernel_symbols(&mut self) {
@@ -194,6 +244,7 @@ impl Reporter {
             .collect();
 
         self.kernel_missed |= kernel_missed;
+        let mut guard = LabelGuard::new(self.label_value_limit);
         for count in &snap.counts {
             let Some(stack) = snap.stacks.get(count.stack as usize) else {
                 continue;
@@ -203,14 +254,34 @@ impl Reporter {
                 .filter_map(|&f| locations.get(f as usize).copied())
                 .collect();
             let mut labels = vec![b.num_label("pid", i64::from(count.pid))];
-            if let Some(comm) = snap.processes.get(&count.pid).and_then(|p| p.comm.as_deref()) {
+            let process = snap.processes.get(&count.pid);
+            if let Some(comm) = process.and_then(|p| p.comm.as_deref()) {
                 labels.push(b.str_label("comm", comm));
             }
+            if let Some(target) = process.and_then(|p| p.target.labels.as_ref()) {
+                for (name, value) in target {
+                    if name == "comm" || name == "pid" {
+                        continue;
+                    }
+                    let value = guard.admit(name, value);
+                    labels.push(b.str_label(name, value));
+                }
+            }
             b.add_sample(ids, i64::try_from(count.count).unwrap_or(i64::MAX), labels);
+        }
+        if snap.dropped_by_relabeling > 0 || !guard.folded.is_empty() {
+            let folded: Vec<String> = guard.folded.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            b.comment(&format!(
+                "labels: {} samples dropped by relabeling; values folded into `{OVERFLOW_VALUE}` past {} per label: {}",
+                snap.dropped_by_relabeling,
+                self.label_value_limit,
+                if folded.is_empty() { "none".to_owned() } else { folded.join(", ") }
+            ));
         }
         Report {
             profile: b.finish(),
             symbols,
+            folded: guard.folded,
         }
     }
 
@@ -411,6 +482,7 @@ pub fn run(
         let report = reporter.build(&snap, pipeline.load());
         telemetry.add_symbols(&report.symbols);
         telemetry.set_registry(&snap.registry);
+        telemetry.add_labels(snap.dropped_by_relabeling, &report.folded);
         let samples = snap.samples();
         let unresolved: u64 = report.symbols.unresolved.values().sum();
         info!(

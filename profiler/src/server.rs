@@ -1,7 +1,8 @@
 //! The daemon's HTTP endpoint: `go tool pprof`-compatible on-demand profiles of the whole node
 //! (or some processes), an index of what can be profiled, and self-telemetry.
 //!
-//! - `GET /debug/pprof/profile?seconds=N[&pid=P…][&comm=C]`: N seconds (missing, invalid or
+//! - `GET /debug/pprof/profile?seconds=N[&pid=P…][&comm=C][&service_name=S][&namespace=NS]
+//!   [&pod=P][&container=C]`: N seconds (missing, invalid or
 //!   ≤ 0 means 30, as in Go's handler; above [`MAX_SECONDS`] is a 400) of CPU samples from the
 //!   running sampler, filtered in the aggregator, symbolized and returned as a gzip'd pprof
 //!   exactly as Go's `net/http/pprof` does. Concurrent requests share the one sampler (at most
@@ -356,18 +357,13 @@ pub fn parse_profile_query(query: &str, proc_root: &Path) -> Result<(u64, TapFil
                 }
             }
             "comm" if !value.is_empty() => filter.comm = Some(value),
-            "container" | "pod" | "namespace" | "service_name" => {
-                return Err((
-                    StatusCode::NOT_IMPLEMENTED,
-                    format!(
-                        "the `{key}` filter needs container and Kubernetes metadata, which this version does not collect yet; filter by pid or comm"
-                    ),
-                ));
+            "container" | "pod" | "namespace" | "service_name" if !value.is_empty() => {
+                filter.labels.push((key, value));
             }
             "debug" | "gc" => {}
             other => {
                 return Err(bad(format!(
-                    "unknown parameter `{other}`; this endpoint takes seconds, pid and comm"
+                    "unknown parameter `{other}`; this endpoint takes seconds, pid, comm, container, pod, namespace and service_name"
                 )));
             }
         }
@@ -462,7 +458,7 @@ async fn profile(State(endpoint): State<Shared>, request: Request) -> Response {
         );
     };
     let id = endpoint.next_tap.fetch_add(1, Ordering::Relaxed);
-    info!(id, seconds, pids = ?filter.pids, comm = ?filter.comm, "on-demand profile started");
+    info!(id, seconds, pids = ?filter.pids, comm = ?filter.comm, labels = ?filter.labels, "on-demand profile started");
     let open = Message::OpenTap {
         id,
         filter,
@@ -554,7 +550,8 @@ async fn index(State(endpoint): State<Shared>) -> Html<String> {
          <p>CPU profiles of every process on this node, sampled by the kernel.</p>\n<ul>\n\
          <li><a href=\"profile?seconds=30\">profile</a>: 30 s of the whole node \
          (<code>go tool pprof http://HOST:PORT/debug/pprof/profile?seconds=30</code>); \
-         add <code>&amp;pid=P</code> or <code>&amp;comm=NAME</code> to keep some processes</li>\n\
+         add <code>&amp;pid=P</code>, <code>&amp;comm=NAME</code>, <code>&amp;service_name=S</code>, \
+         <code>&amp;namespace=NS</code>, <code>&amp;pod=P</code> or <code>&amp;container=C</code> to keep some processes</li>\n\
          <li><a href=\"symbol\">symbol</a>, <a href=\"cmdline\">cmdline</a>, \
          <a href=\"/metrics\">/metrics</a></li>\n</ul>\n",
     );
@@ -687,8 +684,16 @@ mod tests {
         assert_eq!(status, StatusCode::NOT_FOUND, "{message}");
         let (_, message) = parse_profile_query("sconds=5", proc).expect_err("typo");
         assert!(message.contains("unknown parameter `sconds`"), "{message}");
-        let (status, _) = parse_profile_query("pod=web-1", proc).expect_err("not yet");
-        assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
+        let (_, filter) =
+            parse_profile_query("pod=web-1&namespace=shop&container=4e5d2a0c0f6f", proc).expect("ok");
+        assert_eq!(
+            filter.labels,
+            [
+                ("pod".to_owned(), "web-1".to_owned()),
+                ("namespace".to_owned(), "shop".to_owned()),
+                ("container".to_owned(), "4e5d2a0c0f6f".to_owned())
+            ]
+        );
     }
 
     #[test]

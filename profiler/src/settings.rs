@@ -13,7 +13,11 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::config::parse_bytes;
+use crate::{
+    config::parse_bytes,
+    labels::{Labeler, RuleConfig, relabel::valid_label_name},
+    report::DEFAULT_LABEL_VALUE_LIMIT,
+};
 
 /// Where spools live when the file does not say.
 pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/profiler/spool";
@@ -26,6 +30,13 @@ pub struct ConfigFile {
     pub spool_dir: Option<PathBuf>,
     #[serde(default)]
     pub exporters: Vec<ExporterConfig>,
+    /// Prometheus-style rules over each process's discovered labels, after the built-in ones
+    /// (see `crate::labels`).
+    #[serde(default)]
+    pub relabel_configs: Vec<RuleConfig>,
+    /// Most distinct values of one label in one profile; the rest become `_overflow_`.
+    #[serde(default)]
+    pub label_value_limit: Option<usize>,
 }
 
 /// The backends a profile can go to.
@@ -182,6 +193,14 @@ pub enum SettingsError {
         path: PathBuf,
         source: serde_norway::Error,
     },
+    #[error("config file {path}: relabel_configs[{index}]: {reason}")]
+    Relabel {
+        path: PathBuf,
+        index: usize,
+        reason: String,
+    },
+    #[error("config file {path}: label_value_limit must be at least 1")]
+    LabelValueLimit { path: PathBuf },
     #[error("config file {path}: exporters[{index}] ({kind}): {reason}")]
     Exporter {
         path: PathBuf,
@@ -197,6 +216,9 @@ pub struct Settings {
     pub spool_dir: PathBuf,
     /// Exporters with their final (unique) names.
     pub exporters: Vec<(String, ExporterConfig)>,
+    /// The built-in relabeling rules followed by the file's.
+    pub labeler: Labeler,
+    pub label_value_limit: usize,
 }
 
 impl Settings {
@@ -238,18 +260,25 @@ impl Settings {
             }
             exporters.push((name, exporter));
         }
+        let labeler =
+            Labeler::new(&file.relabel_configs).map_err(|(index, reason)| SettingsError::Relabel {
+                path: path.to_owned(),
+                index,
+                reason,
+            })?;
+        let label_value_limit = file.label_value_limit.unwrap_or(DEFAULT_LABEL_VALUE_LIMIT);
+        if label_value_limit == 0 {
+            return Err(SettingsError::LabelValueLimit {
+                path: path.to_owned(),
+            });
+        }
         Ok(Self {
             spool_dir: file.spool_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL_DIR)),
             exporters,
+            labeler,
+            label_value_limit,
         })
     }
-}
-
-/// Label names every backend accepts: Parca checks Prometheus' legacy rule.
-fn valid_label_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn check_exporter(e: &ExporterConfig) -> Result<(), String> {
@@ -405,6 +434,7 @@ exporters:
         assert_eq!(p.labels["service_name"], "checkout");
         assert_eq!(s.exporters[1].1.timeout, Duration::from_secs(30));
         assert_eq!(parse("").expect("empty").exporters.len(), 0);
+        assert_eq!(parse("").expect("empty").label_value_limit, 1000);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! Panics are the failure mode here: this code runs only inside tests and benchmarks.
 
 pub mod backends;
+pub mod daemon;
 
 use std::{
     io::{BufRead as _, BufReader},

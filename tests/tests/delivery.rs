@@ -1,103 +1,20 @@
 //! Delivery end to end: the real daemon sending to in-test Pyroscope, Parca and OTLP servers
 //! (tests/src/backends.rs), surviving outages and bad answers, and serving `go tool pprof`.
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
-    path::Path,
-    process::{Child, Command, Output, Stdio},
+    net::{SocketAddr, TcpStream},
+    process::Command,
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use profiler::{encode::decode, pprof::Profile};
 use tests::{
     Fixture,
     backends::{Backend, Behaviour, Pki, Received},
-    c_fixture, privileged, profiler_bin, serial,
+    c_fixture,
+    daemon::{Daemon, free_addr, http_get, wait_for, write_config},
+    privileged, profiler_bin, serial,
 };
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-}
-
-/// `profiler run` in the background; SIGTERM and wait on [`Daemon::stop`].
-struct Daemon(Option<Child>);
-
-impl Daemon {
-    fn start(args: &[&str]) -> Self {
-        let child = Command::new(profiler_bin())
-            .arg("run")
-            .args(args)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start profiler run");
-        Self(Some(child))
-    }
-
-    fn stop(mut self) -> Output {
-        let child = self.0.take().expect("running");
-        // SAFETY: kill(2) on our own child's pid.
-        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-        let out = child.wait_with_output().expect("profiler exits");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "profiler run failed:\n{stderr}");
-        out
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A plain HTTP/1.1 GET: (status, headers, body).
-fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String, Vec<u8>) {
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("timeout");
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        request.push_str(&format!("{k}: {v}\r\n"));
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).expect("send");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("read");
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("header end");
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status");
-    (status, head, raw[split + 4..].to_vec())
-}
-
-fn write_config(dir: &Path, body: &str) -> String {
-    let path = dir.join("config.yaml");
-    std::fs::write(&path, body).expect("write config");
-    path.to_str().expect("utf8").to_owned()
-}
 
 fn function_names(p: &Profile) -> Vec<&str> {
     p.function

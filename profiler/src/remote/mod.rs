@@ -115,13 +115,17 @@ impl Client {
     }
 }
 
-/// Series labels of one exporter: the configured ones plus `service_name` (default: the node
-/// name) and `node`, sorted by name.
+/// Series labels of one exporter: the configured ones plus `node`, sorted by name. Each
+/// process's `service_name` travels as a sample label, which Pyroscope and Parca split into
+/// series of their own; `/ingest` and OTLP need one per request, so for them the node name
+/// stands in when the file sets none.
 fn series_labels(config: &ExporterConfig, identity: &Identity) -> Vec<(String, String)> {
     let mut labels = config.labels.clone();
-    labels
-        .entry("service_name".to_owned())
-        .or_insert_with(|| identity.node.clone());
+    if matches!(config.kind, ExporterKind::PyroscopeIngest | ExporterKind::Otlp) {
+        labels
+            .entry("service_name".to_owned())
+            .or_insert_with(|| identity.node.clone());
+    }
     labels
         .entry("node".to_owned())
         .or_insert_with(|| identity.node.clone());
@@ -374,7 +378,7 @@ mod tests {
     #[test]
     fn series_labels_default_service_name_and_node() {
         let config: ExporterConfig =
-            serde_norway::from_str("{type: parca, url: 'https://x', labels: {env: prod}}").expect("parse");
+            serde_norway::from_str("{type: otlp, url: 'https://x', labels: {env: prod}}").expect("parse");
         let identity = Identity {
             node: "node-7".into(),
             frequency: 19,
@@ -386,6 +390,12 @@ mod tests {
                 ("node".to_owned(), "node-7".to_owned()),
                 ("service_name".to_owned(), "node-7".to_owned()),
             ]
+        );
+        let parca: ExporterConfig = serde_norway::from_str("{type: parca, url: 'https://x'}").expect("parse");
+        assert_eq!(
+            series_labels(&parca, &identity),
+            [("node".to_owned(), "node-7".to_owned())],
+            "per-process service_name comes with the samples"
         );
     }
 }

@@ -6,7 +6,9 @@
 //! with its zero element), stacks deduplicated in `stack_table`, one profile of sample type
 //! `samples/count` with period type `cpu/nanoseconds` (what Pyroscope maps to `process_cpu`).
 //! Series labels become resource attributes (`service_name` as `service.name`); a sample's
-//! `pid` becomes `process.pid` and `comm` `process.executable.name`; a mapping's build id is the
+//! `pid` becomes `process.pid`, `comm` `process.executable.name`, and its labels
+//! `service_name`, `namespace`, `pod` and `container` become `service.name`,
+//! `k8s.namespace.name`, `k8s.pod.name` and `container.name`; a mapping's build id is the
 //! attribute `process.executable.build_id.gnu`.
 use std::collections::HashMap;
 
@@ -312,6 +314,10 @@ pub fn convert(
                     let (key, value) = match (text(l.key), l.str) {
                         ("pid", _) => ("process.pid", AttrValue::Int(l.num)),
                         ("comm", s) => ("process.executable.name", AttrValue::Str(text(s).to_owned())),
+                        ("service_name", s) => ("service.name", AttrValue::Str(text(s).to_owned())),
+                        ("container", s) => ("container.name", AttrValue::Str(text(s).to_owned())),
+                        ("namespace", s) => ("k8s.namespace.name", AttrValue::Str(text(s).to_owned())),
+                        ("pod", s) => ("k8s.pod.name", AttrValue::Str(text(s).to_owned())),
                         (key, 0) => (key, AttrValue::Int(l.num)),
                         (key, s) => (key, AttrValue::Str(text(s).to_owned())),
                     };

@@ -1,0 +1,223 @@
+//! Labels end to end: a fixture moved into a cgroup shaped like a container's gets the
+//! container's labels, the on-demand endpoint filters by them, and relabeling rules from the
+//! configuration file add labels or drop the process.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use profiler::{encode::decode, pprof::Profile};
+use tests::{
+    Fixture, c_fixture,
+    daemon::{Daemon, free_addr, http_get, wait_for, write_config},
+    privileged, serial,
+};
+
+const CONTAINER_ID: &str = "4e5d2a0c0f6f2c4ac5b1e38fb1a0dd3ab7d0e4c2b55b9c3e1f23a6b0f4c6d8e1";
+
+/// A cgroup named like a Docker container's, removed (with its parent) on drop.
+struct ContainerCgroup {
+    leaf: PathBuf,
+    parent: PathBuf,
+}
+
+fn is_cgroup2(path: &Path) -> bool {
+    path.join("cgroup.controllers").is_file()
+}
+
+impl ContainerCgroup {
+    /// Under the unified (v2) hierarchy when there is one, else under v1's `pids`.
+    fn create() -> Self {
+        let root = [Path::new("/sys/fs/cgroup"), Path::new("/sys/fs/cgroup/unified")]
+            .into_iter()
+            .find(|p| is_cgroup2(p))
+            .map_or_else(|| PathBuf::from("/sys/fs/cgroup/pids"), Path::to_owned);
+        let (parent, leaf) = if is_cgroup2(&root) {
+            let parent = root.join("profiler-test.slice");
+            (
+                parent.clone(),
+                parent.join(format!("docker-{CONTAINER_ID}.scope")),
+            )
+        } else {
+            let parent = root.join("docker");
+            (parent.clone(), parent.join(CONTAINER_ID))
+        };
+        fs::create_dir_all(&leaf).unwrap_or_else(|e| panic!("creating {}: {e}", leaf.display()));
+        Self { leaf, parent }
+    }
+
+    fn add(&self, pid: u32) {
+        fs::write(self.leaf.join("cgroup.procs"), pid.to_string()).expect("move into the cgroup");
+        let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+        assert!(cgroup.contains(CONTAINER_ID), "{cgroup}");
+    }
+}
+
+impl Drop for ContainerCgroup {
+    fn drop(&mut self) {
+        // The fixture is gone by now (dropped first); a cgroup with no process can be removed.
+        for _ in 0..50 {
+            if fs::remove_dir(&self.leaf).is_ok() || !self.leaf.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = fs::remove_dir(&self.parent);
+    }
+}
+
+/// The string labels of the samples of `pid`.
+fn labels_of(profile: &Profile, pid: u32) -> Vec<Vec<(String, String)>> {
+    let text = |i: i64| profile.string_table[i as usize].clone();
+    profile
+        .sample
+        .iter()
+        .filter(|s| {
+            s.label
+                .iter()
+                .any(|l| text(l.key) == "pid" && l.num == i64::from(pid))
+        })
+        .map(|s| {
+            s.label
+                .iter()
+                .filter(|l| l.str != 0)
+                .map(|l| (text(l.key), text(l.str)))
+                .collect()
+        })
+        .collect()
+}
+
+fn archived(dir: &Path) -> Vec<Profile> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|d| d.map(|e| e.expect("entry").path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
+        .iter()
+        .map(|f| decode(&fs::read(f).expect("read")).expect("decode"))
+        .collect()
+}
+
+#[test]
+fn container_labels_endpoint_filters_and_relabeling() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    let cgroup = ContainerCgroup::create();
+    let fixture = Fixture::start(c_fixture(), 60);
+    let other = Fixture::start(c_fixture(), 60);
+    cgroup.add(fixture.pid());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        dir.path(),
+        "relabel_configs:\n  - {source_labels: [__meta_container_runtime], regex: '(.+)', target_label: runtime}\n  - {target_label: team, replacement: core}\n",
+    );
+    let archive = dir.path().join("archive");
+    let http = free_addr();
+    let http_arg = http.to_string();
+    let (a, b) = (fixture.pid().to_string(), other.pid().to_string());
+    let start = |config: &str, archive: &Path| {
+        Daemon::start(&[
+            "--config",
+            config,
+            "--interval",
+            "2s",
+            "--pid",
+            &a,
+            "--pid",
+            &b,
+            "--output-dir",
+            archive.to_str().expect("utf8"),
+            "--http-listen",
+            &http_arg,
+        ])
+    };
+    let daemon = start(&config, &archive);
+    wait_for("readiness", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(http).is_ok() && http_get(http, "/readyz", &[]).0 == 200
+    });
+    let short = &CONTAINER_ID[..12];
+    let (status, head, body) = http_get(
+        http,
+        &format!("/debug/pprof/profile?seconds=2&container={short}"),
+        &[],
+    );
+    assert_eq!(status, 200, "{head}");
+    let filtered = decode(&body).expect("profile");
+    assert!(
+        !labels_of(&filtered, fixture.pid()).is_empty(),
+        "the container's process is in"
+    );
+    assert!(
+        labels_of(&filtered, other.pid()).is_empty(),
+        "the process outside the container is not"
+    );
+    let (_, _, body) = http_get(
+        http,
+        "/debug/pprof/profile?seconds=1&service_name=no-such-service",
+        &[],
+    );
+    assert!(decode(&body).expect("profile").sample.is_empty());
+    wait_for("an archived interval", Duration::from_secs(20), || {
+        !archived(&archive).is_empty()
+    });
+    daemon.stop();
+
+    let profiles = archived(&archive);
+    let inside: Vec<Vec<(String, String)>> = profiles
+        .iter()
+        .flat_map(|p| labels_of(p, fixture.pid()))
+        .collect();
+    assert!(!inside.is_empty());
+    let has = |labels: &[(String, String)], k: &str, v: &str| labels.iter().any(|(a, b)| a == k && b == v);
+    for labels in &inside {
+        assert!(has(labels, "container", short), "{labels:?}");
+        assert!(has(labels, "service_name", "burn"), "{labels:?}");
+        assert!(has(labels, "team", "core"), "{labels:?}");
+        assert!(has(labels, "runtime", "docker"), "{labels:?}");
+        assert!(labels.iter().all(|(k, _)| !k.starts_with("__")), "{labels:?}");
+    }
+    let outside: Vec<Vec<(String, String)>> =
+        profiles.iter().flat_map(|p| labels_of(p, other.pid())).collect();
+    assert!(!outside.is_empty());
+    assert!(outside.iter().all(|l| !l.iter().any(|(k, _)| k == "container")));
+
+    // A drop rule removes the container's process; the other one stays, and the drop is counted.
+    let archive = dir.path().join("archive-drop");
+    let config = write_config(
+        dir.path(),
+        &format!("relabel_configs:\n  - {{source_labels: [container], regex: '{short}', action: drop}}\n"),
+    );
+    let daemon = start(&config, &archive);
+    wait_for("dropped samples", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(http).is_ok()
+            && {
+                let (_, _, body) = http_get(http, "/metrics", &[]);
+                String::from_utf8_lossy(&body)
+                    .lines()
+                    .find_map(|l| l.strip_prefix("profiler_relabel_dropped_samples_total "))
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .is_some_and(|v| v > 0.0)
+            }
+            && !archived(&archive).is_empty()
+    });
+    daemon.stop();
+    let profiles = archived(&archive);
+    assert!(profiles.iter().all(|p| labels_of(p, fixture.pid()).is_empty()));
+    assert!(profiles.iter().any(|p| !labels_of(p, other.pid()).is_empty()));
+    let comments: Vec<String> = profiles
+        .iter()
+        .flat_map(|p| p.comment.iter().map(|&c| p.string_table[c as usize].clone()))
+        .collect();
+    assert!(
+        comments
+            .iter()
+            .any(|c| c.contains("samples dropped by relabeling")),
+        "{comments:?}"
+    );
+    drop(fixture);
+    drop(other);
+    drop(cgroup);
+}
