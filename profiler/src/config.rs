@@ -27,7 +27,7 @@ pub enum Command {
     /// Record the whole machine (or some processes) once and write one profile.
     Record(RecordArgs),
     /// Run continuously, writing one profile per interval into an archive directory.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -117,6 +117,14 @@ pub struct RunArgs {
     pub check_config: bool,
     #[command(flatten)]
     pub http: HttpArgs,
+    /// This node's name (the downward API's `spec.nodeName`): turns on pod labels from the
+    /// Kubernetes API for the pods on this node.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Kubeconfig for the Kubernetes API when not running in a pod (in a pod, the service
+    /// account is used).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -74,6 +74,8 @@ pub struct Plan {
     pub labeler: Labeler,
     /// The cardinality guard's limit per label per profile.
     pub label_value_limit: usize,
+    /// This node's pods, when watched (for /metrics).
+    pub pods: Option<Arc<crate::kube::PodIndex>>,
 }
 
 /// How long a stopping daemon keeps sending spooled profiles before it leaves them for the
@@ -159,6 +161,9 @@ pub async fn run(mut plan: Plan) -> Result<RunSummary, DaemonError> {
         });
     }
     telemetry.set_kernel_counters(session.counters()?);
+    if let Some(pods) = &plan.pods {
+        let _ = telemetry.pods.set(Arc::clone(pods));
+    }
 
     let (tx, rx) = mpsc::channel(sampler::QUEUE_CAPACITY);
     let (snap_tx, snap_rx) = mpsc::channel(report::QUEUE_CAPACITY);

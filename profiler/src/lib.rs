@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod encode;
 pub mod export;
+pub mod kube;
 pub mod labels;
 pub mod metrics;
 pub mod process;

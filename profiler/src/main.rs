@@ -6,6 +6,7 @@ use profiler::{
     config::{Cli, Command, ConfigError, check_duration},
     daemon::{self, Plan},
     export::{ArchiveExporter, Exporter, FileExporter},
+    kube::{Connection, PodIndex},
     labels::Labeler,
     remote,
     server::ServerSettings,
@@ -60,6 +61,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 tls: None,
                 labeler: Labeler::default(),
                 label_value_limit: profiler::report::DEFAULT_LABEL_VALUE_LIMIT,
+                pods: None,
             };
             let summary = daemon::run(plan).await?;
             if let Some(failure) = summary.export_failures.first() {
@@ -99,12 +101,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             let server = args.http.settings();
             let tls = server.check()?;
-            let identity = remote::Identity::from_environment(sampling.frequency.get());
+            let mut identity = remote::Identity::from_environment(sampling.frequency.get());
+            if let Some(node) = args.node_name.as_ref().filter(|n| !n.is_empty()) {
+                identity.node = node.clone();
+            }
             if args.no_archive && settings.exporters.is_empty() && server.listen.is_none() {
                 bail!(
                     "--no-archive without exporters in --config and with --http-listen off: profiles would go nowhere"
                 );
             }
+            let kube = kube_connection(args.node_name.as_deref(), args.kubeconfig.as_deref())?;
             if args.check_config {
                 for (name, exporter) in &settings.exporters {
                     remote::check(name, exporter, &identity)?;
@@ -132,7 +138,23 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 exporters.push(Box::new(exporter));
                 remotes.push(handle);
             }
+            let kube_cancel = tokio_util::sync::CancellationToken::new();
+            let mut labeler = settings.labeler;
+            let mut pods = None;
+            if let (Some(connection), Some(node)) = (kube, args.node_name.clone()) {
+                let index = std::sync::Arc::new(PodIndex::default());
+                tracing::info!(node = %node, server = %connection.server, "watching this node's pods for labels");
+                tokio::spawn(profiler::kube::watch(
+                    connection,
+                    node,
+                    std::sync::Arc::clone(&index),
+                    kube_cancel.clone(),
+                ));
+                labeler = labeler.with_pods(std::sync::Arc::clone(&index));
+                pods = Some(index);
+            }
             let plan = Plan {
+                pods,
                 sampling,
                 interval,
                 once: false,
@@ -141,12 +163,36 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 symbol_cache_bytes: args.symbols.symbol_cache_size,
                 server,
                 tls,
-                labeler: settings.labeler,
+                labeler,
                 label_value_limit: settings.label_value_limit,
             };
-            let summary = daemon::run(plan).await?;
+            let summary = daemon::run(plan).await;
+            kube_cancel.cancel();
+            let summary = summary?;
             tracing::info!(profiles = summary.profiles, samples = summary.samples, "done");
             Ok(())
         }
     }
+}
+
+/// The Kubernetes API connection, when `NODE_NAME` is set: the kubeconfig if given, else the
+/// pod's service account. Without credentials the daemon runs on, without pod labels.
+fn kube_connection(
+    node: Option<&str>,
+    kubeconfig: Option<&std::path::Path>,
+) -> anyhow::Result<Option<Connection>> {
+    let Some(node) = node.filter(|n| !n.is_empty()) else {
+        return Ok(None);
+    };
+    if let Some(path) = kubeconfig {
+        return Ok(Some(Connection::from_kubeconfig(path)?));
+    }
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        return Ok(Some(Connection::in_cluster()?));
+    }
+    tracing::warn!(
+        node,
+        "NODE_NAME is set but there is no kubeconfig and no service account: no pod labels"
+    );
+    Ok(None)
 }

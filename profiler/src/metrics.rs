@@ -56,6 +56,8 @@ pub struct Telemetry {
     pub dropped_by_relabeling: AtomicU64,
     /// Label values folded by the cardinality guard, per label name.
     pub folded: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// This node's pods, when the Kubernetes API is watched.
+    pub pods: std::sync::OnceLock<Arc<crate::kube::PodIndex>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -80,6 +82,7 @@ impl Telemetry {
             frequency,
             dropped_by_relabeling: AtomicU64::new(0),
             folded: Mutex::default(),
+            pods: std::sync::OnceLock::new(),
         }
     }
 
@@ -238,6 +241,31 @@ impl Telemetry {
             "Size of the unwind-table BPF map.",
             &one(u.bytes_capacity),
         );
+        // Fill of the fixed-capacity BPF maps (capacities from profiler-ebpf).
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let maps = [
+            ("PROCS", u.processes, 1u64 << 16),
+            ("MAPPINGS", get(&self.unwind.mapping_entries), 1 << 20),
+            ("UNWIND_FILES", u.files_loaded, 4096),
+        ];
+        family(
+            "profiler_bpf_map_entries",
+            "gauge",
+            "Entries the daemon keeps in a BPF map.",
+            &maps
+                .iter()
+                .map(|(m, n, _)| (format!("{{map=\"{m}\"}}"), *n as f64))
+                .collect::<Vec<_>>(),
+        );
+        family(
+            "profiler_bpf_map_capacity_entries",
+            "gauge",
+            "Capacity of a BPF map.",
+            &maps
+                .iter()
+                .map(|(m, _, c)| (format!("{{map=\"{m}\"}}"), *c as f64))
+                .collect::<Vec<_>>(),
+        );
         family(
             "profiler_unwind_table_evictions_total",
             "counter",
@@ -309,6 +337,20 @@ impl Telemetry {
             "Sample groups whose label value was folded into _overflow_ by the cardinality guard.",
             &folded,
         );
+        if let Some(pods) = self.pods.get() {
+            family(
+                "profiler_kubernetes_pods",
+                "gauge",
+                "Pods of this node known from the API server.",
+                &one(pods.pods.load(Ordering::Relaxed)),
+            );
+            family(
+                "profiler_kubernetes_connected",
+                "gauge",
+                "1 when the last list or watch of the API server worked.",
+                &one(u64::from(pods.connected.load(Ordering::Relaxed))),
+            );
+        }
         family(
             "profiler_profiles_total",
             "counter",

@@ -467,7 +467,9 @@ impl ProcessRegistry {
         });
         match read {
             Ok((maps, comm, exe)) => {
-                let meta = Labeler::discover(&self.procfs_root, pid, comm.as_deref(), exe.as_deref());
+                let meta = self
+                    .labeler
+                    .discover(&self.procfs_root, pid, comm.as_deref(), exe.as_deref());
                 let target = Some(Arc::new(self.labeler.target(meta)));
                 let mut mappings: Vec<ExecMapping> = maps
                     .into_iter()

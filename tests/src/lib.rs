@@ -6,6 +6,7 @@
 
 pub mod backends;
 pub mod daemon;
+pub mod kubeapi;
 
 use std::{
     io::{BufRead as _, BufReader},

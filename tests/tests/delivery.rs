@@ -75,6 +75,14 @@ fn config_mistakes_fail_at_start_with_the_reason() {
             "unknown variant `kafka`",
         ),
         ("exporters: {type: parca}", "config file"),
+        (
+            "relabel_configs: [{target_label: a}, {source_labels: [a], regex: '(', action: keep}]",
+            "relabel_configs[1]: regex `(`",
+        ),
+        (
+            "relabel_configs: [{action: explode}]",
+            "unknown variant `explode`",
+        ),
     ];
     for (config, needle) in cases {
         let (ok, text) = check(config, &[]);
@@ -466,6 +474,7 @@ fn refused_and_garbage_answers_are_counted_and_never_stop_the_daemon() {
     );
     assert!(metric(http, "profiler_samples_total") > 0.0);
     assert!(metric(http, "process_resident_memory_bytes") > 1e6);
+    assert!(metric(http, "profiler_bpf_map_entries{map=\"PROCS\"}") >= 1.0);
     daemon.stop();
 }
 

@@ -11,6 +11,7 @@ use profiler::{encode::decode, pprof::Profile};
 use tests::{
     Fixture, c_fixture,
     daemon::{Daemon, free_addr, http_get, wait_for, write_config},
+    kubeapi::{KubeApi, pod},
     privileged, serial,
 };
 
@@ -219,5 +220,117 @@ fn container_labels_endpoint_filters_and_relabeling() {
     );
     drop(fixture);
     drop(other);
+    drop(cgroup);
+}
+
+/// Labels of the samples of `pid` in the newest archived profile that has any.
+fn newest_labels(archive: &Path, pid: u32) -> Option<Vec<(String, String)>> {
+    archived(archive)
+        .iter()
+        .rev()
+        .find_map(|p| labels_of(p, pid).into_iter().next())
+}
+
+fn label<'a>(labels: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    labels.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn kubernetes_pods_label_their_containers_through_watch_resync_delete_and_outage() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    let cgroup = ContainerCgroup::create();
+    let fixture = Fixture::start(c_fixture(), 90);
+    cgroup.add(fixture.pid());
+    let api = KubeApi::start("test-node");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.kubeconfig(&kubeconfig);
+    // A pod that is not this process's, present before the daemon starts (comes with the list).
+    api.add(pod(
+        "other-1",
+        "default",
+        "test-node",
+        "web",
+        &"ab".repeat(32),
+        serde_json::json!({"app": "other"}),
+    ));
+    let archive = dir.path().join("archive");
+    let http = free_addr();
+    let http_arg = http.to_string();
+    let pid = fixture.pid().to_string();
+    let daemon = Daemon::start(&[
+        "--node-name",
+        "test-node",
+        "--kubeconfig",
+        kubeconfig.to_str().expect("utf8"),
+        "--interval",
+        "1s",
+        "--pid",
+        &pid,
+        "--output-dir",
+        archive.to_str().expect("utf8"),
+        "--http-listen",
+        &http_arg,
+    ]);
+    wait_for("the first list", Duration::from_secs(20), || {
+        api.requests().0 >= 1
+    });
+    // The fixture's pod arrives by the watch.
+    let checkout = pod(
+        "checkout-abc12",
+        "payments",
+        "test-node",
+        "main",
+        CONTAINER_ID,
+        serde_json::json!({"app.kubernetes.io/name": "checkout"}),
+    );
+    api.add(checkout.clone());
+    wait_for("pod labels on the samples", Duration::from_secs(20), || {
+        newest_labels(&archive, fixture.pid()).is_some_and(|l| label(&l, "pod") == Some("checkout-abc12"))
+    });
+    let labels = newest_labels(&archive, fixture.pid()).expect("labels");
+    assert_eq!(label(&labels, "namespace"), Some("payments"));
+    assert_eq!(label(&labels, "container"), Some("main"));
+    assert_eq!(label(&labels, "service_name"), Some("checkout"));
+    let (status, _, body) = http_get(
+        http,
+        "/debug/pprof/profile?seconds=1&namespace=payments&pod=checkout-abc12",
+        &[],
+    );
+    assert_eq!(status, 200);
+    assert!(!labels_of(&decode(&body).expect("profile"), fixture.pid()).is_empty());
+
+    // The history expires: the watch gets 410 and the daemon lists again, labels intact.
+    let (lists, _) = api.requests();
+    api.expire();
+    wait_for("a new list after 410 Gone", Duration::from_secs(20), || {
+        api.requests().0 > lists
+    });
+
+    // Deleted: the next intervals carry no pod labels (the container id's short form stays).
+    api.delete(checkout);
+    wait_for("pod labels gone", Duration::from_secs(20), || {
+        newest_labels(&archive, fixture.pid()).is_some_and(|l| label(&l, "pod").is_none())
+    });
+    let labels = newest_labels(&archive, fixture.pid()).expect("labels");
+    assert_eq!(label(&labels, "container"), Some(&CONTAINER_ID[..12]));
+
+    // The API server goes away: sampling goes on.
+    drop(api);
+    let before = archived(&archive).len();
+    wait_for("profiles without the API server", Duration::from_secs(20), || {
+        archived(&archive).len() >= before + 3
+    });
+    let metrics = String::from_utf8(http_get(http, "/metrics", &[]).2).expect("utf8");
+    assert!(metrics.contains("profiler_kubernetes_connected 0"), "{metrics}");
+    assert!(
+        newest_labels(&archive, fixture.pid()).is_some(),
+        "samples still arrive"
+    );
+    daemon.stop();
+    drop(fixture);
     drop(cgroup);
 }

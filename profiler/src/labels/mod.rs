@@ -11,6 +11,7 @@
 //! | `__meta_container_id`, `__meta_container_runtime` | the cgroup path ([`cgroup`]) |
 //! | `__meta_kubernetes_pod_uid` | the cgroup path, under Kubernetes |
 //! | `__meta_systemd_unit` | the cgroup path of a host service (`nginx.service`) |
+//! | `__meta_kubernetes_*` | the pod of the container, from the API server ([`crate::kube`]) |
 //!
 //! The built-in rules ([`DEFAULT_RULES`]) run first and give `service_name` (Kubernetes: the
 //! `pyroscope.io/service_name` annotation, else the pod label `app.kubernetes.io/name`, else
@@ -24,6 +25,8 @@ pub mod cgroup;
 pub mod relabel;
 
 use std::{path::Path, sync::Arc};
+
+use crate::kube::PodIndex;
 
 pub use relabel::{Labels, Rule, RuleConfig};
 
@@ -68,11 +71,16 @@ pub const DEFAULT_RULES: &str = r#"
 #[derive(Debug, Clone)]
 pub struct Labeler {
     rules: Arc<[Rule]>,
+    /// This node's pods, when the daemon watches the Kubernetes API.
+    pods: Option<Arc<PodIndex>>,
 }
 
 impl Default for Labeler {
     fn default() -> Self {
-        Self::new(&[]).unwrap_or_else(|_| Self { rules: Arc::from([]) })
+        Self::new(&[]).unwrap_or_else(|_| Self {
+            rules: Arc::from([]),
+            pods: None,
+        })
     }
 }
 
@@ -87,11 +95,21 @@ impl Labeler {
     pub fn new(user: &[RuleConfig]) -> Result<Self, (usize, String)> {
         let mut rules = default_rules();
         rules.extend(relabel::compile(user)?);
-        Ok(Self { rules: rules.into() })
+        Ok(Self {
+            rules: rules.into(),
+            pods: None,
+        })
     }
 
-    /// Discovers a process from `proc_root/<pid>` (its comm and exe as the registry read them).
-    pub fn discover(proc_root: &Path, pid: u32, comm: Option<&str>, exe: Option<&str>) -> Labels {
+    /// Adds the pod labels of `pods` to processes in its containers.
+    pub fn with_pods(mut self, pods: Arc<PodIndex>) -> Self {
+        self.pods = Some(pods);
+        self
+    }
+
+    /// Discovers a process from `proc_root/<pid>` (its comm and exe as the registry read them)
+    /// and, for a container of a known pod, the pod's `__meta_kubernetes_*` labels.
+    pub fn discover(&self, proc_root: &Path, pid: u32, comm: Option<&str>, exe: Option<&str>) -> Labels {
         let mut meta = Labels::new();
         meta.insert("__meta_process_pid".into(), pid.to_string());
         if let Some(comm) = comm {
@@ -108,6 +126,11 @@ impl Labeler {
         if let Ok(content) = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")) {
             let info = cgroup::parse(&content);
             meta.insert("__meta_process_cgroup".into(), info.path);
+            if let (Some(id), Some(pods)) = (&info.container_id, &self.pods)
+                && let Some(pod) = pods.get(id)
+            {
+                meta.extend(pod.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
             let mut put = |name: &str, value: Option<String>| {
                 if let Some(v) = value {
                     meta.insert(name.to_owned(), v);
@@ -223,7 +246,7 @@ mod tests {
     fn discovery_reads_this_process() {
         let me = std::process::id();
         let exe = std::env::current_exe().expect("exe").display().to_string();
-        let meta = Labeler::discover(Path::new("/proc"), me, Some("tester"), Some(&exe));
+        let meta = Labeler::default().discover(Path::new("/proc"), me, Some("tester"), Some(&exe));
         assert_eq!(meta["__meta_process_pid"], me.to_string());
         assert_eq!(meta["__meta_process_comm"], "tester");
         assert!(meta.contains_key("__meta_process_executable_name"));

@@ -63,6 +63,8 @@ pub struct UnwindStats {
     pub rows_capacity: AtomicU64,
     pub evictions: AtomicU64,
     pub requests_dropped: AtomicU64,
+    /// Entries this stage keeps in `MAPPINGS`.
+    pub mapping_entries: AtomicU64,
 }
 
 impl UnwindStats {
@@ -542,6 +544,10 @@ impl Unwinder {
         self.stats
             .processes
             .store(self.processes.len() as u64, Ordering::Relaxed);
+        let mapping_keys: usize = self.processes.values().map(|p| p.keys.len()).sum();
+        self.stats
+            .mapping_entries
+            .store(mapping_keys as u64, Ordering::Relaxed);
         self.stats.files_loaded.store(s.files, Ordering::Relaxed);
         self.stats.rows_used.store(s.used_rows, Ordering::Relaxed);
         self.stats.evictions.store(s.evictions, Ordering::Relaxed);
