@@ -29,6 +29,15 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     ("node", "nodejs"),
 ];
+/// What only the tests use: kubectl renders the deploy/ overlays (its kustomize), pip installs
+/// the Kubernetes schema validator.
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("kubectl", "kubernetes-client"),
+    ("python3", "python3"),
+    ("pip3", "python3-pip"),
+];
+/// kubernetes-validate (PyPI), pinned: the manifests are validated against its schemas.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 /// The peers the benchmark measures beside the daemon.
 const BENCH_PACKAGES: &[(&str, &str)] = &[("perf", "linux-perf"), ("bpftrace", "bpftrace")];
 
@@ -95,6 +104,7 @@ fn main() -> Result<()> {
         }
         Task::Test { args } => {
             setup()?;
+            setup_test_tools(&root)?;
             build()?;
             test(&root, &args)
         }
@@ -149,6 +159,21 @@ fn setup() -> Result<()> {
     setup_nightly()?;
     setup_bpf_linker()?;
     Ok(())
+}
+
+/// kubectl and, under `target/tools/python`, kubernetes-validate (idempotent).
+fn setup_test_tools(root: &Path) -> Result<()> {
+    install_debian(TEST_PACKAGES)?;
+    let dir = root.join("target/tools/python");
+    if dir.join("kubernetes_validate").is_dir() {
+        return Ok(());
+    }
+    run(Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        // Into a directory of the project's own, never the system's site-packages.
+        .args(["--break-system-packages", "--target"])
+        .arg(&dir)
+        .arg(KUBERNETES_VALIDATE))
 }
 
 fn install_debian(packages: &[(&str, &str)]) -> Result<()> {
