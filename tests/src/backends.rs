@@ -173,7 +173,9 @@ impl Shared {
 }
 
 /// A one-thread runtime with a listener bound on `addr` (port 0: any free port).
-fn serving_runtime(addr: SocketAddr) -> (tokio::runtime::Runtime, tokio::net::TcpListener, SocketAddr) {
+pub(crate) fn serving_runtime(
+    addr: SocketAddr,
+) -> (tokio::runtime::Runtime, tokio::net::TcpListener, SocketAddr) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -20,6 +20,8 @@ use axum::{
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
+use crate::backends::serving_runtime;
+
 pub const TOKEN: &str = "kube-test-token";
 
 #[derive(Debug)]
@@ -99,15 +101,7 @@ impl KubeApi {
             }),
             events,
         });
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        let (runtime, listener, addr) = serving_runtime("127.0.0.1:0".parse().expect("addr"));
         let app = Router::new()
             .route("/api/v1/pods", get(pods))
             .with_state(Arc::clone(&shared));

@@ -126,6 +126,17 @@ fn check_security(overlay: &str, docs: &[Value]) {
         args.iter().any(|a| a == "--http-listen=127.0.0.1:7073"),
         "{overlay}: the on-demand endpoint stays on loopback: {args:?}"
     );
+    // Backend credentials come from a Secret, mounted read-only.
+    let secret = pod["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["secret"].is_object()))
+        .expect("a Secret volume for backend credentials");
+    assert_eq!(secret["secret"]["secretName"], "profiler-backend");
+    let mount = c["volumeMounts"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == secret["name"]))
+        .expect("the Secret is mounted");
+    assert_eq!(mount["readOnly"], true);
     // Read-only access to pods, nothing else.
     let role = find(docs, "ClusterRole");
     let rules = role["rules"].as_array().expect("rules");
