@@ -15,8 +15,17 @@ pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_SCRATCH: &str = "SCRATCH";
 /// Hash of tgids to sample when [`GLOBAL_FILTER_PIDS`] is set.
 pub const MAP_TARGET_PIDS: &str = "TARGET_PIDS";
-/// `.rodata` global: `1` restricts sampling to the tgids in [`MAP_TARGET_PIDS`].
+/// `.rodata` global: `1` restricts sampling to the tgids in [`MAP_TARGET_PIDS`] (or, with
+/// [`GLOBAL_FILTER_CGROUPS`], also the cgroups in [`MAP_TARGET_CGROUPS`]).
 pub const GLOBAL_FILTER_PIDS: &str = "FILTER_PIDS";
+/// Hash of cgroup v2 ids (`bpf_get_current_cgroup_id`) to sample when
+/// [`GLOBAL_FILTER_CGROUPS`] is set.
+pub const MAP_TARGET_CGROUPS: &str = "TARGET_CGROUPS";
+/// `.rodata` global: `1` samples only tasks whose cgroup is in [`MAP_TARGET_CGROUPS`] (or whose
+/// tgid is in [`MAP_TARGET_PIDS`] when [`GLOBAL_FILTER_PIDS`] is set too).
+pub const GLOBAL_FILTER_CGROUPS: &str = "FILTER_CGROUPS";
+/// Capacity of [`MAP_TARGET_CGROUPS`]: selected cgroups and their descendants.
+pub const MAX_TARGET_CGROUPS: u32 = 16384;
 /// `.rodata` global: [`UNWIND_MODE_TABLES`] (default) or [`UNWIND_MODE_FRAME_POINTERS`].
 pub const GLOBAL_UNWIND_MODE: &str = "UNWIND_MODE";
 /// User stacks come from the unwind tables ([`MAP_UNWIND_ROWS`]), with frame pointers where a

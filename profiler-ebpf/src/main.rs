@@ -20,7 +20,10 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_get_stack,
         bpf_ktime_get_ns, bpf_probe_read_user,
-        generated::{bpf_get_current_task_btf, bpf_loop, bpf_probe_read_kernel, bpf_task_pt_regs},
+        generated::{
+            bpf_get_current_cgroup_id, bpf_get_current_task_btf, bpf_loop, bpf_probe_read_kernel,
+            bpf_task_pt_regs,
+        },
     },
     macros::{map, perf_event, raw_tracepoint},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
@@ -28,9 +31,9 @@ use aya_ebpf::{
 };
 use profiler_common::{
     COUNTER_SLOTS, Counter, FileTable, HEADER_BYTES, MAPPING_PID_PREFIX, MAX_FRAMES, MAX_STACK_DEPTH,
-    MAX_TARGET_PIDS, MAX_USER_DEPTH, Mapping, MappingKey, PROC_EVENTS_RING_BYTES, ProcEvent, RawSample,
-    SAMPLES_RING_BYTES, SAMPLES_WAKEUP_BYTES, UNWIND_MODE_TABLES, UNWIND_STATUS_SLOTS, UnwindRow,
-    UnwindState, UnwindStatus, cfa, mapping, mapping_key, proc_event, proc_state,
+    MAX_TARGET_CGROUPS, MAX_TARGET_PIDS, MAX_USER_DEPTH, Mapping, MappingKey, PROC_EVENTS_RING_BYTES,
+    ProcEvent, RawSample, SAMPLES_RING_BYTES, SAMPLES_WAKEUP_BYTES, UNWIND_MODE_TABLES, UNWIND_STATUS_SLOTS,
+    UnwindRow, UnwindState, UnwindStatus, cfa, mapping, mapping_key, proc_event, proc_state,
 };
 
 #[map(name = "SAMPLES")]
@@ -47,6 +50,9 @@ static UNWIND_STATE: PerCpuArray<UnwindState> = PerCpuArray::with_max_entries(1,
 
 #[map(name = "TARGET_PIDS")]
 static TARGET_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TARGET_PIDS, 0);
+
+#[map(name = "TARGET_CGROUPS")]
+static TARGET_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_TARGET_CGROUPS, 0);
 
 /// The daemon sets the real size (the unwind-table budget) before loading.
 #[map(name = "UNWIND_ROWS")]
@@ -68,6 +74,10 @@ static PROC_EVENTS: RingBuf = RingBuf::with_byte_size(PROC_EVENTS_RING_BYTES, 0)
 /// (the loader rewrites `.rodata` before the program is verified).
 #[unsafe(no_mangle)]
 static FILTER_PIDS: u8 = 0;
+
+/// Set to 1 by the loader when cgroups are targeted (`--cgroup`, `--target`).
+#[unsafe(no_mangle)]
+static FILTER_CGROUPS: u8 = 0;
 
 /// `UNWIND_MODE_TABLES` or `UNWIND_MODE_FRAME_POINTERS`, set by the loader.
 #[unsafe(no_mangle)]
@@ -144,10 +154,19 @@ fn try_sample(ctx: &PerfEventContext) {
         bump(Counter::Idle);
         return;
     }
-    // SAFETY: FILTER_PIDS is a plain u8 in .rodata.
-    if unsafe { read_volatile(&FILTER_PIDS) } != 0 {
-        // SAFETY: the value is only tested for presence.
-        if unsafe { TARGET_PIDS.get(&tgid) }.is_none() {
+    // SAFETY: both are plain u8s in .rodata.
+    let (by_pid, by_cgroup) = unsafe {
+        (
+            read_volatile(&FILTER_PIDS) != 0,
+            read_volatile(&FILTER_CGROUPS) != 0,
+        )
+    };
+    if by_pid || by_cgroup {
+        // A selected process or cgroup: one lookup each, values only tested for presence.
+        // SAFETY: map lookups; the references are not kept.
+        let selected = (by_pid && unsafe { TARGET_PIDS.get(&tgid) }.is_some())
+            || (by_cgroup && unsafe { TARGET_CGROUPS.get(&bpf_get_current_cgroup_id()) }.is_some());
+        if !selected {
             bump(Counter::FilteredOut);
             return;
         }

@@ -10,9 +10,10 @@ use aya::{
     },
 };
 use profiler_common::{
-    COUNTER_SLOTS, Counter, GLOBAL_FILTER_PIDS, GLOBAL_UNWIND_MODE, MAP_COUNTERS, MAP_MAPPINGS,
-    MAP_PROC_EVENTS, MAP_PROCS, MAP_SAMPLES, MAP_TARGET_PIDS, MAP_UNWIND_FILES, MAP_UNWIND_ROWS,
-    PROGRAM_EXEC, PROGRAM_EXIT, PROGRAM_SAMPLE, UNWIND_MODE_FRAME_POINTERS, UNWIND_MODE_TABLES,
+    COUNTER_SLOTS, Counter, GLOBAL_FILTER_CGROUPS, GLOBAL_FILTER_PIDS, GLOBAL_UNWIND_MODE, MAP_COUNTERS,
+    MAP_MAPPINGS, MAP_PROC_EVENTS, MAP_PROCS, MAP_SAMPLES, MAP_TARGET_CGROUPS, MAP_TARGET_PIDS,
+    MAP_UNWIND_FILES, MAP_UNWIND_ROWS, PROGRAM_EXEC, PROGRAM_EXIT, PROGRAM_SAMPLE,
+    UNWIND_MODE_FRAME_POINTERS, UNWIND_MODE_TABLES,
 };
 
 use crate::{
@@ -251,7 +252,9 @@ impl BpfSession {
         }
         raise_memlock_rlimit();
         let kernel = kernel_release();
-        let filter: u8 = u8::from(!pids.is_empty());
+        // Label selectors resolve to pids (processes in the root cgroup) as well as cgroups.
+        let filter: u8 = u8::from(!pids.is_empty() || !sampling.targets.is_empty());
+        let filter_cgroups: u8 = u8::from(!sampling.cgroups.is_empty() || !sampling.targets.is_empty());
         let mode = match sampling.unwinder {
             Unwinder::Dwarf => UNWIND_MODE_TABLES,
             Unwinder::FramePointer => UNWIND_MODE_FRAME_POINTERS,
@@ -263,6 +266,7 @@ impl BpfSession {
         };
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_FILTER_PIDS, &filter, true)
+            .override_global(GLOBAL_FILTER_CGROUPS, &filter_cgroups, true)
             .override_global(GLOBAL_UNWIND_MODE, &mode, true)
             .map_max_entries(MAP_UNWIND_ROWS, rows)
             .load(EBPF_OBJECT)
@@ -327,6 +331,35 @@ impl BpfSession {
     }
 
     /// Takes the maps of the unwind stage out of the session (once).
+    /// The targeting maps, for [`crate::targeting::Targeter`]: `TARGET_CGROUPS`, and
+    /// `TARGET_PIDS` when label selectors may add pids to it.
+    #[allow(clippy::type_complexity)]
+    pub fn take_target_maps(
+        &mut self,
+        with_pids: bool,
+    ) -> Result<(HashMap<MapData, u64, u8>, Option<HashMap<MapData, u32, u8>>), BpfError> {
+        let mut take = |name: &'static str| {
+            self.ebpf
+                .take_map(name)
+                .ok_or(BpfError::Missing { kind: "map", name })
+        };
+        let cgroups = HashMap::try_from(take(MAP_TARGET_CGROUPS)?).map_err(|e| BpfError::Map {
+            name: MAP_TARGET_CGROUPS,
+            source: Box::new(e),
+        })?;
+        let pids = if with_pids {
+            Some(
+                HashMap::try_from(take(MAP_TARGET_PIDS)?).map_err(|e| BpfError::Map {
+                    name: MAP_TARGET_PIDS,
+                    source: Box::new(e),
+                })?,
+            )
+        } else {
+            None
+        };
+        Ok((cgroups, pids))
+    }
+
     pub fn take_unwind_maps(&mut self) -> Result<UnwindMaps, BpfError> {
         let mut take = |name: &'static str| {
             self.ebpf

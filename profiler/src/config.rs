@@ -38,6 +38,15 @@ pub struct SamplingArgs {
     /// Only sample this process (host pid); repeat for more. Default: every process.
     #[arg(long = "pid", short = 'p', value_name = "PID")]
     pub pids: Vec<u32>,
+    /// Only sample the processes in this cgroup (v2) and its descendants: a directory under the
+    /// cgroup2 mount, or a path relative to it (`/kubepods.slice`). Filtered in the kernel.
+    #[arg(long = "cgroup", value_name = "PATH")]
+    pub cgroups: Vec<PathBuf>,
+    /// Only sample processes whose labels match all of `name=value[,name=value…]` (e.g.
+    /// `namespace=payments`, `service_name=nginx`); repeat for more selectors. Resolved every
+    /// few seconds into cgroups and pids that the kernel filters on.
+    #[arg(long = "target", value_name = "SELECTOR", value_parser = parse_selector)]
+    pub targets: Vec<Selector>,
     /// How user stacks are walked: `dwarf` (unwind tables from .eh_frame, frame pointers
     /// where a file has none) or `frame-pointer` (the kernel's frame-pointer walk only).
     #[arg(long, env = "PROFILER_UNWINDER", value_enum, default_value = "dwarf")]
@@ -184,8 +193,10 @@ impl HttpArgs {
 #[derive(Debug, Clone)]
 pub struct SamplingConfig {
     pub frequency: NonZeroU32,
-    /// Empty means every process.
+    /// Empty (with `cgroups` and `targets`) means every process.
     pub pids: Vec<u32>,
+    pub cgroups: Vec<PathBuf>,
+    pub targets: Vec<Selector>,
     pub unwinder: Unwinder,
     /// Rows of the unwind-table array (8 bytes each).
     pub unwind_rows: u32,
@@ -240,6 +251,8 @@ impl SamplingArgs {
         Ok(SamplingConfig {
             frequency,
             pids,
+            cgroups: self.cgroups.clone(),
+            targets: self.targets.clone(),
             unwinder: self.unwinder,
             unwind_rows,
         })
@@ -255,6 +268,24 @@ pub fn check_duration(flag: &'static str, value: Duration) -> Result<Duration, C
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 10s, 500ms, 2m)"))
+}
+
+/// A label selector: every `name=value` must hold.
+pub type Selector = Vec<(String, String)>;
+
+fn parse_selector(s: &str) -> Result<Selector, String> {
+    let mut pairs = Vec::new();
+    for part in s.split(',') {
+        let (name, value) = part.split_once('=').ok_or_else(|| {
+            format!("`{part}` is not name=value (example: namespace=payments,container=api)")
+        })?;
+        let name = name.trim();
+        if !crate::labels::relabel::valid_label_name(name) {
+            return Err(format!("`{name}` is not a label name"));
+        }
+        pairs.push((name.to_owned(), value.trim().to_owned()));
+    }
+    Ok(pairs)
 }
 
 /// Parses `1048576`, `512K`, `64M`, `1G` (binary units).
@@ -292,6 +323,8 @@ mod tests {
         let args = SamplingArgs {
             frequency: Some(0),
             pids: vec![],
+            cgroups: vec![],
+            targets: vec![],
             unwinder: Unwinder::Dwarf,
             unwind_table_size: 64 << 20,
         };
@@ -302,6 +335,8 @@ mod tests {
         let args = SamplingArgs {
             frequency: None,
             pids: vec![7, 3, 7],
+            cgroups: vec![],
+            targets: vec![],
             unwinder: Unwinder::Dwarf,
             unwind_table_size: 64 << 20,
         };
@@ -312,6 +347,8 @@ mod tests {
         let args = SamplingArgs {
             frequency: Some(99),
             pids: vec![0],
+            cgroups: vec![],
+            targets: vec![],
             unwinder: Unwinder::Dwarf,
             unwind_table_size: 64 << 20,
         };
@@ -319,6 +356,8 @@ mod tests {
         let args = SamplingArgs {
             frequency: None,
             pids: vec![],
+            cgroups: vec![],
+            targets: vec![],
             unwinder: Unwinder::FramePointer,
             unwind_table_size: 1000,
         };
@@ -326,6 +365,19 @@ mod tests {
             args.validate(19).unwrap_err().to_string(),
             "--unwind-table-size must be between 64K and 4G, got 1000 bytes"
         );
+    }
+
+    #[test]
+    fn selectors_parse_and_name_mistakes() {
+        assert_eq!(
+            parse_selector("namespace=payments, container=api"),
+            Ok(vec![
+                ("namespace".to_owned(), "payments".to_owned()),
+                ("container".to_owned(), "api".to_owned())
+            ])
+        );
+        assert!(parse_selector("payments").unwrap_err().contains("not name=value"));
+        assert!(parse_selector("1x=a").unwrap_err().contains("not a label name"));
     }
 
     #[test]

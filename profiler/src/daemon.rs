@@ -54,6 +54,8 @@ pub enum DaemonError {
     Thread(std::io::Error),
     #[error(transparent)]
     Server(#[from] crate::server::ServerError),
+    #[error(transparent)]
+    Targeting(#[from] crate::targeting::TargetError),
 }
 
 pub struct Plan {
@@ -145,6 +147,29 @@ pub async fn run(mut plan: Plan) -> Result<RunSummary, DaemonError> {
         )
     } else {
         (None, None)
+    };
+    // Cgroups and label selectors are resolved before the first tick and kept current.
+    let targeting_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let targeting_thread = if plan.sampling.cgroups.is_empty() && plan.sampling.targets.is_empty() {
+        None
+    } else {
+        let (cgroup_map, pid_map) = session.take_target_maps(!plan.sampling.targets.is_empty())?;
+        let mut targeter = crate::targeting::Targeter::new(
+            plan.sampling.cgroups.clone(),
+            plan.sampling.targets.clone(),
+            plan.labeler.clone(),
+            pids.clone(),
+            cgroup_map,
+            pid_map,
+        )?;
+        targeter.refresh()?;
+        let stop = Arc::clone(&targeting_stop);
+        Some(
+            std::thread::Builder::new()
+                .name("targeting".into())
+                .spawn(move || crate::targeting::run(targeter, stop))
+                .map_err(DaemonError::Thread)?,
+        )
     };
     session.attach(frequency)?;
     let telemetry = Arc::new(Telemetry::new(
@@ -269,6 +294,12 @@ pub async fn run(mut plan: Plan) -> Result<RunSummary, DaemonError> {
     server_cancel.cancel();
     for remote in &mut plan.remotes {
         remote.shutdown(EXPORT_GRACE).await;
+    }
+    targeting_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(thread) = targeting_thread
+        && thread.join().is_err()
+    {
+        warn!("the targeting stage panicked");
     }
     // The sampler task owned the request sender; with it gone the unwind stage ends.
     if let Some(thread) = unwinder_thread

@@ -22,6 +22,7 @@ pub mod server;
 pub mod settings;
 pub mod summary;
 pub mod symbolize;
+pub mod targeting;
 pub mod unwind;
 
 /// Types generated from `proto/profile.proto` (package `perftools.profiles`).

@@ -295,6 +295,7 @@ fn kubernetes_pods_label_their_containers_through_watch_resync_delete_and_outage
     assert_eq!(label(&labels, "namespace"), Some("payments"));
     assert_eq!(label(&labels, "container"), Some("main"));
     assert_eq!(label(&labels, "service_name"), Some("checkout"));
+    assert_eq!(label(&labels, "node"), Some("test-node"));
     let (status, _, body) = http_get(
         http,
         "/debug/pprof/profile?seconds=1&namespace=payments&pod=checkout-abc12",
@@ -332,5 +333,86 @@ fn kubernetes_pods_label_their_containers_through_watch_resync_delete_and_outage
     );
     daemon.stop();
     drop(fixture);
+    drop(cgroup);
+}
+
+fn metric(http: std::net::SocketAddr, name: &str) -> f64 {
+    let body = String::from_utf8(http_get(http, "/metrics", &[]).2).expect("utf8");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+}
+
+/// The pids with samples in the archive.
+fn sampled_pids(archive: &Path) -> std::collections::BTreeSet<i64> {
+    archived(archive)
+        .iter()
+        .flat_map(|p| {
+            let key = p.string_table.iter().position(|s| s == "pid").map(|k| k as i64);
+            p.sample
+                .iter()
+                .flat_map(|s| s.label.iter())
+                .filter(move |l| Some(l.key) == key)
+                .map(|l| l.num)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn cgroup_and_label_targets_filter_in_the_kernel() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    let cgroup = ContainerCgroup::create();
+    if !cgroup.leaf.join("cgroup.controllers").exists() {
+        // A v1-only host: --cgroup needs the v2 hierarchy (the daemon says so at start).
+        eprintln!("skipped: no cgroup v2 hierarchy here");
+        return;
+    }
+    let inside = Fixture::start(c_fixture(), 60);
+    let outside = Fixture::start(c_fixture(), 60);
+    cgroup.add(inside.pid());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let http = free_addr();
+    let http_arg = http.to_string();
+    let short = &CONTAINER_ID[..12];
+    let cgroup_arg = cgroup.parent.to_str().expect("utf8").to_owned();
+    let selector = format!("container={short}");
+    for (name, flags) in [
+        ("cgroup", ["--cgroup", cgroup_arg.as_str()]),
+        ("target", ["--target", selector.as_str()]),
+    ] {
+        let archive = dir.path().join(name);
+        let mut args = vec![
+            "--interval",
+            "1s",
+            "--output-dir",
+            archive.to_str().expect("utf8"),
+            "--http-listen",
+            &http_arg,
+        ];
+        args.extend(flags);
+        let daemon = Daemon::start(&args);
+        wait_for(
+            "filtered ticks and an archived profile",
+            Duration::from_secs(20),
+            || {
+                std::net::TcpStream::connect(http).is_ok()
+                    && metric(http, "profiler_filtered_ticks_total") > 50.0
+                    && sampled_pids(&archive).contains(&i64::from(inside.pid()))
+            },
+        );
+        daemon.stop();
+        let pids = sampled_pids(&archive);
+        assert_eq!(
+            pids,
+            [i64::from(inside.pid())].into(),
+            "{name}: only the process in the selected cgroup is sampled"
+        );
+    }
+    drop(inside);
+    drop(outside);
     drop(cgroup);
 }

@@ -16,8 +16,8 @@
 //! The built-in rules ([`DEFAULT_RULES`]) run first and give `service_name` (Kubernetes: the
 //! `pyroscope.io/service_name` annotation, else the pod label `app.kubernetes.io/name`, else
 //! `app`, else the owner's name, else the container's; off Kubernetes: the systemd unit, else
-//! the executable's name, else the process name) and `namespace`, `pod`, `container` (the
-//! Kubernetes container name, else the first 12 characters of the container id). The
+//! the executable's name, else the process name) and `namespace`, `pod`, `node`, `container`
+//! (the Kubernetes container name, else the first 12 characters of the container id). The
 //! configuration file's `relabel_configs` run after them. Labels still starting with `__`
 //! afterwards are dropped, as Prometheus does. A `keep` or `drop` that removes the target
 //! drops the process's samples (counted).
@@ -65,6 +65,7 @@ pub const DEFAULT_RULES: &str = r#"
 - {source_labels: [__meta_kubernetes_pod_name], regex: '(.+)', target_label: pod}
 - {source_labels: [__meta_container_id], regex: '(.{12}).*', target_label: container}
 - {source_labels: [__meta_kubernetes_pod_container_name], regex: '(.+)', target_label: container}
+- {source_labels: [__meta_kubernetes_pod_node_name], regex: '(.+)', target_label: node}
 "#;
 
 /// Computes targets: discovery plus the rules.
