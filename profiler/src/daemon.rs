@@ -9,7 +9,7 @@
 //! Ctrl-C or SIGTERM: detach the programs, drain the ring buffer, flush the open interval,
 //! export it, exit.
 use std::{
-    fs,
+    path::Path,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -88,13 +88,8 @@ pub const EXPORT_GRACE: Duration = Duration::from_secs(5);
 pub fn resolve_pids(pids: &[u32]) -> Result<Vec<u32>, DaemonError> {
     let mut tgids = Vec::with_capacity(pids.len());
     for &pid in pids {
-        let status =
-            fs::read_to_string(format!("/proc/{pid}/status")).map_err(|_| DaemonError::NoSuchProcess(pid))?;
-        let tgid = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Tgid:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(pid);
+        let tgid =
+            crate::process::thread_group(Path::new("/proc"), pid).ok_or(DaemonError::NoSuchProcess(pid))?;
         if tgid != pid {
             info!(pid, tgid, "pid is a thread; profiling its whole process");
         }

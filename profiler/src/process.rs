@@ -188,6 +188,16 @@ struct JitMap {
     ns_pid: Option<u32>,
 }
 
+/// The process a pid (or thread id) belongs to (`Tgid:` of its status), if it exists.
+pub fn thread_group(proc_root: &std::path::Path, pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(proc_root.join(pid.to_string()).join("status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .or(Some(pid))
+}
+
 /// Last `NSpid` entry of /proc/<pid>/status: the pid in the process's own namespace.
 fn namespace_pid(proc_dir: &std::path::Path) -> Option<u32> {
     let status = std::fs::read_to_string(proc_dir.join("status")).ok()?;

@@ -349,7 +349,7 @@ pub fn parse_profile_query(query: &str, proc_root: &Path) -> Result<(u64, TapFil
                         .trim()
                         .parse()
                         .map_err(|_| bad(format!("pid `{part}` is not a process id")))?;
-                    let tgid = thread_group(proc_root, pid)
+                    let tgid = crate::process::thread_group(proc_root, pid)
                         .ok_or_else(|| (StatusCode::NOT_FOUND, format!("no process with pid {pid}")))?;
                     if !filter.pids.contains(&tgid) {
                         filter.pids.push(tgid);
@@ -371,48 +371,17 @@ pub fn parse_profile_query(query: &str, proc_root: &Path) -> Result<(u64, TapFil
     Ok((seconds, filter))
 }
 
+/// `application/x-www-form-urlencoded` pairs of a query string (`+` is a space, `%xx` a byte,
+/// anything malformed kept as written), through the URL parser reqwest already carries.
 fn url_pairs(query: &str) -> Vec<(String, String)> {
-    fn decode(s: &str) -> String {
-        let bytes = s.as_bytes();
-        let mut out = Vec::with_capacity(bytes.len());
-        let mut i = 0;
-        while i < bytes.len() {
-            match bytes[i] {
-                b'+' => out.push(b' '),
-                b'%' if i + 2 < bytes.len() => {
-                    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-                    match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                        (Some(high), Some(low)) => {
-                            out.push(high << 4 | low);
-                            i += 2;
-                        }
-                        _ => out.push(b'%'),
-                    }
-                }
-                b => out.push(b),
-            }
-            i += 1;
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    }
-    query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (decode(k), decode(v))
-        })
+    let mut url = match reqwest::Url::parse("http://localhost/") {
+        Ok(url) => url,
+        Err(_) => return Vec::new(),
+    };
+    url.set_query(Some(query));
+    url.query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
-}
-
-/// The process a pid (or thread id) belongs to, if it exists.
-fn thread_group(proc_root: &Path, pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(proc_root.join(pid.to_string()).join("status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Tgid:"))
-        .and_then(|v| v.trim().parse().ok())
-        .or(Some(pid))
 }
 
 /// Closes a tap if its request goes away before the profile is done (client disconnected).

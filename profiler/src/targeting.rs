@@ -178,9 +178,12 @@ impl Targeter {
             let exe = fs::read_link(dir.join("exe"))
                 .ok()
                 .map(|p| p.display().to_string());
-            let meta = self
-                .labeler
-                .discover(proc_root, pid, comm.as_deref().map(str::trim), exe.as_deref());
+            let (meta, cgroup) = self.labeler.discover_with_cgroup(
+                proc_root,
+                pid,
+                comm.as_deref().map(str::trim),
+                exe.as_deref(),
+            );
             let target = self.labeler.target(meta);
             if target.labels.is_none() {
                 continue;
@@ -192,10 +195,8 @@ impl Targeter {
             if !matched {
                 continue;
             }
-            let unified = fs::read_to_string(dir.join("cgroup"))
-                .ok()
-                .and_then(|c| c.lines().find_map(|l| l.strip_prefix("0::").map(str::to_owned)));
-            match unified.filter(|p| p != "/") {
+            // The v2 path the BPF program's cgroup id names, as discovery read it.
+            match cgroup.and_then(|c| c.unified).filter(|p| p != "/") {
                 Some(path) => {
                     let cgroup_dir = self.root.join(path.trim_start_matches('/'));
                     match fs::metadata(&cgroup_dir) {

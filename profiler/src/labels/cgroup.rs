@@ -29,6 +29,9 @@ pub struct CgroupInfo {
     pub pod_uid: Option<String>,
     /// `nginx.service` for a host service.
     pub systemd_unit: Option<String>,
+    /// The `0::` (cgroup v2) path, when the file has one: what `bpf_get_current_cgroup_id`
+    /// identifies.
+    pub unified: Option<String>,
 }
 
 const ID_LEN: usize = 64;
@@ -144,7 +147,7 @@ pub fn parse(content: &str) -> CgroupInfo {
             best = Some(info);
         }
     }
-    match (unified, best) {
+    let mut info = match (unified, best) {
         (Some(path), Some(v1))
             if path == "/" || v1.container_id.is_some() && parse_path(path).container_id.is_none() =>
         {
@@ -153,7 +156,9 @@ pub fn parse(content: &str) -> CgroupInfo {
         (Some(path), _) => parse_path(path),
         (None, Some(v1)) => v1,
         (None, None) => CgroupInfo::default(),
-    }
+    };
+    info.unified = unified.map(str::to_owned);
+    info
 }
 
 #[cfg(test)]
@@ -305,6 +310,7 @@ mod tests {
         let info = parse(&v2);
         assert_eq!(info.container_id.as_deref(), Some(ID));
         assert_eq!(info.path, format!("/system.slice/docker-{ID}.scope"));
+        assert_eq!(info.unified, Some(info.path.clone()));
         let v1 = format!(
             "12:memory:/docker/{ID}\n11:cpu,cpuacct:/docker/{ID}\n1:name=systemd:/docker/{ID}\n0::/\n"
         );
@@ -317,6 +323,7 @@ mod tests {
         let hybrid = format!("1:name=systemd:/kubepods/besteffort/pod{UID}/{ID}\n0::/\n");
         let info = parse(&hybrid);
         assert_eq!(info.container_id.as_deref(), Some(ID));
+        assert_eq!(info.unified.as_deref(), Some("/"));
         assert_eq!(info.pod_uid.as_deref(), Some(UID));
     }
 }

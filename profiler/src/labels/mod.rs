@@ -111,6 +111,18 @@ impl Labeler {
     /// Discovers a process from `proc_root/<pid>` (its comm and exe as the registry read them)
     /// and, for a container of a known pod, the pod's `__meta_kubernetes_*` labels.
     pub fn discover(&self, proc_root: &Path, pid: u32, comm: Option<&str>, exe: Option<&str>) -> Labels {
+        self.discover_with_cgroup(proc_root, pid, comm, exe).0
+    }
+
+    /// [`Self::discover`], also returning what the process's cgroup file said (for callers
+    /// that need its v2 path, without reading the file again).
+    pub fn discover_with_cgroup(
+        &self,
+        proc_root: &Path,
+        pid: u32,
+        comm: Option<&str>,
+        exe: Option<&str>,
+    ) -> (Labels, Option<cgroup::CgroupInfo>) {
         let mut meta = Labels::new();
         meta.insert("__meta_process_pid".into(), pid.to_string());
         if let Some(comm) = comm {
@@ -124,8 +136,10 @@ impl Labeler {
                 meta.insert("__meta_process_executable_name".into(), name.to_owned());
             }
         }
-        if let Ok(content) = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")) {
-            let info = cgroup::parse(&content);
+        let info = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))
+            .ok()
+            .map(|content| cgroup::parse(&content));
+        if let Some(info) = info.clone() {
             meta.insert("__meta_process_cgroup".into(), info.path);
             if let (Some(id), Some(pods)) = (&info.container_id, &self.pods)
                 && let Some(pod) = pods.get(id)
@@ -142,7 +156,7 @@ impl Labeler {
             put("__meta_kubernetes_pod_uid", info.pod_uid);
             put("__meta_systemd_unit", info.systemd_unit);
         }
-        meta
+        (meta, info)
     }
 
     /// Relabels discovered labels into a target.
