@@ -64,15 +64,8 @@ struct Shared {
 pub struct Backend {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_timeout(Duration::from_secs(1));
-        }
-    }
+    /// Stops the server when the handle is dropped.
+    _server: Serving,
 }
 
 impl Backend {
@@ -102,7 +95,7 @@ impl Backend {
         Self {
             addr,
             shared,
-            runtime: Some(runtime),
+            _server: runtime,
         }
     }
 
@@ -157,7 +150,7 @@ impl Backend {
         Self {
             addr,
             shared,
-            runtime: Some(runtime),
+            _server: runtime,
         }
     }
 }
@@ -172,10 +165,28 @@ impl Shared {
     }
 }
 
-/// A one-thread runtime with a listener bound on `addr` (port 0: any free port).
-pub(crate) fn serving_runtime(
-    addr: SocketAddr,
-) -> (tokio::runtime::Runtime, tokio::net::TcpListener, SocketAddr) {
+/// The one-thread runtime of a stand-in server; dropping it stops the server and frees its
+/// port.
+pub(crate) struct Serving(Option<tokio::runtime::Runtime>);
+
+impl Serving {
+    pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        if let Some(rt) = &self.0 {
+            rt.spawn(task);
+        }
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}
+
+/// A runtime with a listener bound on `addr` (port 0: any free port).
+pub(crate) fn serving_runtime(addr: SocketAddr) -> (Serving, tokio::net::TcpListener, SocketAddr) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -185,7 +196,7 @@ pub(crate) fn serving_runtime(
         .block_on(tokio::net::TcpListener::bind(addr))
         .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
     let addr = listener.local_addr().expect("addr");
-    (runtime, listener, addr)
+    (Serving(Some(runtime)), listener, addr)
 }
 
 fn headers_of(headers: &HeaderMap) -> Vec<(String, String)> {
@@ -716,7 +727,7 @@ impl Backend {
         Self {
             addr,
             shared,
-            runtime: Some(runtime),
+            _server: runtime,
         }
     }
 }

@@ -64,28 +64,47 @@ pub fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until the daemon's endpoint at `addr` answers `/readyz` with 200.
+pub fn wait_ready(addr: SocketAddr) {
+    // Until the daemon listens, a connection can be refused or reset: not ready yet.
+    wait_for("readiness", Duration::from_secs(20), || {
+        try_http_get(addr, "/readyz", &[]).is_ok_and(|(status, _, _)| status == 200)
+    });
+}
+
 /// A plain HTTP/1.1 GET: (status, headers, body).
 pub fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String, Vec<u8>) {
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("timeout");
+    try_http_get(addr, path, headers).unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
+}
+
+/// [`http_get`], with connection trouble and malformed answers as errors.
+pub fn try_http_get(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<(u16, String, Vec<u8>)> {
+    let malformed = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
         request.push_str(&format!("{k}: {v}\r\n"));
     }
     request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).expect("send");
+    stream.write_all(request.as_bytes())?;
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("read");
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("header end");
+    stream.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| malformed("no end of headers"))?;
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .expect("status");
-    (status, head, raw[split + 4..].to_vec())
+        .ok_or_else(|| malformed("no status"))?;
+    Ok((status, head, raw[split + 4..].to_vec()))
 }
 
 pub fn write_config(dir: &Path, body: &str) -> String {

@@ -20,7 +20,7 @@ use axum::{
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-use crate::backends::serving_runtime;
+use crate::backends::{Serving, serving_runtime};
 
 pub const TOKEN: &str = "kube-test-token";
 
@@ -47,15 +47,8 @@ struct Shared {
 pub struct KubeApi {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl Drop for KubeApi {
-    fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_timeout(Duration::from_secs(1));
-        }
-    }
+    /// Stops the server when the handle is dropped.
+    _server: Serving,
 }
 
 /// A running pod on `node` with one container `container` whose runtime id is `container_id`.
@@ -111,7 +104,7 @@ impl KubeApi {
         Self {
             addr,
             shared,
-            runtime: Some(runtime),
+            _server: runtime,
         }
     }
 

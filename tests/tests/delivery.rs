@@ -1,18 +1,13 @@
 //! Delivery end to end: the real daemon sending to in-test Pyroscope, Parca and OTLP servers
 //! (tests/src/backends.rs), surviving outages and bad answers, and serving `go tool pprof`.
-use std::{
-    net::{SocketAddr, TcpStream},
-    process::Command,
-    thread,
-    time::Duration,
-};
+use std::{net::SocketAddr, process::Command, thread, time::Duration};
 
 use profiler::{encode::decode, pprof::Profile};
 use tests::{
     Fixture,
     backends::{Backend, Behaviour, Pki, Received},
     c_fixture,
-    daemon::{Daemon, free_addr, http_get, wait_for, write_config},
+    daemon::{Daemon, free_addr, http_get, wait_for, wait_ready, write_config},
     privileged, profiler_bin, serial,
 };
 
@@ -443,10 +438,9 @@ fn refused_and_garbage_answers_are_counted_and_never_stop_the_daemon() {
         &http_arg,
     ]);
     let labels = "{exporter=\"main\",type=\"pyroscope\"}";
+    wait_ready(http);
     wait_for("rejections", Duration::from_secs(20), || {
-        TcpStream::connect(http).is_ok()
-            && http_get(http, "/readyz", &[]).0 == 200
-            && metric(http, &format!("profiler_export_rejected_total{labels}")) >= 2.0
+        metric(http, &format!("profiler_export_rejected_total{labels}")) >= 2.0
     });
     assert!(backend.received().is_empty());
     backend.set(Behaviour::Garbage);
@@ -514,9 +508,7 @@ fn go_tool_pprof_reads_the_live_endpoint_and_filters_by_pid() {
         "--output-dir",
         archive.to_str().expect("utf8"),
     ]);
-    wait_for("readiness", Duration::from_secs(20), || {
-        TcpStream::connect(http).is_ok() && http_get(http, "/readyz", &[]).0 == 200
-    });
+    wait_ready(http);
     let url = format!("http://{http}/debug/pprof/profile?seconds=2");
     let top = go_tool_pprof(&["-top", &url]);
     assert!(top.contains("hot_a"), "{top}");
@@ -590,9 +582,7 @@ fn a_non_loopback_endpoint_demands_the_bearer_token() {
         "--http-bearer-token-file",
         token.to_str().expect("utf8"),
     ]);
-    wait_for("readiness", Duration::from_secs(20), || {
-        TcpStream::connect(local).is_ok() && http_get(local, "/readyz", &[]).0 == 200
-    });
+    wait_ready(local);
     assert_eq!(http_get(local, "/healthz", &[]).0, 200, "probes need no token");
     let (status, head, _) = http_get(local, "/debug/pprof/profile?seconds=1", &[]);
     assert_eq!(status, 401);

@@ -10,7 +10,7 @@ use std::{
 use profiler::{encode::decode, pprof::Profile};
 use tests::{
     Fixture, c_fixture,
-    daemon::{Daemon, free_addr, http_get, wait_for, write_config},
+    daemon::{Daemon, free_addr, http_get, wait_for, wait_ready, write_config},
     kubeapi::{KubeApi, pod},
     privileged, serial,
 };
@@ -136,9 +136,7 @@ fn container_labels_endpoint_filters_and_relabeling() {
         ])
     };
     let daemon = start(&config, &archive);
-    wait_for("readiness", Duration::from_secs(20), || {
-        std::net::TcpStream::connect(http).is_ok() && http_get(http, "/readyz", &[]).0 == 200
-    });
+    wait_ready(http);
     let short = &CONTAINER_ID[..12];
     let (status, head, body) = http_get(
         http,
@@ -192,17 +190,9 @@ fn container_labels_endpoint_filters_and_relabeling() {
         &format!("relabel_configs:\n  - {{source_labels: [container], regex: '{short}', action: drop}}\n"),
     );
     let daemon = start(&config, &archive);
+    wait_ready(http);
     wait_for("dropped samples", Duration::from_secs(20), || {
-        std::net::TcpStream::connect(http).is_ok()
-            && {
-                let (_, _, body) = http_get(http, "/metrics", &[]);
-                String::from_utf8_lossy(&body)
-                    .lines()
-                    .find_map(|l| l.strip_prefix("profiler_relabel_dropped_samples_total "))
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .is_some_and(|v| v > 0.0)
-            }
-            && !archived(&archive).is_empty()
+        metric(http, "profiler_relabel_dropped_samples_total") > 0.0 && !archived(&archive).is_empty()
     });
     daemon.stop();
     let profiles = archived(&archive);
@@ -395,12 +385,12 @@ fn cgroup_and_label_targets_filter_in_the_kernel() {
         ];
         args.extend(flags);
         let daemon = Daemon::start(&args);
+        wait_ready(http);
         wait_for(
             "filtered ticks and an archived profile",
             Duration::from_secs(20),
             || {
-                std::net::TcpStream::connect(http).is_ok()
-                    && metric(http, "profiler_filtered_ticks_total") > 50.0
+                metric(http, "profiler_filtered_ticks_total") > 50.0
                     && sampled_pids(&archive).contains(&i64::from(inside.pid()))
             },
         );
