@@ -101,6 +101,8 @@ impl Telemetry {
     pub fn add_symbols(&self, stats: &SymbolStats) {
         let mut total = lock(&self.symbols);
         total.named += stats.named;
+        total.cache_hits += stats.cache_hits;
+        total.cache_misses += stats.cache_misses;
         for (reason, n) in &stats.unresolved {
             *total.unresolved.entry(*reason).or_default() += n;
         }
@@ -301,6 +303,15 @@ impl Telemetry {
             "counter",
             "Distinct frames of built profiles, named or why not.",
             &frames,
+        );
+        family(
+            "profiler_symbol_name_cache_lookups_total",
+            "counter",
+            "File frames named from the (file, address) name cache (hit) or looked up in the file (miss).",
+            &[
+                ("{result=\"hit\"}".to_owned(), symbols.cache_hits as f64),
+                ("{result=\"miss\"}".to_owned(), symbols.cache_misses as f64),
+            ],
         );
         let r = lock(&self.registry).clone();
         family(

@@ -18,9 +18,9 @@ use crate::{
     export::{EncodedProfile, Exporter},
     metrics::Telemetry,
     pprof,
-    process::ObjectFile,
+    process::{FileKey, ObjectFile},
     sampler::PipelineStats,
-    symbolize::{FunctionName, SymbolSource, SymbolStats, Unresolved, kernel::KernelSymbols},
+    symbolize::{FunctionName, NameCache, SymbolSource, SymbolStats, Unresolved, kernel::KernelSymbols},
 };
 use profiler_common::{Counter, UNWIND_STATUS_SLOTS, UNWIND_STATUSES, UnwindStatus};
 
@@ -46,7 +46,13 @@ pub struct Reporter {
     unwind: Arc<UnwindStats>,
     /// Most distinct values of one label key in one profile (see [`LabelGuard`]).
     label_value_limit: usize,
+    /// Names of file frames by (file identity, ELF address), kept across intervals.
+    names: NameCache<(FileKey, u64)>,
 }
+
+/// Entries per generation of the reporter's [`NameCache`] (two generations: at most 2 × this
+/// many distinct file frames are remembered, a few MiB).
+pub const NAME_CACHE_ENTRIES: usize = 32 * 1024;
 
 /// One interval, encoded.
 #[derive(Debug)]
@@ -97,7 +103,7 @@ impl LabelGuard {
 }
 
 /// The functions at a frame, or why there are none and the synthetic name that stands in.
-type Naming = Result<Vec<FunctionName>, (Unresolved, String)>;
+type Naming = Result<Arc<[FunctionName]>, (Unresolved, String)>;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum MappingKey {
@@ -110,6 +116,7 @@ impl Reporter {
     pub fn new(frequency: u32, event: EventSource, unwind: Arc<UnwindStats>) -> Self {
         Self {
             label_value_limit: DEFAULT_LABEL_VALUE_LIMIT,
+            names: NameCache::new(NAME_CACHE_ENTRIES),
             unwind,
             kernel: KernelSymbols::empty(),
             kernel_read: None,
@@ -209,7 +216,7 @@ impl Reporter {
             .frames
             .iter()
             .map(|frame| {
-                let (key, address, outcome) = self.name_frame(frame, &snap.objects);
+                let (key, address, outcome) = self.name_frame(frame, &snap.objects, &mut symbols);
                 kernel_missed |= matches!(
                     (frame, &outcome),
                     (Frame::Kernel(_), Err((Unresolved::NoSymbol, _)))
@@ -222,12 +229,12 @@ impl Reporter {
                     }
                     Err((reason, synthetic)) => {
                         symbols.count(Err(reason));
-                        vec![FunctionName {
+                        Arc::from([FunctionName {
                             system_name: String::new(),
                             name: synthetic,
                             file: None,
                             line: 0,
-                        }]
+                        }])
                     }
                 };
                 let lines: Vec<LineSpec<'_>> = names
@@ -344,10 +351,15 @@ impl Reporter {
 
     /// The mapping key, the location address and the names of one frame (or why there are
     /// none, with the synthetic `module+0xoffset` name that stands in).
-    fn name_frame(&self, frame: &Frame, objects: &[Arc<ObjectFile>]) -> (Option<MappingKey>, u64, Naming) {
+    fn name_frame(
+        &mut self,
+        frame: &Frame,
+        objects: &[Arc<ObjectFile>],
+        stats: &mut SymbolStats,
+    ) -> (Option<MappingKey>, u64, Naming) {
         match frame {
             Frame::Kernel(addr) => {
-                let names = self.kernel.resolve(*addr).ok_or_else(|| {
+                let names = self.kernel.resolve(*addr).map(Arc::from).ok_or_else(|| {
                     let reason = if self.kernel.is_empty() {
                         Unresolved::KernelSymbolsUnavailable
                     } else {
@@ -368,9 +380,17 @@ impl Reporter {
                 };
                 let synthetic = || format!("{}+0x{vaddr:x}", file.base_name());
                 let names = match &file.image {
-                    Ok(image) => image
-                        .resolve(*vaddr)
-                        .ok_or_else(|| (Unresolved::NoSymbol, synthetic())),
+                    Ok(image) => {
+                        let (names, hit) = self
+                            .names
+                            .get_or_resolve((file.key, *vaddr), || image.resolve(*vaddr));
+                        if hit {
+                            stats.cache_hits += 1;
+                        } else {
+                            stats.cache_misses += 1;
+                        }
+                        names.ok_or_else(|| (Unresolved::NoSymbol, synthetic()))
+                    }
                     Err(_) => Err((Unresolved::ObjectUnreadable, synthetic())),
                 };
                 (key, *vaddr, names)
@@ -390,23 +410,23 @@ impl Reporter {
             Frame::Truncated(reason) => (
                 None,
                 0,
-                Ok(vec![FunctionName {
+                Ok(Arc::from([FunctionName {
                     name: reason.to_string(),
                     system_name: reason.to_string(),
                     file: None,
                     line: 0,
-                }]),
+                }])),
             ),
             // JIT code has no file to map; its location is its name.
             Frame::Jit(name) => (
                 None,
                 0,
-                Ok(vec![FunctionName {
+                Ok(Arc::from([FunctionName {
                     name: name.to_string(),
                     system_name: name.to_string(),
                     file: None,
                     line: 0,
-                }]),
+                }])),
             ),
         }
     }
@@ -439,7 +459,9 @@ fn object_mapping(object: &ObjectFile, lo: u64, hi: u64) -> MappingSpec<'_> {
             .image
             .as_ref()
             .is_ok_and(|image| image.dwarf.is_some() || image.gopclntab.is_some()),
-        has_inline: object.image.as_ref().is_ok_and(|image| image.dwarf.is_some()),
+        has_inline: object.image.as_ref().is_ok_and(|image| {
+            image.dwarf.is_some() || image.gopclntab.as_ref().is_some_and(|go| go.has_inline_trees())
+        }),
     }
 }
 

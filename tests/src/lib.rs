@@ -89,16 +89,19 @@ pub fn inline_fixture() -> &'static Path {
 }
 
 /// The inline fixture stripped of everything (`strip --strip-all`), with its symbols and DWARF
-/// in a separate `inline-stripped.debug` beside it, named by `.gnu_debuglink`.
+/// in a separate `inline-stripped.debug` beside it (debug sections zlib-compressed), named by
+/// `.gnu_debuglink`.
 pub fn stripped_inline_fixture() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let full = inline_fixture();
         let out = build_dir().join("inline-stripped");
         let debug = build_dir().join("inline-stripped.debug");
+        // Compressed, as distributions ship their -dbg/-debuginfo files.
         run_ok(
             Command::new("objcopy")
                 .arg("--only-keep-debug")
+                .arg("--compress-debug-sections=zlib")
                 .arg(full)
                 .arg(&debug),
         );
@@ -120,6 +123,19 @@ pub fn stripped_inline_fixture() -> &'static Path {
     })
 }
 
+/// The inline fixture with its debug sections compressed by `objcopy
+/// --compress-debug-sections=<kind>` (`zlib` or `zstd`).
+pub fn compressed_inline_fixture(kind: &str) -> PathBuf {
+    let out = build_dir().join(format!("inline-{kind}"));
+    run_ok(
+        Command::new("objcopy")
+            .arg(format!("--compress-debug-sections={kind}"))
+            .arg(inline_fixture())
+            .arg(&out),
+    );
+    out
+}
+
 /// The C++ fixture, -O2 -g: a member function template with an inlined helper.
 pub fn cpp_fixture() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -138,13 +154,26 @@ pub fn marker_line(source: &str, marker: &str) -> i64 {
 
 pub fn go_fixture() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| go_build("gohot", &[]))
+    BIN.get_or_init(|| go_build("gohot", "gohot", &[]))
 }
 
 /// The Go fixture linked with `-s -w`: no `.symtab`, no DWARF, only `.gopclntab`.
 pub fn stripped_go_fixture() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| go_build("gohot-stripped", &["-ldflags=-s -w"]))
+    BIN.get_or_init(|| go_build("gohot", "gohot-stripped", &["-ldflags=-s -w"]))
+}
+
+/// The Go inlining fixture (leaf and middle inlined into outer) with its symbol table and
+/// uncompressed DWARF, the reference for what `.gopclntab` should say.
+pub fn go_inline_fixture() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| go_build("goinline", "goinline", &["-ldflags=-compressdwarf=false"]))
+}
+
+/// The Go inlining fixture linked with `-s -w`.
+pub fn stripped_go_inline_fixture() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| go_build("goinline", "goinline-stripped", &["-ldflags=-s -w"]))
 }
 
 /// Flags of the no-frame-pointer fixtures: optimized the way distributions build, without
@@ -289,7 +318,8 @@ fn cc_build(compiler: &str, optimization: &str, name: &str, source: &str) -> Pat
     out
 }
 
-fn go_build(name: &str, flags: &[&str]) -> PathBuf {
+/// Builds `tests/fixtures/<dir>/main.go` into `<name>`.
+fn go_build(dir: &str, name: &str, flags: &[&str]) -> PathBuf {
     let out = build_dir().join(name);
     run_ok(
         Command::new("go")
@@ -298,7 +328,7 @@ fn go_build(name: &str, flags: &[&str]) -> PathBuf {
             .arg("-o")
             .arg(&out)
             .arg("main.go")
-            .current_dir(fixtures_dir().join("gohot"))
+            .current_dir(fixtures_dir().join(dir))
             .env("GOCACHE", build_dir().join("gocache"))
             .env("GOPATH", build_dir().join("gopath"))
             .env("GO111MODULE", "off")

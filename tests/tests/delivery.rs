@@ -469,6 +469,14 @@ fn refused_and_garbage_answers_are_counted_and_never_stop_the_daemon() {
     assert!(metric(http, "profiler_samples_total") > 0.0);
     assert!(metric(http, "process_resident_memory_bytes") > 1e6);
     assert!(metric(http, "profiler_bpf_map_entries{map=\"PROCS\"}") >= 1.0);
+    // The fixture's frames repeat every interval: after the first they come from the name
+    // cache, not from its file's tables.
+    let hits = metric(http, "profiler_symbol_name_cache_lookups_total{result=\"hit\"}");
+    let misses = metric(http, "profiler_symbol_name_cache_lookups_total{result=\"miss\"}");
+    assert!(
+        misses > 0.0 && hits > misses,
+        "name cache: {hits} hits, {misses} misses"
+    );
     daemon.stop();
 }
 

@@ -14,9 +14,10 @@ use std::{
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _, read::File as ElfFile};
 use profiler::{encode::decode, pprof::Profile};
 use tests::{
-    Fixture, build_dir, c_fixture, cpp_fixture, dlopen_fixture, go_fixture, inline_fixture, marker_line,
-    nofp_c_fixture, nofp_cpp_fixture, nofp_rust_fixture, privileged, profiler_bin, recurse_fixture, serial,
-    signal_fixture, stripped_go_fixture, stripped_inline_fixture,
+    Fixture, build_dir, c_fixture, compressed_inline_fixture, cpp_fixture, dlopen_fixture, go_fixture,
+    go_inline_fixture, inline_fixture, marker_line, nofp_c_fixture, nofp_cpp_fixture, nofp_rust_fixture,
+    privileged, profiler_bin, recurse_fixture, serial, signal_fixture, stripped_go_fixture,
+    stripped_go_inline_fixture, stripped_inline_fixture,
 };
 
 /// Runs the profiler to completion (bounded by `limit`).
@@ -541,9 +542,10 @@ fn gopclntab_names_every_function_of_a_stripped_go_binary() {
             .resolve(symbol.address())
             .unwrap_or_else(|| panic!("{name} not resolved"));
         // The linker marks assembly functions `.abi0` in .symtab; .gopclntab has the name Go's
-        // own tracebacks print.
+        // own tracebacks print. The last frame is the function holding the code (the ones
+        // before it are calls inlined into it).
         assert_eq!(
-            resolved[0].name,
+            resolved.last().expect("a frame").name,
             name.trim_end_matches(".abi0"),
             "at {:#x}",
             symbol.address()
@@ -564,6 +566,146 @@ fn gopclntab_names_every_function_of_a_stripped_go_binary() {
         "line {} for hotA at {func_line}",
         names[0].line
     );
+}
+
+/// Debug sections compressed with zlib or zstd (`SHF_COMPRESSED`, as distributions ship
+/// them) name every address of the inline fixture exactly as the uncompressed build does.
+#[test]
+fn compressed_debug_sections_give_the_same_frames() {
+    use profiler::symbolize::{SymbolSource as _, elf::ElfImage};
+    let plain = ElfImage::open(inline_fixture(), None).expect("inline fixture");
+    let data = std::fs::read(inline_fixture()).expect("read");
+    let elf = ElfFile::parse(data.as_slice()).expect("parse");
+    let text = elf.section_by_name(".text").expect(".text");
+    for kind in ["zlib", "zstd"] {
+        let path = compressed_inline_fixture(kind);
+        let bytes = std::fs::read(&path).expect("read compressed");
+        let compressed = ElfFile::parse(bytes.as_slice()).expect("parse");
+        let info = compressed.section_by_name(".debug_info").expect(".debug_info");
+        assert!(
+            info.compressed_file_range().expect("range").format != object::CompressionFormat::None,
+            "{kind}: .debug_info is not compressed"
+        );
+        let image = ElfImage::open(&path, None).expect("compressed fixture");
+        assert!(image.dwarf.is_some(), "{kind}: DWARF not loaded");
+        let (mut named, mut inlined) = (0, 0);
+        for addr in (text.address()..text.address() + text.size()).step_by(3) {
+            let ours = image.resolve(addr);
+            assert_eq!(ours, plain.resolve(addr), "{kind} at {addr:#x}");
+            if let Some(frames) = ours {
+                named += usize::from(frames.iter().all(|f| f.file.is_some()));
+                inlined += usize::from(frames.len() > 1);
+            }
+        }
+        assert!(
+            named > 50 && inlined > 5,
+            "{kind}: {named} with lines, {inlined} inlined"
+        );
+    }
+}
+
+/// Inlined Go calls named from `.gopclntab` alone (a stripped binary) agree with the DWARF of
+/// the unstripped build at every byte of `main.outer`, where the compiler inlined `middle` and,
+/// inside it, `leaf`; the hot multiply is `leaf → middle → outer` at the marked lines.
+#[test]
+fn gopclntab_inlined_calls_match_dwarf() {
+    use profiler::symbolize::{SymbolSource as _, dwarf::Dwarf, elf::ElfImage};
+    let full = std::fs::read(go_inline_fixture()).expect("read Go inline fixture");
+    let full = ElfFile::parse(full.as_slice()).expect("parse");
+    let dwarf = Dwarf::load(&full).expect("uncompressed DWARF in the reference build");
+    let stripped = ElfImage::open(stripped_go_inline_fixture(), None).expect("stripped fixture");
+    assert!(stripped.symbols.is_empty(), "fixture is not stripped");
+    let table = stripped.gopclntab.as_ref().expect(".gopclntab");
+    assert!(
+        table.has_inline_trees(),
+        "inline trees not found in the stripped binary"
+    );
+    // A pure Go binary is named from its table alone: its DWARF is not even loaded.
+    let unstripped = ElfImage::open(go_inline_fixture(), None).expect("Go inline fixture");
+    assert!(unstripped.dwarf.is_none(), "DWARF loaded for a pure Go binary");
+    let outer = full
+        .symbols()
+        .find(|s| s.name() == Ok("main.outer"))
+        .expect("main.outer");
+    let frames = |names: &[profiler::symbolize::FunctionName]| -> Vec<(String, i64)> {
+        names.iter().map(|f| (f.name.clone(), f.line)).collect()
+    };
+    let (mut compared, mut inlined) = (0, 0);
+    for addr in outer.address()..outer.address() + outer.size() {
+        let reference = dwarf.frames(addr);
+        if reference.is_empty() {
+            continue;
+        }
+        let ours = stripped.resolve(addr).expect("resolves");
+        assert_eq!(frames(&ours), frames(&reference), "at {addr:#x}");
+        assert!(
+            ours.iter()
+                .all(|f| f.file.as_deref().is_some_and(|f| f.ends_with("goinline/main.go"))),
+            "files at {addr:#x}: {ours:?}"
+        );
+        compared += 1;
+        inlined += usize::from(ours.len() > 1);
+    }
+    assert!(
+        compared >= 40 && inlined >= 20,
+        "{compared} addresses, {inlined} with inlined calls"
+    );
+    // The same across the whole binary (the runtime inlines a lot), at every 5th byte.
+    let (mut compared, mut inlined, mut differ) = (0, 0, Vec::new());
+    for symbol in full.symbols().filter(|s| s.kind() == object::SymbolKind::Text) {
+        for addr in (symbol.address()..symbol.address() + symbol.size()).step_by(5) {
+            let reference = dwarf.frames(addr);
+            if reference.is_empty() {
+                continue;
+            }
+            let ours = stripped.resolve(addr).map(|f| frames(&f)).unwrap_or_default();
+            compared += 1;
+            inlined += usize::from(ours.len() > 1);
+            if ours.len() != reference.len()
+                || ours
+                    .iter()
+                    .zip(frames(&reference))
+                    .any(|((a, al), (b, bl))| *al != bl || !same_go_name(a, &b))
+            {
+                differ.push((addr, ours, frames(&reference)));
+            }
+        }
+    }
+    // Go's DWARF and its table disagree in a handful of places (a line in a few runtime
+    // functions; an inlined method under its autogenerated pointer wrapper, which DWARF folds
+    // into the wrapper): 29 of 103,146 addresses with Go 1.19. The table is what Go's own
+    // tracebacks print.
+    assert!(
+        compared > 50_000 && inlined > 5_000 && differ.len() * 1000 <= compared,
+        "{compared} addresses, {inlined} with inlined calls, {} differ: {:?}",
+        differ.len(),
+        &differ[..differ.len().min(10)]
+    );
+    let line = |marker| marker_line("goinline/main.go", marker);
+    let expected = vec![
+        ("main.leaf".to_owned(), line("// LEAF")),
+        ("main.middle".to_owned(), line("// MIDDLE")),
+        ("main.outer".to_owned(), line("// OUTER")),
+    ];
+    assert!(
+        (outer.address()..outer.address() + outer.size())
+            .any(|addr| stripped.resolve(addr).is_some_and(|f| frames(&f) == expected)),
+        "no address of main.outer is {expected:?}"
+    );
+}
+
+/// Go function names as `.gopclntab` and DWARF spell them: the table writes `[...]` where
+/// DWARF has the array length or type parameters (`type..eq.[5]main.t`, `f[go.shape.int]`).
+fn same_go_name(table: &str, dwarf: &str) -> bool {
+    match table.split_once("[...]") {
+        None => table == dwarf,
+        Some((before, after)) => {
+            dwarf.starts_with(before)
+                && dwarf.ends_with(after)
+                && dwarf.len() >= before.len() + after.len()
+                && dwarf[before.len()..dwarf.len() - after.len()].starts_with('[')
+        }
+    }
 }
 
 #[test]
@@ -596,6 +738,73 @@ fn stripped_go_binary_is_named_in_profiles() {
     );
     let top = go_tool_pprof(&["-top", "-lines"], &out);
     assert!(top.contains("main.go:"), "no Go file:line in\n{top}");
+}
+
+/// A profile of the stripped Go inlining fixture: samples in the inlined code carry
+/// `leaf → middle → outer → main` as lines of one location each, as Go's own pprof shows them.
+#[test]
+fn stripped_go_inlined_calls_appear_in_profiles() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    let Recorded {
+        profile,
+        pid,
+        out,
+        _dir,
+    } = record_fixture(Fixture::start(stripped_go_inline_fixture(), 60), 3);
+    let view = View::new(&profile);
+    let (samples, total) = samples_and_total(&view, pid);
+    let count = |pred: &dyn Fn(&[&str]) -> bool| -> i64 {
+        samples
+            .iter()
+            .filter(|s| pred(&view.stack(s)))
+            .map(|s| View::count(s))
+            .sum()
+    };
+    let in_outer = count(&|stack| stack.contains(&"main.outer"));
+    let through_leaf = count(&|stack| {
+        stack
+            .windows(4)
+            .any(|w| w == ["main.leaf", "main.middle", "main.outer", "main.main"])
+    });
+    let leaf_anywhere = count(&|stack| stack.contains(&"main.leaf"));
+    assert!(
+        total > 200 && in_outer * 10 >= total * 9,
+        "main.outer in {in_outer} of {total}"
+    );
+    assert!(
+        through_leaf * 5 >= in_outer && through_leaf == leaf_anywhere,
+        "leaf → middle → outer → main in {through_leaf} of {in_outer} samples in outer ({leaf_anywhere} with leaf)\n{}",
+        stacks_without(&view, &samples, &["main.leaf"])
+    );
+    // Inlined calls share the location of the code that holds them.
+    let leaf_location = profile
+        .location
+        .iter()
+        .find(|l| {
+            l.line
+                .first()
+                .is_some_and(|line| view.functions[&line.function_id] == "main.leaf")
+        })
+        .expect("a location in main.leaf");
+    let names: Vec<&str> = leaf_location
+        .line
+        .iter()
+        .map(|l| view.functions[&l.function_id])
+        .collect();
+    assert_eq!(names, ["main.leaf", "main.middle", "main.outer"]);
+    let lines: Vec<i64> = leaf_location.line.iter().map(|l| l.line).collect();
+    assert_eq!(
+        lines[1..],
+        [
+            marker_line("goinline/main.go", "// MIDDLE"),
+            marker_line("goinline/main.go", "// OUTER")
+        ]
+    );
+    let top = go_tool_pprof(&["-top", "-lines"], &out);
+    assert!(top.contains("main.leaf") && top.contains("main.go:"), "{top}");
 }
 
 #[test]
@@ -1106,25 +1315,64 @@ fn go_tables_follow_frame_pointers_and_stop_at_stack_bottoms() {
     // (.gopclntab only) must say the same.
     let symbols = std::fs::read(go_fixture()).expect("read go fixture");
     let symbols = ElfFile::parse(symbols.as_slice()).expect("elf");
-    let address = |name: &str| {
-        symbols
-            .symbols()
+    let range = |elf: &ElfFile<'_, &[u8]>, name: &str| {
+        elf.symbols()
             .find(|s| s.name() == Ok(name))
-            .map(|s| s.address())
+            .map(|s| s.address()..s.address() + s.size())
             .unwrap_or_else(|| panic!("{name} in the symbol table"))
     };
+    let address = |name: &str| range(&symbols, name).start;
     let data = std::fs::read(stripped_go_fixture()).expect("read stripped go fixture");
     let elf = ElfFile::parse(data.as_slice()).expect("elf");
     let (table, source) = compile(&elf, None::<&ElfFile<'_, &[u8]>>).expect("table");
     assert_eq!(source, CfiSource::GoFramePointers);
-    assert!(table.rows.len() < 32, "{} rows", table.rows.len());
-    for name in ["main.main", "main.hotA", "runtime.main", "runtime.mcall"] {
-        assert_eq!(
-            table.lookup(address(name) + 1).cfa_rule,
-            cfa::FRAME_POINTER,
+    let frameless = (cfa::SP_OFFSET, 8);
+    let rule = |pc| {
+        let row = table.lookup(pc);
+        (row.cfa_rule, row.cfa)
+    };
+    // Functions with a frame: the return address is at rsp on entry (before the prologue), and
+    // the body follows the frame pointer.
+    for name in ["main.main", "main.hotA", "runtime.main"] {
+        let code = range(&symbols, name);
+        assert_eq!(rule(code.start), frameless, "{name} at entry");
+        assert!(
+            code.clone()
+                .any(|pc| table.lookup(pc).cfa_rule == cfa::FRAME_POINTER),
+            "{name}: no frame-pointer row in its body"
+        );
+    }
+    // Functions that switch stacks keep frame-pointer rows throughout (funcFlag_SPWRITE).
+    for name in [
+        "runtime.mcall",
+        "runtime.systemstack.abi0",
+        "runtime.morestack.abi0",
+    ] {
+        assert!(
+            range(&symbols, name).all(|pc| table.lookup(pc).cfa_rule == cfa::FRAME_POINTER),
             "{name}"
         );
     }
+    // A frameless leaf (main.outer of the inlining fixture) is rsp-based throughout.
+    let inline_symbols = std::fs::read(go_inline_fixture()).expect("read Go inline fixture");
+    let inline_symbols = ElfFile::parse(inline_symbols.as_slice()).expect("elf");
+    let inline_data = std::fs::read(stripped_go_inline_fixture()).expect("read");
+    let inline_elf = ElfFile::parse(inline_data.as_slice()).expect("elf");
+    let (inline_table, _) = compile(&inline_elf, None::<&ElfFile<'_, &[u8]>>).expect("table");
+    for pc in range(&inline_symbols, "main.outer") {
+        let row = inline_table.lookup(pc);
+        assert_eq!((row.cfa_rule, row.cfa), frameless, "main.outer at {pc:#x}");
+    }
+    // About two rows per function and return, a few thousand for a small Go program.
+    let functions = symbols
+        .symbols()
+        .filter(|s| s.kind() == object::SymbolKind::Text)
+        .count();
+    assert!(
+        table.rows.len() < functions * 8,
+        "{} rows for {functions} functions",
+        table.rows.len()
+    );
     for name in [
         "runtime.goexit.abi0",
         "runtime.mstart.abi0",

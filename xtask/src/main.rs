@@ -354,12 +354,14 @@ fn seed_corpora(fuzz_dir: &Path) -> Result<()> {
         corpus("perf_map")?.join("node"),
         "13cac0caac6 2d JS:~hotLoop /tmp/hot.js:1:17\n7fb4bc006040 2c4 JS:*hotLoop /tmp/hot.js:1:17\n",
     )?;
-    // A Go binary's table, behind the 8-byte probe address the target reads first.
+    // A Go binary's table and its inline trees, laid out as the target reads them: an 8-byte
+    // probe address, the table's length (u32), the table, then `.rodata` from `go:func.*` on.
     let go_dir = fuzz_dir.join("target/seed-go");
     fs::create_dir_all(&go_dir)?;
     fs::write(
         go_dir.join("main.go"),
-        "package main\n\nfunc main() { println(\"seed\") }\n",
+        "package main\n\nfunc add(a, b int) int { return a*b + a }\n\n\
+         func main() { println(\"seed\", add(len(\"ab\"), 3)) }\n",
     )?;
     let built = Command::new("go")
         .args(["build", "-o", "seed", "main.go"])
@@ -372,8 +374,39 @@ fn seed_corpora(fuzz_dir: &Path) -> Result<()> {
         run(Command::new("objcopy")
             .args(["--dump-section", ".gopclntab=gopclntab.bin", "seed"])
             .current_dir(&go_dir))?;
+        run(Command::new("objcopy")
+            .args(["--dump-section", ".rodata=rodata.bin", "seed"])
+            .current_dir(&go_dir))?;
+        let table = fs::read(go_dir.join("gopclntab.bin"))?;
+        let rodata = fs::read(go_dir.join("rodata.bin"))?;
+        let address = |name: &str, listing: &str| {
+            listing.lines().find_map(|line| {
+                let mut fields = line.split_whitespace();
+                let addr = u64::from_str_radix(fields.next()?, 16).ok()?;
+                (fields.nth(1)? == name).then_some(addr)
+            })
+        };
+        let nm = output(
+            Command::new("go")
+                .args(["tool", "nm", "seed"])
+                .current_dir(&go_dir),
+        )
+        .unwrap_or_default();
+        let headers =
+            output(Command::new("objdump").args(["-h", "seed"]).current_dir(&go_dir)).unwrap_or_default();
+        // objdump -h: "  3 .rodata  0001a2b3  00000000004a0000 …": name, size, VMA.
+        let rodata_addr = headers.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(1) == Some(&".rodata")).then(|| u64::from_str_radix(fields.get(3)?, 16).ok())?
+        });
+        let gofunc = address("go.func.*", &nm).or_else(|| address("go:func.*", &nm));
         let mut seed = 0x40_1000u64.to_le_bytes().to_vec();
-        seed.extend(fs::read(go_dir.join("gopclntab.bin"))?);
+        seed.extend(u32::try_from(table.len())?.to_le_bytes());
+        seed.extend(&table);
+        if let (Some(gofunc), Some(start)) = (gofunc, rodata_addr) {
+            let from = usize::try_from(gofunc.saturating_sub(start))?.min(rodata.len());
+            seed.extend(&rodata[from..]);
+        }
         fs::write(corpus("gopclntab")?.join("go"), seed)?;
     }
     corpus("ring_record")?;

@@ -17,6 +17,20 @@ type Reader = EndianArcSlice<RunTimeEndian>;
 /// more than line numbers for one huge binary (its frames keep their symbol-table names).
 pub const MAX_DEBUG_BYTES: u64 = 256 * 1024 * 1024;
 
+/// The sections addr2line reads for function names, inlined calls, files and lines.
+const NEEDED: [SectionId; 10] = [
+    SectionId::DebugAbbrev,
+    SectionId::DebugAddr,
+    SectionId::DebugAranges,
+    SectionId::DebugInfo,
+    SectionId::DebugLine,
+    SectionId::DebugLineStr,
+    SectionId::DebugRanges,
+    SectionId::DebugRngLists,
+    SectionId::DebugStr,
+    SectionId::DebugStrOffsets,
+];
+
 /// Parsed DWARF of one file. addr2line parses compilation units lazily and caches them in
 /// cells that are not `Sync`, hence the mutex (the reporter is its only user).
 pub struct Dwarf {
@@ -32,18 +46,25 @@ impl std::fmt::Debug for Dwarf {
 }
 
 impl Dwarf {
-    /// Loads the DWARF sections of `elf` (decompressing `SHF_COMPRESSED` ones); `None` when it
-    /// has no `.debug_info`, too much debug data, or DWARF that does not parse.
+    /// Loads the DWARF sections of `elf` that naming needs (decompressing `SHF_COMPRESSED`
+    /// ones, zlib or zstd); `None` when it has no `.debug_info`, more than
+    /// [`MAX_DEBUG_BYTES`] of them once decompressed, or DWARF that does not parse. Location
+    /// lists, macros and name indexes are never loaded: they are often the largest sections
+    /// and say nothing about function names or lines.
     pub fn load<'data, R: ReadRef<'data>>(elf: &object::File<'data, R>) -> Option<Self> {
         let info = elf.section_by_name(".debug_info")?;
-        let debug_bytes: u64 = elf
-            .sections()
-            .filter(|s| {
-                s.name()
-                    .is_ok_and(|n| n.starts_with(".debug_") || n.starts_with(".zdebug_"))
-            })
-            .map(|s| s.size())
-            // Section sizes are untrusted header values: saturate instead of overflowing.
+        // Sizes come from section headers (and compression headers): untrusted, so they are
+        // summed saturating, and checked before anything is decompressed.
+        let size = |name: &str| -> u64 {
+            elf.section_by_name(name)
+                .map_or(0, |s| match s.compressed_file_range() {
+                    Ok(range) => range.uncompressed_size,
+                    Err(_) => s.size(),
+                })
+        };
+        let debug_bytes = NEEDED
+            .iter()
+            .map(|id| size(id.name()))
             .fold(0u64, u64::saturating_add);
         if debug_bytes > MAX_DEBUG_BYTES || info.size() == 0 {
             return None;
@@ -53,14 +74,19 @@ impl Dwarf {
         } else {
             RunTimeEndian::Big
         };
-        let load = |id: SectionId| -> Result<Reader, gimli::Error> {
-            let data = elf
-                .section_by_name(id.name())
-                .and_then(|s| s.uncompressed_data().ok())
-                .unwrap_or(Cow::Borrowed(&[]));
+        let mut loaded = 0u64;
+        let mut load = |id: SectionId| -> Result<Reader, gimli::Error> {
+            let data = if NEEDED.contains(&id) {
+                elf.section_by_name(id.name())
+                    .and_then(|s| s.uncompressed_data().ok())
+                    .unwrap_or(Cow::Borrowed(&[]))
+            } else {
+                Cow::Borrowed(&[][..])
+            };
+            loaded = loaded.saturating_add(data.len() as u64);
             Ok(EndianArcSlice::new(Arc::from(&*data), endian))
         };
-        let dwarf = gimli::Dwarf::load(load).ok()?;
+        let dwarf = gimli::Dwarf::load(&mut load).ok()?;
         // Third-party parsing of untrusted bytes: a panic in it costs this file its DWARF, not
         // the daemon its reporter.
         let context = std::panic::catch_unwind(AssertUnwindSafe(|| Context::from_dwarf(dwarf)))
@@ -68,7 +94,7 @@ impl Dwarf {
             .ok()?;
         Some(Self {
             context: Mutex::new(context),
-            bytes: debug_bytes,
+            bytes: loaded,
         })
     }
 

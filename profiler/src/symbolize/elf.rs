@@ -205,17 +205,18 @@ impl ElfImage {
             .filter_map(|s| Some((s.address(), s.size(), s.name().ok()?)))
             .filter(|(_, _, name)| !name.is_empty());
         let symbols = SymbolTable::from_symbols(functions);
-        let text = elf.section_by_name(".text").map(|s| s.address());
-        let gopclntab = elf
-            .section_by_name(".gopclntab")
-            .or_else(|| elf.section_by_name(".data.rel.ro.gopclntab"))
-            .and_then(|s| s.uncompressed_data().ok())
-            .and_then(|data| GoPclntab::parse(data.into_owned(), text));
+        let gopclntab = GoPclntab::from_elf(&elf, true);
+        // Go code is named from .gopclntab (cheaper, and present in stripped binaries); DWARF
+        // is loaded only for the rest: files without the table, and the C code of cgo binaries.
+        let dwarf = match &gopclntab {
+            Some(go) if go.has_inline_trees() && !has_foreign_code(&elf, go) => None,
+            _ => Dwarf::load(&elf),
+        };
         Ok(ElfImage {
             build_id,
             segments,
             symbols,
-            dwarf: Dwarf::load(&elf),
+            dwarf,
             debuglink,
             gopclntab,
         })
@@ -288,10 +289,14 @@ impl ElfImage {
 }
 
 impl SymbolSource for ElfImage {
-    /// DWARF frames (innermost first, with file and line) where debug info covers `addr`, then
-    /// Go's `.gopclntab` (function, file, line), then the symbol table. A DWARF frame without a name (the outermost one can lack it in
-    /// stripped-down debug info) takes the symbol table's.
+    /// Go's `.gopclntab` (function, file, line, inlined calls) for Go code, then DWARF frames
+    /// (innermost first, with file and line) where debug info covers `addr`, then the symbol
+    /// table. A DWARF frame without a name (the outermost one can lack it in stripped-down
+    /// debug info) takes the symbol table's.
     fn resolve(&self, addr: u64) -> Option<Vec<FunctionName>> {
+        if let Some(go) = self.gopclntab.as_ref().and_then(|table| table.frames(addr)) {
+            return Some(go);
+        }
         let symbol = self.symbols.lookup(addr);
         if let Some(dwarf) = &self.dwarf {
             let mut frames = dwarf.frames(addr);
@@ -307,9 +312,6 @@ impl SymbolSource for ElfImage {
                 }
             }
         }
-        if let Some(go) = self.gopclntab.as_ref().and_then(|table| table.lookup(addr)) {
-            return Some(vec![go]);
-        }
         let raw = symbol?;
         Some(vec![FunctionName {
             name: demangle(raw),
@@ -317,6 +319,20 @@ impl SymbolSource for ElfImage {
             file: None,
             line: 0,
         }])
+    }
+}
+
+/// Whether `.text` holds code that `.gopclntab` does not describe (the C code of a cgo binary,
+/// linked externally): more than a page of it before the first or after the last Go function.
+fn has_foreign_code<'data, R: ReadRef<'data>>(elf: &object::File<'data, R>, go: &GoPclntab) -> bool {
+    const SLACK: u64 = 4096;
+    let Some(text) = elf.section_by_name(".text") else {
+        return true;
+    };
+    let (start, end) = (text.address(), text.address().saturating_add(text.size()));
+    match go.code_range() {
+        Some((first, last)) => first.saturating_sub(start) > SLACK || end.saturating_sub(last) > SLACK,
+        None => true,
     }
 }
 

@@ -11,7 +11,7 @@ pub mod gopclntab;
 pub mod kernel;
 pub mod perfmap;
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 /// One function at an address. Sources return them innermost first.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -65,6 +65,66 @@ impl Unresolved {
 pub struct SymbolStats {
     pub named: u64,
     pub unresolved: HashMap<Unresolved, u64>,
+    /// File frames named from the [`NameCache`], and those that had to be looked up.
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+}
+
+/// Names already found, by (file identity, address), so a frame seen in earlier intervals is
+/// named without touching its file's tables (DWARF in particular) again. `None` records that
+/// the file has no symbol there. Bounded by two generations of at most `capacity` entries:
+/// a hit in the older one moves the entry to the current one, and when the current one is
+/// full the older is dropped, an approximation of least-recently-used at two hash maps' cost.
+#[derive(Debug)]
+pub struct NameCache<K> {
+    capacity: usize,
+    current: HashMap<K, Option<Arc<[FunctionName]>>>,
+    previous: HashMap<K, Option<Arc<[FunctionName]>>>,
+}
+
+impl<K: std::hash::Hash + Eq> NameCache<K> {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            current: HashMap::new(),
+            previous: HashMap::new(),
+        }
+    }
+
+    /// The cached names of `key`, or `resolve`'s answer, which is then cached. The flag says
+    /// whether it was a hit.
+    pub fn get_or_resolve(
+        &mut self,
+        key: K,
+        resolve: impl FnOnce() -> Option<Vec<FunctionName>>,
+    ) -> (Option<Arc<[FunctionName]>>, bool) {
+        if let Some(names) = self.current.get(&key) {
+            return (names.clone(), true);
+        }
+        if let Some(names) = self.previous.remove(&key) {
+            self.insert(key, names.clone());
+            return (names, true);
+        }
+        let names: Option<Arc<[FunctionName]>> = resolve().map(Arc::from);
+        self.insert(key, names.clone());
+        (names, false)
+    }
+
+    fn insert(&mut self, key: K, names: Option<Arc<[FunctionName]>>) {
+        if self.current.len() >= self.capacity {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(key, names);
+    }
+
+    /// Entries held (both generations).
+    pub fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl SymbolStats {
@@ -94,6 +154,39 @@ pub fn demangle(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn name_cache_answers_repeats_and_stays_bounded() {
+        let name = |n: &str| FunctionName {
+            name: n.to_owned(),
+            system_name: n.to_owned(),
+            file: None,
+            line: 0,
+        };
+        let mut cache = NameCache::new(2);
+        let mut lookups = 0;
+        let mut get = |cache: &mut NameCache<u64>, addr: u64| {
+            cache.get_or_resolve(addr, || {
+                lookups += 1;
+                (addr != 99).then(|| vec![name(&format!("f{addr}"))])
+            })
+        };
+        assert!(!get(&mut cache, 1).1);
+        let (names, hit) = get(&mut cache, 1);
+        assert!(hit);
+        assert_eq!(names.expect("named")[0].name, "f1");
+        // "No symbol here" is remembered too.
+        assert_eq!(get(&mut cache, 99), (None, false));
+        assert_eq!(get(&mut cache, 99), (None, true));
+        // 1 and 99 fill the current generation; 3 starts a new one, 1 moves up on its hit.
+        get(&mut cache, 3);
+        assert!(get(&mut cache, 1).1);
+        get(&mut cache, 4);
+        get(&mut cache, 5);
+        assert!(cache.len() <= 4, "{} entries", cache.len());
+        assert!(!get(&mut cache, 99).1, "the oldest entry was not dropped");
+        assert_eq!(lookups, 6);
+    }
 
     #[test]
     fn demangles_rust_and_cpp_and_leaves_c_alone() {

@@ -65,6 +65,41 @@ impl PerfMap {
 mod tests {
     use super::*;
 
+    /// Lines as each runtime writes them: the JVM (perf-map-agent, and the JDK's own
+    /// `jcmd <pid> Compiler.perfmap`: 0x-prefixed, zero-padded, names with spaces), .NET
+    /// (`DOTNET_PerfMapEnabled=1`: upper-case hex, bracketed tiers), and CPython 3.12+
+    /// (`-X perf`: `py::function:file` trampolines).
+    #[test]
+    fn parses_the_lines_of_every_runtime_that_writes_perf_maps() {
+        let text = "0x00007f6a1d0a6c20 0x0000000000000180 Ljava/lang/String;::hashCode\n\
+                    0x00007f6a1d0a7000 0x00000000000002a0 void java.util.HashMap.resize() [c2]\n\
+                    7F2C5C0A0D40 1B [PreJIT] instance void [System.Private.CoreLib] System.Object::.ctor()[OptimizedTier1]\r\n\
+                    7f3a2c0b1000 b py::fib:/srv/app/fib.py\n\
+                    7f3a2c0b100b b py::<module>:/srv/app/fib.py\n";
+        let (map, malformed) = PerfMap::parse(text);
+        assert_eq!((map.len(), malformed), (5, 0));
+        let name = |addr: u64| map.lookup(addr).map(|n| n.to_string());
+        assert_eq!(
+            name(0x7f6a_1d0a_6c20).as_deref(),
+            Some("Ljava/lang/String;::hashCode")
+        );
+        assert_eq!(
+            name(0x7f6a_1d0a_7000 + 0x29f).as_deref(),
+            Some("void java.util.HashMap.resize() [c2]")
+        );
+        assert_eq!(
+            name(0x7f2c_5c0a_0d40 + 0x1a).as_deref(),
+            Some("[PreJIT] instance void [System.Private.CoreLib] System.Object::.ctor()[OptimizedTier1]"),
+            "a CRLF line end is not part of the name"
+        );
+        assert_eq!(name(0x7f3a_2c0b_1005).as_deref(), Some("py::fib:/srv/app/fib.py"));
+        assert_eq!(
+            name(0x7f3a_2c0b_100b).as_deref(),
+            Some("py::<module>:/srv/app/fib.py")
+        );
+        assert_eq!(name(0x7f3a_2c0b_1016), None);
+    }
+
     #[test]
     fn parses_node_lines_and_lets_the_last_definition_win() {
         let text = "13cac0caac6 2d JS:~hotLoop /tmp/hot.js:1:17\n\

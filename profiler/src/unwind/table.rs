@@ -130,7 +130,7 @@ pub fn compile<'a, 'b, R: ReadRef<'a>, D: ReadRef<'b>>(
     };
     if let Some((start, end)) = go_text {
         add_go_rows(&mut rows, start, end);
-        add_go_stops(file, &mut rows);
+        add_go_table_rows(file, &mut rows);
     }
     if rows.is_empty() {
         return Err(TableError::NoCfi);
@@ -152,20 +152,10 @@ const GO_STACK_BOTTOMS: [&str; 6] = [
     "runtime.rt0_go.abi0",
 ];
 
-/// STOP rows over the Go functions that start stacks, found through `.gopclntab` (so stripped
-/// binaries get them too).
-fn add_go_stops<'a, R: ReadRef<'a>>(file: &object::File<'a, R>, rows: &mut Vec<AbsRow>) {
-    let Some(section) = file
-        .section_by_name(".gopclntab")
-        .or_else(|| file.section_by_name(".data.rel.ro.gopclntab"))
-    else {
-        return;
-    };
-    let Ok(data) = section.uncompressed_data() else {
-        return;
-    };
-    let text = file.section_by_name(".text").map(|s| s.address());
-    let Some(table) = crate::symbolize::gopclntab::GoPclntab::parse(data.into_owned(), text) else {
+/// Rows from `.gopclntab` (so stripped binaries get them too): rsp-based rows where Go code
+/// runs without a frame, and STOP rows over the Go functions that start stacks.
+fn add_go_table_rows<'a, R: ReadRef<'a>>(file: &object::File<'a, R>, rows: &mut Vec<AbsRow>) {
+    let Some(table) = crate::symbolize::gopclntab::GoPclntab::from_elf(file, false) else {
         return;
     };
     let bottoms: Vec<(u64, u64)> = table
@@ -177,15 +167,30 @@ fn add_go_stops<'a, R: ReadRef<'a>>(file: &object::File<'a, R>, rows: &mut Vec<A
         cfa_rule: cfa::FRAME_POINTER,
         ..UnwindRow::default()
     };
+    // Bottoms' ends first, then the frameless ranges, then the bottoms' starts: at one
+    // address the row pushed later wins when the rows are merged, so a function starting where
+    // a bottom ends keeps its own row, and a stop is never overridden.
+    for &(_, end) in &bottoms {
+        rows.push(AbsRow { vaddr: end, rule: fp });
+    }
+    // Where Go code runs without a frame (leaf functions, prologues, epilogues), the return
+    // address is at rsp and rbp is still the caller's: CFA = rsp + 8, rbp unchanged.
+    let frameless = UnwindRow {
+        cfa_rule: cfa::SP_OFFSET,
+        cfa: 8,
+        ..UnwindRow::default()
+    };
+    for (from, to) in table.frameless_ranges(|name| GO_STACK_BOTTOMS.contains(&name)) {
+        rows.push(AbsRow {
+            vaddr: from,
+            rule: frameless,
+        });
+        rows.push(AbsRow { vaddr: to, rule: fp });
+    }
     let stop = UnwindRow {
         cfa_rule: cfa::STOP,
         ..UnwindRow::default()
     };
-    // Ends first, then starts: at an address where one bottom ends and another begins, the
-    // later row (the stop) wins when the rows are merged.
-    for &(_, end) in &bottoms {
-        rows.push(AbsRow { vaddr: end, rule: fp });
-    }
     for &(entry, _) in &bottoms {
         rows.push(AbsRow {
             vaddr: entry,
