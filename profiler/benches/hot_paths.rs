@@ -1,10 +1,13 @@
 //! Hot paths of the daemon, on this process's own code and the running kernel's symbols:
 //! - decode + aggregate: ring-buffer records → interned, counted stacks (per sample);
 //! - report: symbolize and pprof-encode an aggregated interval (per profile);
-//! - symbolize: ELF symbol lookups in a parsed file (cached) and parsing a file (cold).
+//! - symbolize: ELF symbol lookups in a parsed file and parsing a file (cold);
+//! - names: the reporter's (file, address) name cache (cached lookups) and the first DWARF
+//!   lookups, inlined frames included, in a freshly parsed file (this bench binary, built with
+//!   full debug info by `[profile.bench]`).
 use std::{hint::black_box, time::SystemTime};
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use profiler::{
     aggregate::Aggregator,
     bpf::{CounterSnapshot, EventSource},
@@ -12,7 +15,7 @@ use profiler::{
     process::ProcessRegistry,
     report::Reporter,
     sampler::decode,
-    symbolize::{SymbolSource as _, elf::ElfImage},
+    symbolize::{NameCache, SymbolSource as _, elf::ElfImage},
 };
 use profiler_common::{HEADER_BYTES, RawSampleHeader};
 
@@ -122,9 +125,54 @@ fn symbolize(c: &mut Criterion) {
     });
 }
 
+fn names(c: &mut Criterion) {
+    let exe = std::fs::read_link("/proc/self/exe").expect("exe");
+    let image = ElfImage::open(&exe, None).expect("own ELF");
+    assert!(
+        image.dwarf.is_some(),
+        "the bench binary has no DWARF (profile.bench debug)"
+    );
+    // Addresses with DWARF lines, spread over the code.
+    let addrs: Vec<u64> = image
+        .segments
+        .iter()
+        .flat_map(|s| (s.vaddr..s.vaddr + s.mem_size).step_by(61))
+        .filter(|&a| image.resolve(a).is_some_and(|f| f[0].file.is_some()))
+        .take(10_000)
+        .collect();
+    let inlined = addrs
+        .iter()
+        .filter(|&&a| image.resolve(a).is_some_and(|f| f.len() > 1))
+        .count();
+    assert!(inlined > 100, "only {inlined} addresses with inlined frames");
+    let mut cache = NameCache::new(32 * 1024);
+    for &a in &addrs {
+        cache.get_or_resolve((7u64, a), || image.resolve(a));
+    }
+    c.bench_function("name cache: 10000 cached lookups", |b| {
+        b.iter(|| {
+            addrs
+                .iter()
+                .filter(|&&a| cache.get_or_resolve((7u64, a), || None).0.is_some())
+                .count()
+        })
+    });
+    let first: Vec<u64> = addrs.iter().step_by(10).copied().collect();
+    c.bench_function(
+        "DWARF cold: first lookups of 1000 addresses (inline frames)",
+        |b| {
+            b.iter_batched(
+                || ElfImage::open(&exe, None).expect("parse"),
+                |fresh| first.iter().filter_map(|&a| fresh.resolve(a)).count(),
+                BatchSize::PerIteration,
+            )
+        },
+    );
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_secs(1)).measurement_time(std::time::Duration::from_secs(3));
-    targets = decode_and_aggregate, report, symbolize
+    targets = decode_and_aggregate, report, symbolize, names
 }
 criterion_main!(benches);

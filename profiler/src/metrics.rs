@@ -321,6 +321,12 @@ impl Telemetry {
             &one(r.cached_files),
         );
         family(
+            "profiler_dwarf_over_budget_total",
+            "counter",
+            "Files whose DWARF was not loaded because it would take more than an eighth of the symbol cache (named from symbol tables).",
+            &one(r.dwarf_over_budget),
+        );
+        family(
             "profiler_symbol_cache_bytes",
             "gauge",
             "Bytes held by the symbol cache.",

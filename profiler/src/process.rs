@@ -170,6 +170,9 @@ pub struct RegistryStats {
     pub objects_evicted: u64,
     /// Separate debug files found (.gnu_debuglink or /usr/lib/debug/.build-id).
     pub debug_files: u64,
+    /// Files whose DWARF was left unloaded because its parsed size would exceed an eighth of
+    /// the byte budget (their frames are named from symbol tables).
+    pub dwarf_over_budget: u64,
     /// Files in the symbol cache and the bytes they hold (gauges).
     pub cached_files: u64,
     pub cached_bytes: u64,
@@ -565,10 +568,17 @@ impl ProcessRegistry {
                 *used = generation;
                 return Arc::clone(object);
             }
-            match ElfImage::open(&candidate, Some(inode)) {
+            match ElfImage::open_with(&candidate, Some(inode), self.max_dwarf_cost()) {
                 Ok(mut image) => {
                     if image.wants_debug_file() {
                         self.attach_debug_file(pid, path, &mut image);
+                    }
+                    if image.dwarf_over_budget {
+                        self.stats.dwarf_over_budget += 1;
+                        debug!(
+                            pid,
+                            path, "DWARF larger than an eighth of the symbol cache: symbol names only"
+                        );
                     }
                     return self.insert_object(key, path, Ok(image));
                 }
@@ -623,12 +633,18 @@ impl ProcessRegistry {
         jit.map.lookup(addr).map(Arc::clone)
     }
 
+    /// Most memory one file's parsed DWARF may take: an eighth of the byte budget, so a few
+    /// large files cannot crowd out every other file's names.
+    fn max_dwarf_cost(&self) -> u64 {
+        self.limits.max_bytes / 8
+    }
+
     /// Looks for the separate debug file of `image` inside the process's mount namespace.
     fn attach_debug_file(&mut self, pid: u32, path: &str, image: &mut ElfImage) {
         let root = self.procfs_root.join(pid.to_string()).join("root");
         for candidate in image.debug_file_candidates(path) {
             let file = root.join(candidate.trim_start_matches('/'));
-            if let Ok(debug) = ElfImage::open(&file, None)
+            if let Ok(debug) = ElfImage::open_with(&file, None, self.max_dwarf_cost())
                 && image.attach_debug_file(debug)
             {
                 self.stats.debug_files += 1;

@@ -201,11 +201,12 @@ impl Reporter {
         ));
         let r = &snap.registry;
         b.comment(&format!(
-            "symbol cache: {} files, {:.1} MiB, {} evicted; {} separate debug files, {} perf map reads",
+            "symbol cache: {} files, {:.1} MiB, {} evicted; {} separate debug files, {} with DWARF over an eighth of the budget (symbols only), {} perf map reads",
             r.cached_files,
             r.cached_bytes as f64 / (1024.0 * 1024.0),
             r.objects_evicted,
             r.debug_files,
+            r.dwarf_over_budget,
             r.perf_map_reads
         ));
 

@@ -602,6 +602,17 @@ fn compressed_debug_sections_give_the_same_frames() {
             "{kind}: {named} with lines, {inlined} inlined"
         );
     }
+    // DWARF that would cost more than allowed is left out, and said so; symbols still name.
+    let tight = ElfImage::open_with(inline_fixture(), None, 1024).expect("inline fixture");
+    assert!(tight.dwarf.is_none() && tight.dwarf_over_budget);
+    let symbol = elf
+        .symbols()
+        .find(|s| s.name() == Ok("main"))
+        .expect("main in the symbol table");
+    let names = tight
+        .resolve(symbol.address())
+        .expect("named from the symbol table");
+    assert_eq!((names[0].name.as_str(), names[0].file.as_deref()), ("main", None));
 }
 
 /// Inlined Go calls named from `.gopclntab` alone (a stripped binary) agree with the DWARF of
@@ -612,7 +623,7 @@ fn gopclntab_inlined_calls_match_dwarf() {
     use profiler::symbolize::{SymbolSource as _, dwarf::Dwarf, elf::ElfImage};
     let full = std::fs::read(go_inline_fixture()).expect("read Go inline fixture");
     let full = ElfFile::parse(full.as_slice()).expect("parse");
-    let dwarf = Dwarf::load(&full).expect("uncompressed DWARF in the reference build");
+    let dwarf = Dwarf::load(&full, u64::MAX).expect("uncompressed DWARF in the reference build");
     let stripped = ElfImage::open(stripped_go_inline_fixture(), None).expect("stripped fixture");
     assert!(stripped.symbols.is_empty(), "fixture is not stripped");
     let table = stripped.gopclntab.as_ref().expect(".gopclntab");

@@ -13,9 +13,15 @@ use super::{FunctionName, demangle};
 
 type Reader = EndianArcSlice<RunTimeEndian>;
 
-/// Debug sections larger than this in total are not loaded: the daemon's memory budget matters
-/// more than line numbers for one huge binary (its frames keep their symbol-table names).
-pub const MAX_DEBUG_BYTES: u64 = 256 * 1024 * 1024;
+/// What parsed DWARF costs in memory per byte of its (decompressed) sections: the sections
+/// themselves plus what addr2line builds from them up front (every unit's header,
+/// abbreviations and line-program header). Measured on Debian's libc debug file: 8.6 MB of
+/// sections, 33 MB more resident.
+pub const PARSED_FACTOR: u64 = 4;
+
+/// Default most memory one file's parsed DWARF may take (an eighth of the default symbol
+/// cache); past it the file's frames keep their symbol-table names.
+pub const DEFAULT_MAX_COST: u64 = 32 * 1024 * 1024;
 
 /// The sections addr2line reads for function names, inlined calls, files and lines.
 const NEEDED: [SectionId; 10] = [
@@ -35,7 +41,8 @@ const NEEDED: [SectionId; 10] = [
 /// cells that are not `Sync`, hence the mutex (the reporter is its only user).
 pub struct Dwarf {
     context: Mutex<Context<Reader>>,
-    /// Bytes of the debug sections held (what the file costs the symbol cache).
+    /// Estimated memory held: the debug sections × [`PARSED_FACTOR`] (what the file costs the
+    /// symbol cache).
     pub bytes: u64,
 }
 
@@ -47,26 +54,15 @@ impl std::fmt::Debug for Dwarf {
 
 impl Dwarf {
     /// Loads the DWARF sections of `elf` that naming needs (decompressing `SHF_COMPRESSED`
-    /// ones, zlib or zstd); `None` when it has no `.debug_info`, more than
-    /// [`MAX_DEBUG_BYTES`] of them once decompressed, or DWARF that does not parse. Location
-    /// lists, macros and name indexes are never loaded: they are often the largest sections
-    /// and say nothing about function names or lines.
-    pub fn load<'data, R: ReadRef<'data>>(elf: &object::File<'data, R>) -> Option<Self> {
+    /// ones, zlib or zstd); `None` when it has no `.debug_info`, DWARF that does not parse, or
+    /// would cost more than `max_cost` bytes parsed (see [`Dwarf::cost`]). Location lists,
+    /// macros and name indexes are never loaded: they are often the largest sections and say
+    /// nothing about function names or lines.
+    pub fn load<'data, R: ReadRef<'data>>(elf: &object::File<'data, R>, max_cost: u64) -> Option<Self> {
         let info = elf.section_by_name(".debug_info")?;
-        // Sizes come from section headers (and compression headers): untrusted, so they are
-        // summed saturating, and checked before anything is decompressed.
-        let size = |name: &str| -> u64 {
-            elf.section_by_name(name)
-                .map_or(0, |s| match s.compressed_file_range() {
-                    Ok(range) => range.uncompressed_size,
-                    Err(_) => s.size(),
-                })
-        };
-        let debug_bytes = NEEDED
-            .iter()
-            .map(|id| size(id.name()))
-            .fold(0u64, u64::saturating_add);
-        if debug_bytes > MAX_DEBUG_BYTES || info.size() == 0 {
+        // Sizes come from section and compression headers: checked before anything is
+        // decompressed.
+        if Self::cost(elf) > max_cost || info.size() == 0 {
             return None;
         }
         let endian = if elf.is_little_endian() {
@@ -94,8 +90,26 @@ impl Dwarf {
             .ok()?;
         Some(Self {
             context: Mutex::new(context),
-            bytes: loaded,
+            bytes: loaded.saturating_mul(PARSED_FACTOR),
         })
+    }
+
+    /// Estimated memory the DWARF of `elf` would take parsed (0 without `.debug_info`), from
+    /// section and compression headers (untrusted: summed saturating), before anything is read
+    /// or decompressed.
+    pub fn cost<'data, R: ReadRef<'data>>(elf: &object::File<'data, R>) -> u64 {
+        if elf.section_by_name(".debug_info").is_none() {
+            return 0;
+        }
+        NEEDED
+            .iter()
+            .filter_map(|id| elf.section_by_name(id.name()))
+            .map(|s| {
+                s.compressed_file_range()
+                    .map_or(s.size(), |r| r.uncompressed_size)
+            })
+            .fold(0u64, u64::saturating_add)
+            .saturating_mul(PARSED_FACTOR)
     }
 
     /// Frames at `addr` (an ELF virtual address), innermost (inlined) first; empty when no

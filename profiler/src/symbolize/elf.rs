@@ -3,7 +3,11 @@ use std::{io, path::Path};
 
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, ReadCache, ReadRef, SymbolKind};
 
-use super::{FunctionName, SymbolSource, demangle, dwarf::Dwarf, gopclntab::GoPclntab};
+use super::{
+    FunctionName, SymbolSource, demangle,
+    dwarf::{DEFAULT_MAX_COST, Dwarf},
+    gopclntab::GoPclntab,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ElfError {
@@ -143,6 +147,8 @@ pub struct ElfImage {
     pub debuglink: Option<String>,
     /// Go's function table, for Go binaries (also stripped ones).
     pub gopclntab: Option<GoPclntab>,
+    /// The file has DWARF, left unloaded because it would cost more memory than allowed.
+    pub dwarf_over_budget: bool,
 }
 
 impl ElfImage {
@@ -152,6 +158,12 @@ impl ElfImage {
     /// reads go through `read(2)` rather than mmap, so a file truncated underneath cannot
     /// raise SIGBUS in the daemon. The file's data is dropped once the tables are built.
     pub fn open(path: &Path, inode: Option<u64>) -> Result<Self, ElfError> {
+        Self::open_with(path, inode, DEFAULT_MAX_COST)
+    }
+
+    /// [`ElfImage::open`] with the most memory the file's parsed DWARF may take; a file whose
+    /// DWARF would cost more is named from its symbol tables ([`ElfImage::dwarf_over_budget`]).
+    pub fn open_with(path: &Path, inode: Option<u64>, max_dwarf_cost: u64) -> Result<Self, ElfError> {
         let display = || path.display().to_string();
         let (file, meta) = open_regular(path, inode)?;
         let parse_error = |source| ElfError::Parse {
@@ -164,13 +176,17 @@ impl ElfImage {
                 path: display(),
                 source,
             })?;
-            return Self::parse(data.as_slice()).map_err(parse_error);
+            return Self::parse_with(data.as_slice(), max_dwarf_cost).map_err(parse_error);
         }
         let cache = ReadCache::new(file);
-        Self::parse(&cache).map_err(parse_error)
+        Self::parse_with(&cache, max_dwarf_cost).map_err(parse_error)
     }
 
     pub fn parse<'data, R: ReadRef<'data>>(data: R) -> Result<Self, object::Error> {
+        Self::parse_with(data, DEFAULT_MAX_COST)
+    }
+
+    pub fn parse_with<'data, R: ReadRef<'data>>(data: R, max_dwarf_cost: u64) -> Result<Self, object::Error> {
         let elf = object::File::parse(data)?;
         let build_id = elf.build_id()?.map(hex);
         let debuglink = elf
@@ -210,13 +226,15 @@ impl ElfImage {
         // is loaded only for the rest: files without the table, and the C code of cgo binaries.
         let dwarf = match &gopclntab {
             Some(go) if go.has_inline_trees() && !has_foreign_code(&elf, go) => None,
-            _ => Dwarf::load(&elf),
+            _ => Dwarf::load(&elf, max_dwarf_cost),
         };
+        let dwarf_over_budget = dwarf.is_none() && Dwarf::cost(&elf) > max_dwarf_cost;
         Ok(ElfImage {
             build_id,
             segments,
             symbols,
             dwarf,
+            dwarf_over_budget,
             debuglink,
             gopclntab,
         })
@@ -244,6 +262,7 @@ impl ElfImage {
         }
         if self.dwarf.is_none() {
             self.dwarf = debug.dwarf;
+            self.dwarf_over_budget |= debug.dwarf_over_budget;
         }
         if self.symbols.is_empty() {
             self.symbols = debug.symbols;
@@ -411,6 +430,7 @@ mod tests {
             dwarf: None,
             debuglink: Some("app.debug".into()),
             gopclntab: None,
+            dwarf_over_budget: false,
         };
         assert_eq!(
             image.debug_file_candidates("/opt/app/bin/app"),
@@ -432,6 +452,7 @@ mod tests {
             dwarf: None,
             debuglink: None,
             gopclntab: None,
+            dwarf_over_budget: false,
         };
         assert!(!stripped.attach_debug_file(other), "another build's debug file");
         assert!(stripped.symbols.is_empty());
