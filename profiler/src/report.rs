@@ -51,7 +51,8 @@ pub struct Reporter {
 }
 
 /// Entries per generation of the reporter's [`NameCache`] (two generations: at most 2 × this
-/// many distinct file frames are remembered, a few MiB).
+/// many distinct file frames are remembered; with their names, typically a few MiB, tens of
+/// MiB with long C++ names and deep inline chains).
 pub const NAME_CACHE_ENTRIES: usize = 32 * 1024;
 
 /// One interval, encoded.

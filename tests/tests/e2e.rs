@@ -615,6 +615,43 @@ fn compressed_debug_sections_give_the_same_frames() {
     assert_eq!((names[0].name.as_str(), names[0].file.as_deref()), ("main", None));
 }
 
+/// A compression header that understates the size (a decompression bomb's trick) is caught:
+/// the zstd decoder stops just past the claimed size, and the section is refused, not grown.
+#[test]
+fn compressed_sections_cannot_expand_past_their_claimed_size() {
+    use profiler::symbolize::{
+        SymbolSource as _,
+        elf::{ElfImage, SectionError, section_bytes},
+    };
+    let path = compressed_inline_fixture("zstd");
+    let mut bytes = std::fs::read(&path).expect("read");
+    let (offset, real_size) = {
+        let elf = ElfFile::parse(bytes.as_slice()).expect("parse");
+        let info = elf.section_by_name(".debug_info").expect(".debug_info");
+        let range = info.compressed_file_range().expect("range");
+        assert_eq!(range.format, object::CompressionFormat::Zstandard);
+        assert!(matches!(
+            section_bytes(&info, 10),
+            Err(SectionError::TooLarge { max: 10, .. })
+        ));
+        (info.file_range().expect("in the file").0, range.uncompressed_size)
+    };
+    // Elf64_Chdr: ch_type (4), ch_reserved (4), ch_size (8), ch_addralign (8).
+    let at = usize::try_from(offset).expect("offset") + 8;
+    bytes[at..at + 8].copy_from_slice(&16u64.to_le_bytes());
+    let elf = ElfFile::parse(bytes.as_slice()).expect("parse patched");
+    let info = elf.section_by_name(".debug_info").expect(".debug_info");
+    assert!(real_size > 16);
+    assert!(matches!(
+        section_bytes(&info, u64::MAX),
+        Err(SectionError::Corrupt)
+    ));
+    // The file still parses and names its functions from the symbol table.
+    let image = ElfImage::parse(bytes.as_slice()).expect("patched file parses");
+    let main = elf.symbols().find(|s| s.name() == Ok("main")).expect("main");
+    assert_eq!(image.resolve(main.address()).expect("named")[0].name, "main");
+}
+
 /// Inlined Go calls named from `.gopclntab` alone (a stripped binary) agree with the DWARF of
 /// the unstripped build at every byte of `main.outer`, where the compiler inlined `middle` and,
 /// inside it, `leaf`; the hot multiply is `leaf → middle → outer` at the marked lines.

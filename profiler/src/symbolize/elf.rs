@@ -21,6 +21,56 @@ pub enum ElfError {
     Replaced { path: String, expected: u64, found: u64 },
 }
 
+/// Why a section's bytes were not returned by [`section_bytes`].
+#[derive(Debug, thiserror::Error)]
+pub enum SectionError {
+    #[error("it would decompress to {size} bytes, more than the {max} allowed")]
+    TooLarge { size: u64, max: u64 },
+    #[error("its compressed data is corrupt or in an unknown format")]
+    Corrupt,
+}
+
+/// The bytes of `section`, decompressed when it is `SHF_COMPRESSED` (zlib or zstd), refusing
+/// more than `max` bytes. The size the compression header claims is checked before anything
+/// is decompressed, and the zstd decoder is stopped past it, so a hostile binary cannot make
+/// the daemon expand a small section without bound.
+pub fn section_bytes<'data, 'file, R: ReadRef<'data>>(
+    section: &object::Section<'data, 'file, R>,
+    max: u64,
+) -> Result<std::borrow::Cow<'data, [u8]>, SectionError> {
+    use std::{borrow::Cow, io::Read as _};
+    let compressed = section.compressed_data().map_err(|_| SectionError::Corrupt)?;
+    let size = match compressed.format {
+        object::CompressionFormat::None => compressed.data.len() as u64,
+        _ => compressed.uncompressed_size,
+    };
+    if size > max {
+        return Err(SectionError::TooLarge { size, max });
+    }
+    match compressed.format {
+        object::CompressionFormat::Zstandard => {
+            let size = usize::try_from(size).map_err(|_| SectionError::Corrupt)?;
+            let mut out = Vec::with_capacity(size);
+            let mut input = compressed.data;
+            while !input.is_empty() && out.len() < size {
+                let decoder =
+                    ruzstd::decoding::StreamingDecoder::new(&mut input).map_err(|_| SectionError::Corrupt)?;
+                let room = (size - out.len()) as u64;
+                decoder
+                    .take(room + 1)
+                    .read_to_end(&mut out)
+                    .map_err(|_| SectionError::Corrupt)?;
+            }
+            if out.len() != size {
+                return Err(SectionError::Corrupt);
+            }
+            Ok(Cow::Owned(out))
+        }
+        // Stored bytes, or zlib, whose decoder fills at most the claimed size.
+        _ => compressed.decompress().map_err(|_| SectionError::Corrupt),
+    }
+}
+
 /// Files up to this size are read whole (one pass, fastest); larger ones are read piecewise
 /// on demand, which costs a syscall per symbol name but keeps the daemon's memory bounded.
 const READ_WHOLE_MAX: u64 = 32 * 1024 * 1024;
@@ -224,11 +274,14 @@ impl ElfImage {
         let gopclntab = GoPclntab::from_elf(&elf, true);
         // Go code is named from .gopclntab (cheaper, and present in stripped binaries); DWARF
         // is loaded only for the rest: files without the table, and the C code of cgo binaries.
-        let dwarf = match &gopclntab {
-            Some(go) if go.has_inline_trees() && !has_foreign_code(&elf, go) => None,
-            _ => Dwarf::load(&elf, max_dwarf_cost),
+        let (dwarf, dwarf_over_budget) = match &gopclntab {
+            Some(go) if go.has_inline_trees() && !has_foreign_code(&elf, go) => (None, false),
+            _ => {
+                let dwarf = Dwarf::load(&elf, max_dwarf_cost);
+                let over = dwarf.is_none() && Dwarf::cost(&elf) > max_dwarf_cost;
+                (dwarf, over)
+            }
         };
-        let dwarf_over_budget = dwarf.is_none() && Dwarf::cost(&elf) > max_dwarf_cost;
         Ok(ElfImage {
             build_id,
             segments,
@@ -313,7 +366,14 @@ impl SymbolSource for ElfImage {
     /// table. A DWARF frame without a name (the outermost one can lack it in stripped-down
     /// debug info) takes the symbol table's.
     fn resolve(&self, addr: u64) -> Option<Vec<FunctionName>> {
-        if let Some(go) = self.gopclntab.as_ref().and_then(|table| table.frames(addr)) {
+        // The Go table goes first when it can name inlined calls (or there is no DWARF);
+        // without its inline trees, DWARF's inlined frames are better, and the table only
+        // fills in where DWARF has nothing.
+        let go_first = self
+            .gopclntab
+            .as_ref()
+            .filter(|table| table.has_inline_trees() || self.dwarf.is_none());
+        if let Some(go) = go_first.and_then(|table| table.frames(addr)) {
             return Some(go);
         }
         let symbol = self.symbols.lookup(addr);
@@ -330,6 +390,11 @@ impl SymbolSource for ElfImage {
                     return Some(frames);
                 }
             }
+        }
+        if go_first.is_none()
+            && let Some(go) = self.gopclntab.as_ref().and_then(|table| table.frames(addr))
+        {
+            return Some(go);
         }
         let raw = symbol?;
         Some(vec![FunctionName {

@@ -35,6 +35,24 @@ const MODULEDATA_TEXT: usize = 22 * 8;
 /// Offset of `moduledata.gofunc`: Go 1.20 added `covctrs, ecovctrs` before it.
 const MODULEDATA_GOFUNC_118: usize = 38 * 8;
 const MODULEDATA_GOFUNC_120: usize = 40 * 8;
+/// Go 1.16's functions that move the stack pointer where `pcsp` cannot follow (later versions
+/// flag them `SPWRITE`).
+const GO116_SWITCHES_STACKS: [&str; 10] = [
+    "runtime.systemstack",
+    "runtime.systemstack_switch",
+    "runtime.mcall",
+    "runtime.morestack",
+    "runtime.morestack_noctxt",
+    "runtime.gogo",
+    "runtime.asmcgocall",
+    "runtime.cgocallback",
+    "runtime.rt0_go",
+    "runtime.mstart",
+];
+
+/// Largest `.gopclntab` read (the tables of the largest Go binaries are a few hundred MiB
+/// less than this).
+const MAX_TABLE_BYTES: u64 = 512 * 1024 * 1024;
 /// Inline trees kept per binary at most (they are a small part of `go:func.*`).
 const MAX_INLINE_BYTES: u64 = 64 * 1024 * 1024;
 /// Inlined frames followed at one pc at most (Go's own limit on inlining depth is far lower).
@@ -317,7 +335,9 @@ impl GoPclntab {
         let section = elf
             .section_by_name(".gopclntab")
             .or_else(|| elf.section_by_name(".data.rel.ro.gopclntab"))?;
-        let data = section.uncompressed_data().ok()?.into_owned();
+        let data = super::elf::section_bytes(&section, MAX_TABLE_BYTES)
+            .ok()?
+            .into_owned();
         let text = elf.section_by_name(".text").map_or(0, |s| s.address());
         let image = GoSections::from_elf(elf);
         Self::parse_in(data, section.address(), text, Some(&image), inline)
@@ -551,12 +571,20 @@ impl GoPclntab {
             {
                 continue;
             }
-            // _func ends with funcID, flag, a pad byte and nfuncdata (Go 1.16 has no flag:
-            // its pad byte reads as 0).
+            // _func ends with funcID, flag, a pad byte and nfuncdata. Go 1.16 has no flag (its
+            // pad byte reads as 0): its stack-switching functions are known by name instead.
             let flag_at = func.at.checked_add(self.version.func_size() - 3);
             if flag_at
                 .and_then(|at| self.data.get(at))
                 .is_none_or(|f| f & TOPFRAME_OR_SPWRITE != 0)
+            {
+                continue;
+            }
+            if self.version == Version::Go116
+                && self
+                    .field(func, 0)
+                    .and_then(|off| self.name_at(off))
+                    .is_none_or(|name| GO116_SWITCHES_STACKS.contains(&name))
             {
                 continue;
             }

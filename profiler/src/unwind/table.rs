@@ -31,7 +31,7 @@ pub enum TableError {
     #[error("{section} is unreadable: {source}")]
     Section {
         section: &'static str,
-        source: object::Error,
+        source: crate::symbolize::elf::SectionError,
     },
     #[error("code spans {span:#x} bytes, more than a table can address (4 GiB)")]
     TooLarge { span: u64 },
@@ -199,11 +199,14 @@ fn add_go_table_rows<'a, R: ReadRef<'a>>(file: &object::File<'a, R>, rows: &mut 
     }
 }
 
+/// Largest CFI section read (`.eh_frame` of the largest binaries is tens of MiB).
+const MAX_CFI_BYTES: u64 = 256 * 1024 * 1024;
+
 fn section_data<'a, R: ReadRef<'a>>(
     section: &object::Section<'a, '_, R>,
     name: &'static str,
 ) -> Result<std::borrow::Cow<'a, [u8]>, TableError> {
-    section.uncompressed_data().map_err(|source| TableError::Section {
+    crate::symbolize::elf::section_bytes(section, MAX_CFI_BYTES).map_err(|source| TableError::Section {
         section: name,
         source,
     })
