@@ -109,6 +109,9 @@ pub struct GoSections<'data> {
     symbols: Vec<(String, u64)>,
 }
 
+/// Sections the reader reads by address.
+const GO_SECTIONS: [&str; 4] = [".rodata", ".noptrdata", ".data.rel.ro", ".go.module"];
+
 /// Symbols the reader uses when present.
 const GO_SYMBOLS: [&str; 3] = ["runtime.firstmoduledata", "go:func.*", "go.func.*"];
 
@@ -119,18 +122,13 @@ impl<'data> GoSections<'data> {
     }
 
     pub fn from_elf<R: object::ReadRef<'data>>(elf: &object::File<'data, R>) -> Self {
-        use object::{Object as _, ObjectSection as _, ObjectSymbol as _, SectionFlags, SectionKind};
+        use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+        // Only where moduledata (`.noptrdata`, `.data.rel.ro` in PIE, `.go.module` from Go 1.26)
+        // and the inline trees (`go:func.*` in `.rodata`) are: a large binary read piecewise
+        // then reads only these.
         let sections = elf
             .sections()
-            .filter(|s| {
-                // Allocated, with file data, not code: .rodata, .noptrdata, .go.module,
-                // .data.rel.ro, .gopclntab.
-                let alloc = match s.flags() {
-                    SectionFlags::Elf { sh_flags } => sh_flags & u64::from(object::elf::SHF_ALLOC) != 0,
-                    _ => false,
-                };
-                alloc && !matches!(s.kind(), SectionKind::Text | SectionKind::UninitializedData)
-            })
+            .filter(|s| s.name().is_ok_and(|name| GO_SECTIONS.contains(&name)))
             .filter_map(|s| {
                 Some((
                     s.name().ok()?.to_owned(),
