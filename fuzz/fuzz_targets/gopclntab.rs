@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
     let (table, rest) = data.split_at(split);
     let pc = u64::from_le_bytes(*probe);
     if let Some(table) = GoPclntab::parse(table.to_vec(), Some(TEXT)) {
-        let _ = table.lookup(pc);
+        let _ = table.frames(pc);
         let _ = table.frames(TEXT + (pc & 0xffff));
     }
     let image = GoSections::new(

@@ -9,10 +9,11 @@ pub mod daemon;
 pub mod kubeapi;
 
 use std::{
+    collections::HashMap,
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::OnceLock,
+    sync::{Mutex, OnceLock},
 };
 
 pub fn workspace() -> PathBuf {
@@ -124,16 +125,27 @@ pub fn stripped_inline_fixture() -> &'static Path {
 }
 
 /// The inline fixture with its debug sections compressed by `objcopy
-/// --compress-debug-sections=<kind>` (`zlib` or `zstd`).
+/// --compress-debug-sections=<kind>` (`zlib` or `zstd`), built once per kind: tests running
+/// side by side must not read a copy while another rewrites it.
 pub fn compressed_inline_fixture(kind: &str) -> PathBuf {
-    let out = build_dir().join(format!("inline-{kind}"));
-    run_ok(
-        Command::new("objcopy")
-            .arg(format!("--compress-debug-sections={kind}"))
-            .arg(inline_fixture())
-            .arg(&out),
-    );
-    out
+    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let mut built = BUILT
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    built
+        .entry(kind.to_owned())
+        .or_insert_with(|| {
+            let out = build_dir().join(format!("inline-{kind}"));
+            run_ok(
+                Command::new("objcopy")
+                    .arg(format!("--compress-debug-sections={kind}"))
+                    .arg(inline_fixture())
+                    .arg(&out),
+            );
+            out
+        })
+        .clone()
 }
 
 /// The C++ fixture, -O2 -g: a member function template with an inlined helper.
