@@ -45,10 +45,32 @@ pub const MAP_UNWIND_ROWS: &str = "UNWIND_ROWS";
 pub const MAP_UNWIND_FILES: &str = "UNWIND_FILES";
 /// LPM trie: [`MappingKey`] (tgid, address) → [`Mapping`].
 pub const MAP_MAPPINGS: &str = "MAPPINGS";
-/// Hash: tgid → [`ProcState`]. A tgid absent here is not loaded yet.
+/// Hash: tgid → one of the [`proc_state`] values. A tgid absent here has not been seen yet:
+/// its first sample adds it as [`proc_state::REQUESTED`] and asks the daemon to load it.
 pub const MAP_PROCS: &str = "PROCS";
-/// Ring buffer of [`ProcEvent`]s (exec, exit) for the daemon's unwind stage.
+/// Ring buffer of [`ProcEvent`]s (load requests, exec, exit) for the daemon's unwind stage.
 pub const MAP_PROC_EVENTS: &str = "PROC_EVENTS";
+/// Raw tracepoint program never attached: run by `BPF_PROG_TEST_RUN`, it names the kernel
+/// addresses in [`MAP_KSYM_IO`] with the kernel's own symbol lookup (`%pS`), so the daemon does
+/// not read all of /proc/kallsyms.
+pub const PROGRAM_KSYM: &str = "ksym_names";
+/// Array with one [`KsymBatch`]: the addresses in, their names out.
+pub const MAP_KSYM_IO: &str = "KSYM_IO";
+/// Addresses named per run of [`PROGRAM_KSYM`].
+pub const KSYM_BATCH: usize = 64;
+/// Bytes of one name (`function+0xoff/0xsize [module]`, NUL-terminated, cut if longer).
+pub const KSYM_NAME_BYTES: usize = 128;
+
+const _: () = assert!(core::mem::size_of::<KsymBatch>() == KSYM_BATCH * (8 + KSYM_NAME_BYTES));
+
+/// Value of [`MAP_KSYM_IO`]. The daemon fills `addrs` and passes the count as the first
+/// argument of the run; the program writes `names[i]` for each `addrs[i]`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct KsymBatch {
+    pub addrs: [u64; KSYM_BATCH],
+    pub names: [[u8; KSYM_NAME_BYTES]; KSYM_BATCH],
+}
 /// Per-CPU array with one [`UnwindState`], the walk's registers between `bpf_loop` steps.
 pub const MAP_UNWIND_STATE: &str = "UNWIND_STATE";
 
@@ -322,12 +344,16 @@ pub mod proc_state {
     pub const LOADED: u32 = 1;
     /// The process exec'd after it was loaded: its mappings are stale until reloaded.
     pub const STALE: u32 = 2;
+    /// Sampled before it was loaded; a [`super::proc_event::LOAD`] request is on its way.
+    pub const REQUESTED: u32 = 3;
 }
 
 /// Values of [`ProcEvent::kind`].
 pub mod proc_event {
     pub const EXEC: u32 = 1;
     pub const EXIT: u32 = 2;
+    /// First sample of a process the daemon has not loaded.
+    pub const LOAD: u32 = 3;
 }
 
 /// A record of [`MAP_PROC_EVENTS`].
@@ -383,6 +409,9 @@ unsafe impl aya::Pod for Mapping {}
 #[cfg(feature = "user")]
 // SAFETY: repr(C), two u32.
 unsafe impl aya::Pod for ProcEvent {}
+#[cfg(feature = "user")]
+// SAFETY: repr(C), arrays of u64 and u8 with no padding (size asserted).
+unsafe impl aya::Pod for KsymBatch {}
 
 #[cfg(test)]
 mod tests {

@@ -5,7 +5,10 @@
 //! User stacks are walked here from the unwind tables the daemon compiled from each file's
 //! CFI (`UNWIND_ROWS`), one frame per `bpf_loop` step, with frame pointers for code that has
 //! no CFI (Go, JIT). Processes the daemon has not loaded yet get the kernel's frame-pointer
-//! walk. Every outcome is counted in `COUNTERS`, so nothing is lost silently.
+//! walk; their first sample asks the daemon to load them (`PROC_EVENTS`). Every outcome is
+//! counted in `COUNTERS`, so nothing is lost silently.
+//!
+//! A second, never attached program (`ksym_names`) names kernel addresses for the daemon.
 #![no_std]
 #![no_main]
 
@@ -16,13 +19,16 @@ use core::{
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_MMAPABLE, BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{
+        BPF_F_MMAPABLE, BPF_F_USER_STACK, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
+        BPF_RB_NO_WAKEUP,
+    },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_get_stack,
         bpf_ktime_get_ns, bpf_probe_read_user,
         generated::{
             bpf_get_current_cgroup_id, bpf_get_current_task_btf, bpf_loop, bpf_probe_read_kernel,
-            bpf_task_pt_regs,
+            bpf_snprintf, bpf_task_pt_regs,
         },
     },
     macros::{map, perf_event, raw_tracepoint},
@@ -30,10 +36,11 @@ use aya_ebpf::{
     programs::{PerfEventContext, RawTracePointContext},
 };
 use profiler_common::{
-    COUNTER_SLOTS, Counter, FileTable, HEADER_BYTES, MAPPING_PID_PREFIX, MAX_FRAMES, MAX_STACK_DEPTH,
-    MAX_TARGET_CGROUPS, MAX_TARGET_PIDS, MAX_USER_DEPTH, Mapping, MappingKey, PROC_EVENTS_RING_BYTES,
-    ProcEvent, RawSample, SAMPLES_RING_BYTES, SAMPLES_WAKEUP_BYTES, UNWIND_MODE_TABLES, UNWIND_STATUS_SLOTS,
-    UnwindRow, UnwindState, UnwindStatus, cfa, mapping, mapping_key, proc_event, proc_state,
+    COUNTER_SLOTS, Counter, FileTable, HEADER_BYTES, KSYM_BATCH, KSYM_NAME_BYTES, KsymBatch,
+    MAPPING_PID_PREFIX, MAX_FRAMES, MAX_STACK_DEPTH, MAX_TARGET_CGROUPS, MAX_TARGET_PIDS, MAX_USER_DEPTH,
+    Mapping, MappingKey, PROC_EVENTS_RING_BYTES, ProcEvent, RawSample, SAMPLES_RING_BYTES,
+    SAMPLES_WAKEUP_BYTES, UNWIND_MODE_TABLES, UNWIND_STATUS_SLOTS, UnwindRow, UnwindState, UnwindStatus, cfa,
+    mapping, mapping_key, proc_event, proc_state,
 };
 
 #[map(name = "SAMPLES")]
@@ -69,6 +76,13 @@ static PROCS: HashMap<u32, u32> = HashMap::with_max_entries(1 << 16, 0);
 
 #[map(name = "PROC_EVENTS")]
 static PROC_EVENTS: RingBuf = RingBuf::with_byte_size(PROC_EVENTS_RING_BYTES, 0);
+
+#[map(name = "KSYM_IO")]
+static KSYM_IO: Array<KsymBatch> = Array::with_max_entries(1, 0);
+
+/// `bpf_snprintf` wants its format in read-only map memory: `.rodata`, frozen by the loader.
+#[unsafe(no_mangle)]
+static KSYM_FORMAT: [u8; 4] = *b"%pS\0";
 
 /// Set to 1 by the loader when `--pid` was given. Read volatile so the compiler keeps the load
 /// (the loader rewrites `.rodata` before the program is verified).
@@ -189,7 +203,15 @@ fn try_sample(ctx: &PerfEventContext) {
         header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
 
         let frames = addr_of_mut!((*record).frames).cast::<u64>();
-        let kernel = bpf_get_stack(ctx.as_ptr(), frames.cast(), STACK_BYTES, 0);
+        // A tick that hit user mode has no kernel stack (the kernel would return 0 frames
+        // after setting up its callchain buffer): skip the helper.
+        // SAFETY: the perf_event context starts with the interrupted pt_regs.
+        let in_user = (*ctx.as_ptr().cast::<PtRegs>()).cs & 3 == 3;
+        let kernel = if in_user {
+            0
+        } else {
+            bpf_get_stack(ctx.as_ptr(), frames.cast(), STACK_BYTES, 0)
+        };
         let mut kernel_len = 0usize;
         if kernel < 0 {
             bump(Counter::KernelStackError);
@@ -202,7 +224,11 @@ fn try_sample(ctx: &PerfEventContext) {
         header.user_err = 0;
 
         let tables = read_volatile(&UNWIND_MODE) == UNWIND_MODE_TABLES;
-        let loaded = tables && PROCS.get(&tgid).is_some_and(|state| *state == proc_state::LOADED);
+        let state = if tables { PROCS.get(&tgid).copied() } else { None };
+        let loaded = state == Some(proc_state::LOADED);
+        if tables && state.is_none() {
+            request_load(tgid);
+        }
         let (user_len, status) = if loaded {
             walk_user(ctx, tgid, kernel_len)
         } else {
@@ -535,6 +561,54 @@ pub fn on_exit(_ctx: RawTracePointContext) -> i32 {
         if unsafe { PROCS.get(&tgid) }.is_some() {
             send_event(proc_event::EXIT, tgid);
         }
+    }
+    0
+}
+
+/// Marks `tgid` as requested and asks the daemon to load it, once: the insert fails when another
+/// CPU got there first (or PROCS is full; the daemon's sampler asks again then).
+#[inline(always)]
+fn request_load(tgid: u32) {
+    if PROCS
+        .insert(&tgid, &proc_state::REQUESTED, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        send_event(proc_event::LOAD, tgid);
+    }
+}
+
+/// Names `ctx.arg(0)` addresses of `KSYM_IO` (at most `KSYM_BATCH`). Run by the daemon with
+/// `BPF_PROG_TEST_RUN`; never attached to the tracepoint its section names.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn ksym_names(ctx: RawTracePointContext) -> i32 {
+    let count: u64 = ctx.arg(0);
+    let count = count.min(KSYM_BATCH as u64) as u32;
+    // SAFETY: the callback only touches KSYM_IO's single value.
+    unsafe { bpf_loop(count, ksym_one as *mut c_void, core::ptr::null_mut(), 0) };
+    0
+}
+
+#[inline(never)]
+extern "C" fn ksym_one(index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(batch) = KSYM_IO.get_ptr_mut(0) else {
+        return 1;
+    };
+    let i = index as usize;
+    if i >= KSYM_BATCH {
+        return 1;
+    }
+    // SAFETY: i < KSYM_BATCH; the array value is this map's only entry, and the daemon does not
+    // touch it during the run.
+    unsafe {
+        let args = [(*batch).addrs[i]];
+        let out = (*batch).names[i].as_mut_ptr();
+        bpf_snprintf(
+            out.cast(),
+            KSYM_NAME_BYTES as u32,
+            KSYM_FORMAT.as_ptr().cast(),
+            args.as_ptr().cast_mut(),
+            8,
+        );
     }
     0
 }

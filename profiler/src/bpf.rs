@@ -3,7 +3,7 @@ use std::{fs, io};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         PerfEvent, ProgramError, RawTracePoint,
         perf_event::{HardwareEvent, PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
@@ -11,13 +11,14 @@ use aya::{
 };
 use profiler_common::{
     COUNTER_SLOTS, Counter, GLOBAL_FILTER_CGROUPS, GLOBAL_FILTER_PIDS, GLOBAL_UNWIND_MODE, MAP_COUNTERS,
-    MAP_MAPPINGS, MAP_PROC_EVENTS, MAP_PROCS, MAP_SAMPLES, MAP_TARGET_CGROUPS, MAP_TARGET_PIDS,
-    MAP_UNWIND_FILES, MAP_UNWIND_ROWS, PROGRAM_EXEC, PROGRAM_EXIT, PROGRAM_SAMPLE,
+    MAP_KSYM_IO, MAP_MAPPINGS, MAP_PROC_EVENTS, MAP_PROCS, MAP_SAMPLES, MAP_TARGET_CGROUPS, MAP_TARGET_PIDS,
+    MAP_UNWIND_FILES, MAP_UNWIND_ROWS, PROGRAM_EXEC, PROGRAM_EXIT, PROGRAM_KSYM, PROGRAM_SAMPLE,
     UNWIND_MODE_FRAME_POINTERS, UNWIND_MODE_TABLES,
 };
 
 use crate::{
     config::{SamplingConfig, Unwinder},
+    symbolize::kernel::BpfKernelNames,
     unwind::UnwindMaps,
 };
 use tracing::{debug, info, warn};
@@ -264,6 +265,7 @@ impl BpfSession {
             Unwinder::Dwarf => sampling.unwind_rows,
             Unwinder::FramePointer => 1,
         };
+        let started = std::time::Instant::now();
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_FILTER_PIDS, &filter, true)
             .override_global(GLOBAL_FILTER_CGROUPS, &filter_cgroups, true)
@@ -293,9 +295,15 @@ impl BpfSession {
             }
         }
 
+        let maps_created = started.elapsed();
         sampling_program(&mut ebpf, &kernel)?
             .load()
             .map_err(|e| load_error(PROGRAM_SAMPLE, &kernel, e))?;
+        debug!(
+            maps_ms = maps_created.as_secs_f64() * 1e3,
+            verified_ms = (started.elapsed() - maps_created).as_secs_f64() * 1e3,
+            "BPF object loaded and the sampling program verified"
+        );
 
         if sampling.unwinder == Unwinder::Dwarf {
             for (name, tracepoint) in [
@@ -456,6 +464,52 @@ impl BpfSession {
         {
             tracing::warn!(%error, "unloading the sampling program failed");
         }
+    }
+
+    /// Loads the kernel-symbol program and takes its map (once). `None`, with a warning, when
+    /// this kernel refuses it: kernel frames are then named from /proc/kallsyms.
+    pub fn take_kernel_names(&mut self) -> Option<BpfKernelNames> {
+        match self.kernel_names() {
+            Ok(names) => Some(names),
+            Err(error) => {
+                warn!(%error, "kernel symbol lookup through BPF unavailable: reading /proc/kallsyms instead");
+                None
+            }
+        }
+    }
+
+    fn kernel_names(&mut self) -> Result<BpfKernelNames, BpfError> {
+        let kernel = self.kernel.clone();
+        let program_error = |source: ProgramError| BpfError::Program {
+            program: PROGRAM_KSYM,
+            kernel: kernel.clone(),
+            source: Box::new(source),
+        };
+        let program: &mut RawTracePoint = self
+            .ebpf
+            .program_mut(PROGRAM_KSYM)
+            .ok_or(BpfError::Missing {
+                kind: "program",
+                name: PROGRAM_KSYM,
+            })?
+            .try_into()
+            .map_err(program_error)?;
+        program
+            .load()
+            .map_err(|e| load_error(PROGRAM_KSYM, &self.kernel, e))?;
+        let fd = program
+            .fd()
+            .and_then(|fd| fd.try_clone().map_err(ProgramError::from))
+            .map_err(program_error)?;
+        let map = self.ebpf.take_map(MAP_KSYM_IO).ok_or(BpfError::Missing {
+            kind: "map",
+            name: MAP_KSYM_IO,
+        })?;
+        let io = Array::try_from(map).map_err(|e| BpfError::Map {
+            name: MAP_KSYM_IO,
+            source: Box::new(e),
+        })?;
+        Ok(BpfKernelNames::new(fd, io))
     }
 
     /// Takes the sample ring buffer out of the session (once).

@@ -35,7 +35,7 @@ use crate::{
     report::{self, Reporter, RunSummary},
     sampler::{self, Message, PipelineStats},
     server::{Endpoint, ServerSettings},
-    unwind::{Requests, UnwindStats},
+    unwind::UnwindStats,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -131,15 +131,12 @@ pub async fn run(mut plan: Plan) -> Result<RunSummary, DaemonError> {
         let maps = session.take_unwind_maps()?;
         let mut unwinder = crate::unwind::Unwinder::new(maps, "/proc".into(), Arc::clone(&unwind_stats))?;
         unwinder.load_initial(&pids);
-        let (request_tx, request_rx) = std::sync::mpsc::sync_channel(crate::unwind::REQUEST_QUEUE);
+        let (requests, queue) = crate::unwind::request_queue(Arc::clone(&unwind_stats));
         let thread = std::thread::Builder::new()
             .name("unwind".into())
-            .spawn(move || unwinder.run(request_rx))
+            .spawn(move || unwinder.run(queue))
             .map_err(DaemonError::Thread)?;
-        (
-            Some(Requests::new(request_tx, Arc::clone(&unwind_stats))),
-            Some(thread),
-        )
+        (Some(requests), Some(thread))
     } else {
         (None, None)
     };
@@ -206,8 +203,11 @@ pub async fn run(mut plan: Plan) -> Result<RunSummary, DaemonError> {
         requests,
         cancel.clone(),
     ));
-    let reporter = Reporter::new(frequency, session.event, Arc::clone(&unwind_stats))
+    let mut reporter = Reporter::new(frequency, session.event, Arc::clone(&unwind_stats))
         .with_label_value_limit(plan.label_value_limit);
+    if let Some(names) = session.take_kernel_names() {
+        reporter = reporter.with_kernel_names(names);
+    }
     let report_stats = Arc::clone(&stats);
     let exporters = std::mem::take(&mut plan.exporters);
     let report_telemetry = Arc::clone(&telemetry);

@@ -286,6 +286,12 @@ impl Telemetry {
             "Load requests dropped because the unwinder's queue was full.",
             &one(u.requests_dropped),
         );
+        family(
+            "profiler_unwind_load_requests_total",
+            "counter",
+            "Processes loaded because the sampling program met them before they were loaded.",
+            &one(u.load_requests),
+        );
         let symbols = lock(&self.symbols).clone();
         let mut frames = vec![("{outcome=\"named\"}".to_owned(), symbols.named as f64)];
         for reason in [

@@ -5,11 +5,10 @@ use std::{
     collections::HashMap,
     path::PathBuf,
     sync::{Arc, atomic::Ordering},
-    time::{Duration, Instant},
 };
 
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::{
     aggregate::{Frame, Job, Snapshot},
@@ -20,26 +19,21 @@ use crate::{
     pprof,
     process::{FileKey, ObjectFile},
     sampler::PipelineStats,
-    symbolize::{FunctionName, NameCache, SymbolSource, SymbolStats, Unresolved, kernel::KernelSymbols},
+    symbolize::{
+        FunctionName, NameCache, SymbolSource, SymbolStats, Unresolved,
+        kernel::{BpfKernelNames, KernelNames},
+    },
 };
 use profiler_common::{Counter, UNWIND_STATUS_SLOTS, UNWIND_STATUSES, UnwindStatus};
 
 use crate::unwind::UnwindStats;
-
-/// kallsyms changes only when modules or BPF programs load, and reading it is the most
-/// expensive thing the daemon does (the kernel formats ~200k lines: 30–40 ms of CPU). It is read
-/// once, and again only after a kernel address found no symbol, at most this often.
-const KALLSYMS_MIN_REREAD: Duration = Duration::from_secs(60);
 
 /// Capacity of the aggregator → reporter queue. Two snapshots: one being reported, one
 /// waiting; a third blocks the aggregator (see [`crate::aggregate::run`]).
 pub const QUEUE_CAPACITY: usize = 2;
 
 pub struct Reporter {
-    kernel: KernelSymbols,
-    kernel_read: Option<Instant>,
-    /// A kernel address missed the table in the last report.
-    kernel_missed: bool,
+    kernel: KernelNames,
     period_ns: i64,
     frequency: u32,
     event: EventSource,
@@ -119,9 +113,7 @@ impl Reporter {
             label_value_limit: DEFAULT_LABEL_VALUE_LIMIT,
             names: NameCache::new(NAME_CACHE_ENTRIES),
             unwind,
-            kernel: KernelSymbols::empty(),
-            kernel_read: None,
-            kernel_missed: false,
+            kernel: KernelNames::new(None),
             period_ns: 1_000_000_000 / i64::from(frequency.max(1)),
             frequency,
             event,
@@ -134,29 +126,20 @@ impl Reporter {
         self
     }
 
-    fn refresh_kernel_symbols(&mut self) {
-        let due = match self.kernel_read {
-            None => true,
-            Some(read) => self.kernel_missed && read.elapsed() >= KALLSYMS_MIN_REREAD,
-        };
-        if !due {
-            return;
-        }
-        self.kernel_missed = false;
-        self.kernel_read = Some(Instant::now());
-        match KernelSymbols::load() {
-            Ok(symbols) if symbols.is_empty() => {
-                warn!("/proc/kallsyms shows no addresses (kptr_restrict?): kernel frames stay unnamed");
-                self.kernel = symbols;
-            }
-            Ok(symbols) => self.kernel = symbols,
-            Err(error) => warn!(%error, "reading /proc/kallsyms failed: kernel frames stay unnamed"),
-        }
+    /// Names kernel frames with the kernel's own lookup (the `ksym_names` program) instead of
+    /// reading /proc/kallsyms.
+    pub fn with_kernel_names(mut self, bpf: BpfKernelNames) -> Self {
+        self.kernel = KernelNames::new(Some(bpf));
+        self
     }
 
     pub fn build(&mut self, snap: &Snapshot, pipeline: (u64, u64, u64)) -> Report {
+        let kernel_addrs = snap.frames.iter().filter_map(|f| match f {
+            Frame::Kernel(addr) => Some(*addr),
+            _ => None,
+        });
         if snap.frames.iter().any(|f| matches!(f, Frame::Kernel(_))) {
-            self.refresh_kernel_symbols();
+            self.kernel.prepare(kernel_addrs);
         }
         let duration = snap.end.duration_since(snap.start).unwrap_or_default();
         let mut b = ProfileBuilder::cpu(self.period_ns, snap.start, duration);
@@ -185,7 +168,7 @@ impl Reporter {
         b.comment(&format!("user stack walks: {}", statuses.join(", ")));
         let u = self.unwind.snapshot();
         b.comment(&format!(
-            "unwind tables (since start): {} processes, {} files loaded, {:.1} of {:.1} MiB, {} evicted, {} built in {} ms, {} failed, {} requests dropped",
+            "unwind tables (since start): {} processes, {} files loaded, {:.1} of {:.1} MiB, {} evicted, {} built in {} ms, {} failed, {} loaded on first sample, {} requests dropped",
             u.processes,
             u.files_loaded,
             u.bytes_used as f64 / (1024.0 * 1024.0),
@@ -194,6 +177,7 @@ impl Reporter {
             u.tables_built,
             u.build_micros / 1000,
             u.table_errors,
+            u.load_requests,
             u.requests_dropped,
         ));
         b.comment(&format!(
@@ -213,16 +197,11 @@ impl Reporter {
 
         let mapping_ids = self.add_mappings(&mut b, snap);
         let mut symbols = SymbolStats::default();
-        let mut kernel_missed = false;
         let locations: Vec<u64> = snap
             .frames
             .iter()
             .map(|frame| {
                 let (key, address, outcome) = self.name_frame(frame, &snap.objects, &mut symbols);
-                kernel_missed |= matches!(
-                    (frame, &outcome),
-                    (Frame::Kernel(_), Err((Unresolved::NoSymbol, _)))
-                );
                 let mapping_id = key.and_then(|k| mapping_ids.get(&k).copied()).unwrap_or(0);
                 let names = match outcome {
                     Ok(names) => {
@@ -252,7 +231,6 @@ impl Reporter {
             })
             .collect();
 
-        self.kernel_missed |= kernel_missed;
         let mut guard = LabelGuard::new(self.label_value_limit);
         for count in &snap.counts {
             let Some(stack) = snap.stacks.get(count.stack as usize) else {
@@ -324,7 +302,7 @@ impl Reporter {
                     limit: hi.saturating_add(1),
                     file_offset: 0,
                     filename: "[kernel.kallsyms]",
-                    build_id: self.kernel.build_id.as_deref(),
+                    build_id: self.kernel.build_id(),
                     has_functions: true,
                     has_lines: false,
                     has_inline: false,
@@ -361,14 +339,10 @@ impl Reporter {
     ) -> (Option<MappingKey>, u64, Naming) {
         match frame {
             Frame::Kernel(addr) => {
-                let names = self.kernel.resolve(*addr).map(Arc::from).ok_or_else(|| {
-                    let reason = if self.kernel.is_empty() {
-                        Unresolved::KernelSymbolsUnavailable
-                    } else {
-                        Unresolved::NoSymbol
-                    };
-                    (reason, format!("[kernel.kallsyms]+0x{addr:x}"))
-                });
+                let names = match self.kernel.resolve(*addr) {
+                    Ok(name) => Ok(Arc::from([name])),
+                    Err(reason) => Err((reason, format!("[kernel.kallsyms]+0x{addr:x}"))),
+                };
                 (Some(MappingKey::Kernel), *addr, names)
             }
             Frame::Object { object, vaddr } => {

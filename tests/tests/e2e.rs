@@ -16,7 +16,7 @@ use profiler::{encode::decode, pprof::Profile};
 use tests::{
     Fixture, build_dir, c_fixture, compressed_inline_fixture, cpp_fixture, dlopen_fixture, go_fixture,
     go_inline_fixture, inline_fixture, marker_line, nofp_c_fixture, nofp_cpp_fixture, nofp_rust_fixture,
-    privileged, profiler_bin, recurse_fixture, serial, signal_fixture, stripped_go_fixture,
+    privileged, profiler_bin, recurse_fixture, run_ok, serial, signal_fixture, stripped_go_fixture,
     stripped_go_inline_fixture, stripped_inline_fixture,
 };
 
@@ -271,6 +271,17 @@ fn c_fixture_profile_has_known_ratio_main_kernel_names_and_reads_in_go_pprof() {
         "{unnamed} of {} kernel frames unnamed",
         kernel_locations.len()
     );
+    // The names come from the kernel's own lookup (the ksym_names program); each is the
+    // /proc/kallsyms symbol whose range holds the address.
+    let kallsyms = KallsymsRanges::read();
+    for l in &kernel_locations {
+        let name = view.functions[&l.line[0].function_id];
+        assert!(
+            kallsyms.covers(name, l.address),
+            "kernel frame 0x{:x} named {name}, which /proc/kallsyms does not place there",
+            l.address
+        );
+    }
     let read_stacks = samples
         .iter()
         .filter(|s| view.stack(s).contains(&"read_zero"))
@@ -326,6 +337,45 @@ fn c_fixture_profile_has_known_ratio_main_kernel_names_and_reads_in_go_pprof() {
         raw.contains("PeriodType: cpu nanoseconds") && raw.contains("comm:[burn]"),
         "{raw}"
     );
+}
+
+/// /proc/kallsyms' text symbols, to check kernel frame names against.
+struct KallsymsRanges {
+    /// Distinct start addresses, sorted.
+    starts: Vec<u64>,
+    by_name: HashMap<String, Vec<u64>>,
+}
+
+impl KallsymsRanges {
+    fn read() -> Self {
+        let text = std::fs::read_to_string("/proc/kallsyms").expect("/proc/kallsyms");
+        let mut starts = Vec::new();
+        let mut by_name: HashMap<String, Vec<u64>> = HashMap::new();
+        for line in text.lines() {
+            let mut cols = line.split_ascii_whitespace();
+            let (Some(addr), Some(kind), Some(name)) = (cols.next(), cols.next(), cols.next()) else {
+                continue;
+            };
+            let addr = u64::from_str_radix(addr, 16).expect("kallsyms address");
+            if matches!(kind, "t" | "T" | "w" | "W") {
+                starts.push(addr);
+                by_name.entry(name.to_owned()).or_default().push(addr);
+            }
+        }
+        starts.sort_unstable();
+        starts.dedup();
+        Self { starts, by_name }
+    }
+
+    /// `name` starts at or below `addr`, and no other symbol starts between them.
+    fn covers(&self, name: &str, addr: u64) -> bool {
+        self.by_name.get(name).is_some_and(|starts| {
+            starts.iter().any(|&start| {
+                let next = self.starts.partition_point(|&s| s <= start);
+                start <= addr && self.starts.get(next).is_none_or(|&n| addr < n)
+            })
+        })
+    }
 }
 
 fn fixture_pid(pid: &str) -> u32 {
@@ -1484,6 +1534,55 @@ fn exec_and_dlopen_are_followed() {
         truncated_samples(&view, &samples) * 20 <= total,
         "walks ended early after exec"
     );
+}
+
+fn signal(pid: u32, name: &str) {
+    run_ok(Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()));
+}
+
+#[test]
+fn processes_idle_at_start_are_loaded_on_their_first_sample() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    // Stopped while the daemon starts, so not among the running processes loaded before the
+    // first tick; continued 1.5 s into a whole-system recording.
+    let fixture = Fixture::start(nofp_c_fixture(), 60);
+    let pid = fixture.pid();
+    signal(pid, "STOP");
+    let resume = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(1500));
+        signal(pid, "CONT");
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("all.pb.gz");
+    let profile = record(&["--frequency", "250"], 4, &out);
+    resume.join().expect("resume thread");
+    drop(fixture);
+    let view = View::new(&profile);
+    let (samples, total) = samples_and_total(&view, pid);
+    assert!(total > 200, "got {total} samples");
+    let reach = ["deep_leaf", "main", "__libc_start*"];
+    let share = share_with(&view, &samples, &reach);
+    assert!(
+        share >= 0.97,
+        "{:.1} % of {total} samples reach main:\n{}",
+        share * 100.0,
+        stacks_without(&view, &samples, &reach)
+    );
+    let comments: Vec<&str> = profile.comment.iter().map(|&i| view.s(i)).collect();
+    let requested = comments
+        .iter()
+        .find_map(|c| {
+            let before = c
+                .strip_prefix("unwind tables")?
+                .split(" loaded on first sample")
+                .next()?;
+            before.rsplit(' ').next()?.parse::<u64>().ok()
+        })
+        .unwrap_or_else(|| panic!("no load-request count in {comments:?}"));
+    assert!(requested >= 1, "{comments:?}");
 }
 
 #[test]

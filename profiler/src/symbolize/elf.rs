@@ -72,8 +72,10 @@ pub fn section_bytes<'data, 'file, R: ReadRef<'data>>(
 }
 
 /// Files up to this size are read whole (one pass, fastest); larger ones are read piecewise
-/// on demand, which costs a syscall per symbol name but keeps the daemon's memory bounded.
-const READ_WHOLE_MAX: u64 = 32 * 1024 * 1024;
+/// on demand, which costs a syscall per symbol name but keeps the daemon's memory bounded and
+/// skips what is not used: a large debug file whose DWARF is over budget is read only for its
+/// headers and symbol table.
+const READ_WHOLE_MAX: u64 = 4 * 1024 * 1024;
 
 /// A `PT_LOAD` segment: where file bytes land in the ELF's virtual address space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -317,7 +319,9 @@ impl ElfImage {
             self.dwarf = debug.dwarf;
             self.dwarf_over_budget |= debug.dwarf_over_budget;
         }
-        if self.symbols.is_empty() {
+        // A stripped binary keeps only its dynamic symbols; the debug file's full symbol table
+        // also names the local functions (e.g. libc's `__libc_start_call_main`).
+        if debug.symbols.len() > self.symbols.len() {
             self.symbols = debug.symbols;
         }
         true
@@ -521,6 +525,21 @@ mod tests {
         };
         assert!(!stripped.attach_debug_file(other), "another build's debug file");
         assert!(stripped.symbols.is_empty());
+
+        // A binary with only its dynamic symbols takes the debug file's fuller table.
+        stripped.symbols = SymbolTable::from_symbols([(0x1000, 0x10, "exported")]);
+        let debug = ElfImage {
+            build_id: Some("abcdef0123".into()),
+            symbols: SymbolTable::from_symbols([(0x1000, 0x10, "exported"), (0x2000, 0x20, "local_helper")]),
+            segments: Vec::new(),
+            dwarf: None,
+            debuglink: None,
+            gopclntab: None,
+            dwarf_over_budget: false,
+        };
+        assert!(stripped.attach_debug_file(debug));
+        assert_eq!(stripped.symbols.lookup(0x2010), Some("local_helper"));
+        assert_eq!(stripped.symbols.lookup(0x1004), Some("exported"));
     }
 
     #[test]

@@ -3,10 +3,18 @@
 //! For each process it reads /proc/<pid>/maps, compiles the unwind table of every executable
 //! file it maps ([`table`], once per file, shared by all processes that map it), loads the
 //! table into the BPF row store ([`store`]) and writes the process's address ranges into the
-//! `MAPPINGS` LPM trie. It follows processes three ways, because each alone misses cases:
-//! exec and exit tracepoints (the `PROC_EVENTS` ring), requests from the sampler when a sample
-//! met an unknown process or address (dlopen, JIT), and a periodic reconciliation that re-reads
-//! every loaded process.
+//! `MAPPINGS` LPM trie.
+//!
+//! Processes are loaded when they are first sampled, not all at start: the sampling program
+//! marks a process it has not seen `REQUESTED` in `PROCS` and sends a load request through the
+//! `PROC_EVENTS` ring, which wakes this stage at once. Only processes running when the daemon
+//! starts are loaded before the first tick. Idle processes thus cost nothing, and start-up does
+//! not grow with the number of processes on the node.
+//!
+//! It follows processes four ways, because each alone misses cases: those load requests, exec
+//! and exit tracepoints (the same ring), requests from the sampler when a sample met an unknown
+//! process or address (dlopen, JIT; also the fallback when a ring event was lost), and a
+//! periodic reconciliation that re-reads every loaded process.
 //!
 //! It runs on its own thread. Requests come over a bounded channel; when it is full the sampler
 //! drops the request and counts it (the next sample of that process asks again).
@@ -15,11 +23,12 @@ pub mod table;
 
 use std::{
     hash::{Hash as _, Hasher as _},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
-        mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError},
+        mpsc::{Receiver, SyncSender, TryRecvError, TrySendError},
     },
     time::{Duration, Instant},
 };
@@ -48,6 +57,11 @@ pub const REQUEST_QUEUE: usize = 1024;
 const RECONCILE_EVERY: Duration = Duration::from_secs(10);
 /// A process is re-read on request at most this often.
 const RELOAD_AT_MOST_EVERY: Duration = Duration::from_secs(1);
+/// Longest sleep of the stage between reconciliation checks: the event ring and the request
+/// doorbell wake it earlier.
+const POLL_EVERY: Duration = Duration::from_secs(1);
+/// The same without a doorbell (no eventfd): requests are then picked up at this pace.
+const POLL_EVERY_WITHOUT_DOORBELL: Duration = Duration::from_millis(100);
 /// Files whose identity and kind are remembered (the tables themselves live in BPF).
 const MAX_KNOWN_FILES: usize = 8192;
 
@@ -63,6 +77,8 @@ pub struct UnwindStats {
     pub rows_capacity: AtomicU64,
     pub evictions: AtomicU64,
     pub requests_dropped: AtomicU64,
+    /// Load requests from the sampling program (first samples of processes not loaded).
+    pub load_requests: AtomicU64,
     /// Entries this stage keeps in `MAPPINGS`.
     pub mapping_entries: AtomicU64,
 }
@@ -80,6 +96,7 @@ impl UnwindStats {
             bytes_capacity: get(&self.rows_capacity) * 8,
             evictions: get(&self.evictions),
             requests_dropped: get(&self.requests_dropped),
+            load_requests: get(&self.load_requests),
         }
     }
 }
@@ -95,6 +112,36 @@ pub struct UnwindFigures {
     pub bytes_capacity: u64,
     pub evictions: u64,
     pub requests_dropped: u64,
+    pub load_requests: u64,
+}
+
+/// An eventfd the sampler rings with each request, so the stage can sleep on it and on the
+/// event ring at once instead of waking on a timer.
+struct Doorbell(OwnedFd);
+
+impl Doorbell {
+    fn new() -> std::io::Result<Self> {
+        // SAFETY: plain syscall; the returned fd is owned below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd nothing else owns.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn ring(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd; a full counter (EAGAIN) still
+        // leaves it readable, which is all a ring needs.
+        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&raw const one).cast(), 8) };
+    }
+
+    fn clear(&self) {
+        let mut count: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64; EAGAIN when nothing rang.
+        let _ = unsafe { libc::read(self.0.as_raw_fd(), (&raw mut count).cast(), 8) };
+    }
 }
 
 /// The sampler's side of the request channel.
@@ -102,20 +149,57 @@ pub struct UnwindFigures {
 pub struct Requests {
     tx: SyncSender<u32>,
     stats: Arc<UnwindStats>,
+    doorbell: Option<Arc<Doorbell>>,
+}
+
+/// The stage's side of the request channel.
+pub struct RequestQueue {
+    rx: Receiver<u32>,
+    doorbell: Option<Arc<Doorbell>>,
+}
+
+/// A bounded request channel ([`REQUEST_QUEUE`]) whose sends wake the stage.
+pub fn request_queue(stats: Arc<UnwindStats>) -> (Requests, RequestQueue) {
+    let (tx, rx) = std::sync::mpsc::sync_channel(REQUEST_QUEUE);
+    let doorbell = match Doorbell::new() {
+        Ok(doorbell) => Some(Arc::new(doorbell)),
+        Err(error) => {
+            warn!(%error, "no eventfd: the unwind stage polls for requests every 100 ms");
+            None
+        }
+    };
+    (
+        Requests {
+            tx,
+            stats,
+            doorbell: doorbell.clone(),
+        },
+        RequestQueue { rx, doorbell },
+    )
 }
 
 impl Requests {
-    pub fn new(tx: SyncSender<u32>, stats: Arc<UnwindStats>) -> Self {
-        Requests { tx, stats }
-    }
-
     /// Asks the stage to (re)load `tgid`; never blocks.
     pub fn load(&self, tgid: u32) {
         match self.tx.try_send(tgid) {
-            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Ok(()) => {
+                if let Some(doorbell) = &self.doorbell {
+                    doorbell.ring();
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => {}
             Err(TrySendError::Full(_)) => {
                 self.stats.requests_dropped.fetch_add(1, Ordering::Relaxed);
             }
+        }
+    }
+}
+
+impl Drop for Requests {
+    /// The last sender going away ends the stage; wake it so it notices now.
+    fn drop(&mut self) {
+        if let Some(doorbell) = &self.doorbell {
+            doorbell.ring();
         }
     }
 }
@@ -203,16 +287,15 @@ impl Unwinder {
         })
     }
 
-    /// Loads `pids`, or every process when empty (before sampling starts, so the first samples
-    /// already unwind).
+    /// Loads `pids`, or, when empty, the processes with a running thread (before sampling
+    /// starts, so their first samples already unwind). The others are loaded on their first
+    /// sample.
     pub fn load_initial(&mut self, pids: &[u32]) {
         let started = Instant::now();
-        let all: Vec<u32>;
+        let running: Vec<u32>;
         let pids = if pids.is_empty() {
-            all = procfs::process::all_processes_with_root(&self.proc_root)
-                .map(|iter| iter.filter_map(|p| p.ok()).map(|p| p.pid as u32).collect())
-                .unwrap_or_default();
-            &all
+            running = running_processes(&self.proc_root);
+            &running
         } else {
             pids
         };
@@ -229,16 +312,28 @@ impl Unwinder {
         );
     }
 
-    /// The stage loop: until the request channel closes.
-    pub fn run(mut self, requests: Receiver<u32>) {
+    /// The stage loop: until the request channel closes. It sleeps on the event ring, which
+    /// the sampling program wakes for every load request.
+    pub fn run(mut self, requests: RequestQueue) {
         let mut last_reconcile = Instant::now();
+        let doorbell = requests.doorbell.as_deref();
+        let timeout = match doorbell {
+            Some(_) => POLL_EVERY,
+            None => POLL_EVERY_WITHOUT_DOORBELL,
+        };
         loop {
-            match requests.recv_timeout(Duration::from_millis(100)) {
-                Ok(pid) => self.on_request(pid),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
+            self.wait_for_events(doorbell, timeout);
+            if let Some(doorbell) = doorbell {
+                doorbell.clear();
             }
             self.drain_events();
+            loop {
+                match requests.rx.try_recv() {
+                    Ok(pid) => self.on_request(pid),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return,
+                }
+            }
             if last_reconcile.elapsed() >= RECONCILE_EVERY {
                 self.reconcile();
                 last_reconcile = Instant::now();
@@ -257,6 +352,26 @@ impl Unwinder {
         }
     }
 
+    /// Sleeps until the event ring has data, the doorbell rang, or `timeout`.
+    fn wait_for_events(&self, doorbell: Option<&Doorbell>, timeout: Duration) {
+        let watch = |fd: i32| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let mut fds = [
+            watch(self.events.as_raw_fd()),
+            // A negative fd is skipped by poll.
+            watch(doorbell.map_or(-1, |d| d.0.as_raw_fd())),
+        ];
+        // SAFETY: valid pollfds for the duration of the call.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout.as_millis() as libc::c_int) };
+        if ready < 0 {
+            // EINTR or a broken fd: do not spin.
+            std::thread::sleep(timeout);
+        }
+    }
+
     fn drain_events(&mut self) {
         let mut events = Vec::new();
         while let Some(item) = self.events.next() {
@@ -272,6 +387,10 @@ impl Unwinder {
                     self.load(event.tgid);
                 }
                 proc_event::EXIT => self.unload(event.tgid),
+                proc_event::LOAD => {
+                    self.stats.load_requests.fetch_add(1, Ordering::Relaxed);
+                    self.on_request(event.tgid);
+                }
                 _ => {}
             }
         }
@@ -291,10 +410,12 @@ impl Unwinder {
     }
 
     fn unload(&mut self, pid: u32) {
+        // Also a process that was requested but never loaded: its PROCS entry goes, so a new
+        // process under the same pid asks again.
+        let _ = self.procs.remove(&pid);
         let Some(process) = self.processes.remove(&pid) else {
             return;
         };
-        let _ = self.procs.remove(&pid);
         for key in &process.keys {
             let _ = self.mappings.remove(key);
         }
@@ -305,13 +426,16 @@ impl Unwinder {
     }
 
     /// (Re)loads one process. Failures are logged and leave the process on the kernel's
-    /// frame-pointer walk.
+    /// frame-pointer walk. A process that was never loaded keeps its `REQUESTED` entry, so its
+    /// samples do not ask again; its exit removes it, and the sampler's requests retry.
     fn load(&mut self, pid: u32) {
         let maps = match read_exec_mappings(&self.proc_root, pid) {
             Ok(maps) => maps,
             Err(error) => {
                 debug!(pid, %error, "process unreadable (exited?)");
-                self.unload(pid);
+                if self.processes.contains_key(&pid) {
+                    self.unload(pid);
+                }
                 return;
             }
         };
@@ -635,6 +759,37 @@ fn read_exec_mappings(proc_root: &Path, pid: u32) -> Result<Vec<ExecMapping>, pr
     Ok(out)
 }
 
+/// Processes with at least one thread running or runnable (state `R`), other than the daemon
+/// (which is running while it looks; it is loaded like any other process if it is sampled).
+fn running_processes(proc_root: &Path) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    let own = std::process::id();
+    let pids = dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok());
+    pids.filter(|&pid| pid != own)
+        .filter(|pid| {
+            let tasks = proc_root.join(pid.to_string()).join("task");
+            let Ok(tasks) = std::fs::read_dir(tasks) else {
+                return false;
+            };
+            tasks.flatten().any(|task| {
+                std::fs::read(task.path().join("stat"))
+                    .ok()
+                    .and_then(|stat| stat_state(&stat))
+                    == Some(b'R')
+            })
+        })
+        .collect()
+}
+
+/// The state letter of a /proc/<pid>/stat line: the first field after the `)` that ends the
+/// command name (which may itself hold spaces and parentheses).
+fn stat_state(stat: &[u8]) -> Option<u8> {
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    stat.get(close + 2).copied()
+}
+
 fn signature_of(maps: &[ExecMapping]) -> u64 {
     let mut hasher = std::hash::DefaultHasher::new();
     maps.hash(&mut hasher);
@@ -754,6 +909,15 @@ fn own_vdso() -> Option<(FileInfo, Table)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stat_state_skips_odd_command_names() {
+        assert_eq!(stat_state(b"42 (burn) R 1 42 42 0 -1"), Some(b'R'));
+        assert_eq!(stat_state(b"7 (a) b (c)) S 1 7 7"), Some(b'S'));
+        assert_eq!(stat_state(b"9 (x y) D 1"), Some(b'D'));
+        assert_eq!(stat_state(b"9 (truncated"), None);
+        assert_eq!(stat_state(b"9 (x)"), None);
+    }
 
     #[test]
     fn prefixes_cover_the_range_exactly() {
