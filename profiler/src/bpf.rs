@@ -151,8 +151,9 @@ fn parse_cap_eff(status: &str) -> Option<u64> {
 }
 
 /// Capabilities that do not stop sampling but cost names: reading other users' processes'
-/// files through /proc/<pid>/root needs ptrace access (CAP_SYS_PTRACE), and kallsyms shows
-/// addresses only with CAP_SYSLOG when kptr_restrict is 1.
+/// files through /proc/<pid>/root needs ptrace access (CAP_SYS_PTRACE). (Kernel names come
+/// from the `ksym_names` program; CAP_SYSLOG matters only for its kallsyms fallback, see
+/// [`BpfSession::take_kernel_names`].)
 pub fn missing_symbolization_capabilities() -> Vec<&'static str> {
     let Some(caps) = fs::read_to_string("/proc/self/status")
         .ok()
@@ -164,11 +165,19 @@ pub fn missing_symbolization_capabilities() -> Vec<&'static str> {
     if has(CAP_SYS_ADMIN) {
         return Vec::new();
     }
-    [(CAP_SYS_PTRACE, "CAP_SYS_PTRACE"), (CAP_SYSLOG, "CAP_SYSLOG")]
+    [(CAP_SYS_PTRACE, "CAP_SYS_PTRACE")]
         .into_iter()
         .filter(|(bit, _)| !has(*bit))
         .map(|(_, name)| name)
         .collect()
+}
+
+/// Whether the process may read kallsyms addresses under `kptr_restrict` = 1.
+fn has_syslog_capability() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| parse_cap_eff(&s))
+        .is_none_or(|caps| caps & ((1u64 << CAP_SYSLOG) | (1u64 << CAP_SYS_ADMIN)) != 0)
 }
 
 fn missing_capability(caps: u64) -> Option<&'static str> {
@@ -473,6 +482,11 @@ impl BpfSession {
             Ok(names) => Some(names),
             Err(error) => {
                 warn!(%error, "kernel symbol lookup through BPF unavailable: reading /proc/kallsyms instead");
+                if !has_syslog_capability() {
+                    warn!(
+                        "without CAP_SYSLOG, /proc/kallsyms may show no addresses (kernel.kptr_restrict): kernel frames may stay unnamed"
+                    );
+                }
                 None
             }
         }
