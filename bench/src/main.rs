@@ -151,6 +151,16 @@ fn ours_with(
     ))
 }
 
+/// Processes the unwind stage loaded, from the profile's `unwind tables (since start): N
+/// processes, …` comment.
+fn loaded_processes(profile: &profiler::pprof::Profile) -> Option<u64> {
+    profile.comment.iter().find_map(|&i| {
+        let text = profile.string_table.get(i as usize)?;
+        let rest = text.strip_prefix("unwind tables (since start): ")?;
+        rest.split(' ').next()?.parse().ok()
+    })
+}
+
 /// Share of a profile's samples whose stack has a frame named `main` (all frames of all
 /// locations, so inlined calls count).
 fn share_reaching_main(profile: &profiler::pprof::Profile) -> f64 {
@@ -521,9 +531,9 @@ fn main() -> Result<()> {
     for n in IDLE_PROCESSES {
         eprintln!("bench: profiler at 99 Hz with {n} idle processes");
         let idle = Idle::start(n)?;
-        let run = ours(&args, 99, &scratch)?;
+        let (run, profile) = ours_with(&args, 99, &scratch, &[])?;
         drop(idle);
-        scaling.push((n, run));
+        scaling.push((n, run, loaded_processes(&profile)));
     }
     drop(load);
     let libc_path = PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6");
@@ -617,21 +627,22 @@ fn main() -> Result<()> {
     metrics.push(("bpf_ns_per_sample_vs_bpftrace_99hz".into(), side_ratio));
     let _ = writeln!(
         md,
-        "\nScaling at 99 Hz (profiler only):\n\n| idle processes | steady CPU (ms/s) | BPF (ns/sample) | samples | steady RSS (MiB) |\n|---|---|---|---|---|"
+        "\nScaling at 99 Hz (profiler only):\n\n| idle processes | steady CPU (ms/s) | BPF (ns/sample) | samples | steady RSS (MiB) | processes loaded for unwinding |\n|---|---|---|---|---|---|"
     );
-    for (n, r) in &scaling {
+    for (n, r, loaded) in &scaling {
         let _ = writeln!(
             md,
-            "| {n} | {:.2} | {:.0} | {} | {:.1} |",
+            "| {n} | {:.2} | {:.0} | {} | {:.1} | {} |",
             1000.0 * r.m.steady_cpu_per_second,
             r.m.bpf.ns_per_run(),
             r.samples,
-            mib(r.m.steady_rss_kib)
+            mib(r.m.steady_rss_kib),
+            loaded.map_or("?".to_owned(), |l| l.to_string())
         );
     }
     let steady_rss = runs
         .iter()
-        .chain(scaling.iter().map(|(_, r)| r))
+        .chain(scaling.iter().map(|(_, r, _)| r))
         .filter(|r| r.tool == "profiler")
         .map(|r| mib(r.m.steady_rss_kib))
         .fold(0.0, f64::max);

@@ -62,6 +62,38 @@ fn cpu_ns(pid: i32) -> Option<u64> {
     Some(total)
 }
 
+/// Readings per one-second window of the steady-state rate (readings are `POLL` apart).
+const READINGS_PER_SECOND: usize = 5;
+
+/// Median CPU per second of wall time over consecutive one-second windows of `readings`:
+/// steady state, so a one-off piece of work (loading a large binary's table the first time
+/// the process is sampled) does not count as a rate. Falls back to the whole span when it is
+/// shorter than two windows.
+fn median_rate(readings: &[(Instant, u64)]) -> f64 {
+    let rate = |(t0, ns0): (Instant, u64), (t1, ns1): (Instant, u64)| {
+        ns1.saturating_sub(ns0) as f64 / (t1 - t0).as_nanos().max(1) as f64
+    };
+    let mut rates: Vec<f64> = readings
+        .iter()
+        .step_by(READINGS_PER_SECOND)
+        .zip(
+            readings
+                .iter()
+                .skip(READINGS_PER_SECOND)
+                .step_by(READINGS_PER_SECOND),
+        )
+        .map(|(a, b)| rate(*a, *b))
+        .collect();
+    if rates.len() < 2 {
+        return match (readings.first(), readings.last()) {
+            (Some(a), Some(b)) if b.0 > a.0 => rate(*a, *b),
+            _ => 0.0,
+        };
+    }
+    rates.sort_by(f64::total_cmp);
+    rates[rates.len() / 2]
+}
+
 /// Time after start from which CPU use counts as steady state.
 const STEADY_AFTER: Duration = Duration::from_secs(1);
 
@@ -120,8 +152,7 @@ pub fn run(cmd: &mut Command, scratch: &Path, steady_until: Duration) -> Result<
     let pid = child.id() as i32;
     let mut rss = Vec::new();
     let mut programs: HashMap<u64, (Reading, Reading)> = HashMap::new();
-    let mut steady: Option<(Instant, u64)> = None;
-    let mut steady_last: Option<(Instant, u64)> = None;
+    let mut steady: Vec<(Instant, u64)> = Vec::new();
     let (status, usage) = loop {
         let mut status = 0;
         // SAFETY: rusage is plain data that wait4 fills in.
@@ -140,8 +171,7 @@ pub fn run(cmd: &mut Command, scratch: &Path, steady_until: Duration) -> Result<
         if (STEADY_AFTER..=steady_until).contains(&start.elapsed())
             && let Some(ns) = cpu_ns(pid)
         {
-            steady.get_or_insert((Instant::now(), ns));
-            steady_last = Some((Instant::now(), ns));
+            steady.push((Instant::now(), ns));
         }
         // Per program: its first and last reading (a program unloaded before the others
         // keeps its last one).
@@ -167,12 +197,7 @@ pub fn run(cmd: &mut Command, scratch: &Path, steady_until: Duration) -> Result<
         bpf.runs += cnt1.saturating_sub(*cnt0);
         bpf.window = bpf.window.max(*t1 - *t0);
     }
-    let steady_cpu_per_second = match (steady, steady_last) {
-        (Some((t0, ns0)), Some((t1, ns1))) if t1 > t0 => {
-            ns1.saturating_sub(ns0) as f64 / (t1 - t0).as_nanos() as f64
-        }
-        _ => 0.0,
-    };
+    let steady_cpu_per_second = median_rate(&steady);
     Ok(Measured {
         steady_cpu_per_second,
         cpu: tv(usage.ru_utime) + tv(usage.ru_stime),

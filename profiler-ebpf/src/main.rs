@@ -226,9 +226,10 @@ fn try_sample(ctx: &PerfEventContext) {
         let tables = read_volatile(&UNWIND_MODE) == UNWIND_MODE_TABLES;
         let state = if tables { PROCS.get(&tgid).copied() } else { None };
         let loaded = state == Some(proc_state::LOADED);
-        if tables && state.is_none() {
-            request_load(tgid);
-        }
+        // The first sample of a process wakes the daemon at once, so it reads the process's
+        // mappings while the process still exists (short-lived processes), instead of at the
+        // next timed drain.
+        let first_sample = tables && state.is_none() && request_load(tgid);
         let (user_len, status) = if loaded {
             walk_user(ctx, tgid, kernel_len)
         } else {
@@ -259,7 +260,7 @@ fn try_sample(ctx: &PerfEventContext) {
         if len > size_of::<RawSample>() {
             return;
         }
-        let wakeup = if SAMPLES.query(BPF_RB_AVAIL_DATA as u64) >= SAMPLES_WAKEUP_BYTES {
+        let wakeup = if first_sample || SAMPLES.query(BPF_RB_AVAIL_DATA as u64) >= SAMPLES_WAKEUP_BYTES {
             BPF_RB_FORCE_WAKEUP
         } else {
             BPF_RB_NO_WAKEUP
@@ -566,15 +567,18 @@ pub fn on_exit(_ctx: RawTracePointContext) -> i32 {
 }
 
 /// Marks `tgid` as requested and asks the daemon to load it, once: the insert fails when another
-/// CPU got there first (or PROCS is full; the daemon's sampler asks again then).
+/// CPU got there first (or PROCS is full; the daemon's sampler asks again then). Returns
+/// whether this call made the request.
 #[inline(always)]
-fn request_load(tgid: u32) {
+fn request_load(tgid: u32) -> bool {
     if PROCS
         .insert(&tgid, &proc_state::REQUESTED, u64::from(BPF_NOEXIST))
         .is_ok()
     {
         send_event(proc_event::LOAD, tgid);
+        return true;
     }
+    false
 }
 
 /// Names `ctx.arg(0)` addresses of `KSYM_IO` (at most `KSYM_BATCH`). Run by the daemon with

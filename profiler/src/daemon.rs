@@ -196,8 +196,13 @@ pub async fn run(mut plan: Plan) -> Result<RunSummary, DaemonError> {
         SystemTime::now(),
         session.counters()?,
     );
+    let drain_every = match plan.sampling.unwinder {
+        Unwinder::Dwarf => sampler::DRAIN_EVERY,
+        Unwinder::FramePointer => sampler::DRAIN_EVERY_FRAME_POINTERS,
+    };
     let sampler_task = tokio::spawn(sampler::run(
         ring,
+        drain_every,
         tx.clone(),
         Arc::clone(&stats),
         requests,

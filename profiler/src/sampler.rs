@@ -142,14 +142,19 @@ pub const QUEUE_CAPACITY: usize = 64;
 pub const MAX_BATCH: usize = 4096;
 
 /// How often the ring buffer is drained without a wakeup from the kernel. The program wakes
-/// the reader only when the ring is a quarter full
-/// ([`profiler_common::SAMPLES_WAKEUP_BYTES`]); below that, samples wait at most this long.
-pub const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+/// the reader when the ring is a quarter full ([`profiler_common::SAMPLES_WAKEUP_BYTES`]) and,
+/// with the table unwinder, for the first sample of each process (so a short-lived process's
+/// mappings are read while it exists); other samples wait at most this long.
+pub const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// The timed drain with the frame-pointer unwinder, which has no first-sample wakeup: the
+/// registry must read a process's mappings before it exits.
+pub const DRAIN_EVERY_FRAME_POINTERS: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Drains the ring buffer every [`DRAIN_EVERY`] and whenever the kernel signals that it is
-/// filling, until `cancel`; then drains what is left once more and returns.
+/// Drains the ring buffer every `drain_every` and whenever the kernel wakes it, until
+/// `cancel`; then drains what is left once more and returns.
 pub async fn run(
     ring: RingBuf<MapData>,
+    drain_every: std::time::Duration,
     tx: mpsc::Sender<Message>,
     stats: Arc<PipelineStats>,
     requests: Option<Requests>,
@@ -163,7 +168,7 @@ pub async fn run(
     // nothing else registers or closes it.
     let mut fd =
         unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(io::Error::from)?;
-    let mut timer = tokio::time::interval(DRAIN_EVERY);
+    let mut timer = tokio::time::interval(drain_every);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

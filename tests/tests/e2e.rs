@@ -1406,6 +1406,53 @@ fn processes_that_exit_while_loading_do_not_disturb_the_daemon() {
 }
 
 #[test]
+fn short_lived_processes_are_named() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    // Twenty-five busy processes of 0.1 s each, one after the other: shorter than the sampler's
+    // timed drain (250 ms). The first sample of each wakes the daemon, which reads the
+    // process's mappings while it is still there.
+    let mut churn = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "sleep 0.5; for i in $(seq 25); do {} 0.1 >/dev/null; done",
+            c_fixture().display()
+        ))
+        .spawn()
+        .expect("churn");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("short.pb.gz");
+    let profile = record(&[], 5, &out);
+    let _ = churn.wait();
+    let view = View::new(&profile);
+    let samples: Vec<_> = profile
+        .sample
+        .iter()
+        .filter(|s| view.label(s, "comm").is_some_and(|(_, c)| c == "burn"))
+        .collect();
+    let total: i64 = samples.iter().map(|s| View::count(s)).sum();
+    let pids: HashSet<i64> = samples
+        .iter()
+        .filter_map(|s| view.label(s, "pid"))
+        .map(|(n, _)| n)
+        .collect();
+    assert!(
+        total > 100 && pids.len() >= 10,
+        "{total} samples from {} processes",
+        pids.len()
+    );
+    let share = share_with(&view, &samples, &["main"]);
+    assert!(
+        share >= 0.9,
+        "{:.1} % of {total} samples of short-lived processes are named down to main:\n{}",
+        share * 100.0,
+        stacks_without(&view, &samples, &["main"])
+    );
+}
+
+#[test]
 fn go_tables_follow_frame_pointers_and_stop_at_stack_bottoms() {
     use profiler::unwind::table::{CfiSource, compile};
     use profiler_common::cfa;
