@@ -91,7 +91,12 @@ fn median_rate(readings: &[(Instant, u64)]) -> f64 {
         };
     }
     rates.sort_by(f64::total_cmp);
-    rates[rates.len() / 2]
+    let mid = rates.len() / 2;
+    if rates.len().is_multiple_of(2) {
+        (rates[mid - 1] + rates[mid]) / 2.0
+    } else {
+        rates[mid]
+    }
 }
 
 /// Time after start from which CPU use counts as steady state.

@@ -59,7 +59,7 @@ pub const MAP_KSYM_IO: &str = "KSYM_IO";
 /// Addresses named per run of [`PROGRAM_KSYM`].
 pub const KSYM_BATCH: usize = 64;
 /// Bytes of one name (`function+0xoff/0xsize [module]`, NUL-terminated, cut if longer).
-pub const KSYM_NAME_BYTES: usize = 128;
+pub const KSYM_NAME_BYTES: usize = 256;
 
 const _: () = assert!(core::mem::size_of::<KsymBatch>() == KSYM_BATCH * (8 + KSYM_NAME_BYTES));
 
@@ -87,7 +87,7 @@ pub const COMM_LEN: usize = 16;
 pub const MAX_TARGET_PIDS: u32 = 1024;
 /// Size of the [`MAP_SAMPLES`] ring buffer in bytes (a power of two, a multiple of the page
 /// size). 8 MiB holds ~4,000 full-depth records (2,080 bytes) or ~28,000 typical ones
-/// (~300 bytes): at 99 Hz on 16 CPUs, seconds of slack for a reader that drains every 100 ms.
+/// (~300 bytes): at 99 Hz on 16 CPUs, seconds of slack for a reader that drains every 250 ms.
 pub const SAMPLES_RING_BYTES: u32 = 8 * 1024 * 1024;
 
 /// Unread bytes in [`MAP_SAMPLES`] at which the program wakes the reader. Below it, records are
@@ -342,7 +342,8 @@ const _: () = assert!(core::mem::size_of::<Mapping>() == 40);
 pub mod proc_state {
     /// Mappings are in [`super::MAP_MAPPINGS`].
     pub const LOADED: u32 = 1;
-    /// The process exec'd after it was loaded: its mappings are stale until reloaded.
+    /// The process exec'd after it was loaded or requested: its mappings are stale until
+    /// (re)loaded.
     pub const STALE: u32 = 2;
     /// Sampled before it was loaded; a [`super::proc_event::LOAD`] request is on its way.
     pub const REQUESTED: u32 = 3;
@@ -364,7 +365,8 @@ pub struct ProcEvent {
     pub tgid: u32,
 }
 
-/// Size of [`MAP_PROC_EVENTS`] (8,192 events).
+/// Size of [`MAP_PROC_EVENTS`] (4,096 events: each record is an 8-byte header and an 8-byte
+/// event).
 pub const PROC_EVENTS_RING_BYTES: u32 = 64 * 1024;
 
 /// Per-CPU walk state: registers of the frame being unwound.

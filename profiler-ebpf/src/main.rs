@@ -77,6 +77,10 @@ static PROCS: HashMap<u32, u32> = HashMap::with_max_entries(1 << 16, 0);
 #[map(name = "PROC_EVENTS")]
 static PROC_EVENTS: RingBuf = RingBuf::with_byte_size(PROC_EVENTS_RING_BYTES, 0);
 
+/// Per CPU: when this CPU last forced a wakeup for a process's first sample.
+#[map(name = "WAKEUP_AT")]
+static WAKEUP_AT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "KSYM_IO")]
 static KSYM_IO: Array<KsymBatch> = Array::with_max_entries(1, 0);
 
@@ -98,6 +102,9 @@ static FILTER_CGROUPS: u8 = 0;
 static UNWIND_MODE: u8 = UNWIND_MODE_TABLES;
 
 const STACK_BYTES: u32 = (MAX_STACK_DEPTH * 8) as u32;
+/// Forced wakeups for first samples are at least this far apart on one CPU (2 ms), so a storm
+/// of process starts cannot make the daemon wake for every sample.
+const FIRST_SAMPLE_WAKEUP_GAP_NS: u64 = 2_000_000;
 /// Highest user-space address on x86-64 (47-bit address space).
 const USER_MAX: u64 = 0x0000_7fff_ffff_ffff;
 /// A frame larger than this is taken as a broken walk.
@@ -260,7 +267,9 @@ fn try_sample(ctx: &PerfEventContext) {
         if len > size_of::<RawSample>() {
             return;
         }
-        let wakeup = if first_sample || SAMPLES.query(BPF_RB_AVAIL_DATA as u64) >= SAMPLES_WAKEUP_BYTES {
+        let wakeup = if (first_sample && first_sample_wakeup(header.ktime_ns))
+            || SAMPLES.query(BPF_RB_AVAIL_DATA as u64) >= SAMPLES_WAKEUP_BYTES
+        {
             BPF_RB_FORCE_WAKEUP
         } else {
             BPF_RB_NO_WAKEUP
@@ -564,6 +573,22 @@ pub fn on_exit(_ctx: RawTracePointContext) -> i32 {
         }
     }
     0
+}
+
+/// Whether this CPU may force a wakeup for a first sample at `now` (and notes it if so).
+#[inline(always)]
+fn first_sample_wakeup(now: u64) -> bool {
+    let Some(last) = WAKEUP_AT.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot; perf_event programs do not nest on a CPU.
+    unsafe {
+        if now.wrapping_sub(*last) < FIRST_SAMPLE_WAKEUP_GAP_NS {
+            return false;
+        }
+        *last = now;
+    }
+    true
 }
 
 /// Marks `tgid` as requested and asks the daemon to load it, once: the insert fails when another

@@ -289,7 +289,7 @@ impl Telemetry {
         family(
             "profiler_unwind_load_requests_total",
             "counter",
-            "Processes loaded because the sampling program met them before they were loaded.",
+            "Load requests from the sampling program: first samples of processes not loaded yet.",
             &one(u.load_requests),
         );
         let symbols = lock(&self.symbols).clone();

@@ -168,7 +168,7 @@ impl Reporter {
         b.comment(&format!("user stack walks: {}", statuses.join(", ")));
         let u = self.unwind.snapshot();
         b.comment(&format!(
-            "unwind tables (since start): {} processes, {} files loaded, {:.1} of {:.1} MiB, {} evicted, {} built in {} ms, {} failed, {} loaded on first sample, {} requests dropped",
+            "unwind tables (since start): {} processes, {} files loaded, {:.1} of {:.1} MiB, {} evicted, {} built in {} ms, {} failed, {} requested by their first sample, {} requests dropped",
             u.processes,
             u.files_loaded,
             u.bytes_used as f64 / (1024.0 * 1024.0),

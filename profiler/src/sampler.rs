@@ -133,13 +133,17 @@ impl PipelineStats {
     }
 }
 
-/// Capacity of the sampler → aggregator queue, in batches. A batch is what one drain found
-/// (one per 100 ms, or per kernel wakeup) and at most [`MAX_BATCH`] samples, so the queue holds
-/// at most 64 × 4,096 samples and, at the drain rate, over 6 s of an aggregator stall. Sending
-/// batches rather than single samples spares the aggregator thread a wakeup per sample.
+/// Capacity of the sampler → aggregator queue, in batches of at most [`MAX_BATCH`] samples.
+/// Sending batches rather than single samples spares the aggregator thread a wakeup per
+/// sample. While the queue is full, drains go into the sampler's backlog (merged into batches,
+/// at most [`MAX_BACKLOG`] samples), so many small drains (first-sample wakeups when many
+/// processes start) cannot fill the queue with tiny batches and lose samples.
 pub const QUEUE_CAPACITY: usize = 64;
 /// Most samples in one batch.
 pub const MAX_BATCH: usize = 4096;
+/// Most samples waiting in the sampler while the queue is full; past it, new samples are
+/// dropped and counted as `dropped (queue full)`.
+pub const MAX_BACKLOG: usize = QUEUE_CAPACITY * MAX_BATCH;
 
 /// How often the ring buffer is drained without a wakeup from the kernel. The program wakes
 /// the reader when the ring is a quarter full ([`profiler_common::SAMPLES_WAKEUP_BYTES`]) and,
@@ -170,18 +174,68 @@ pub async fn run(
         unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(io::Error::from)?;
     let mut timer = tokio::time::interval(drain_every);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut backlog = Backlog::default();
     loop {
         tokio::select! {
             () = cancel.cancelled() => {
-                drain(fd.get_mut(), &tx, &stats, &mut asker);
+                drain(fd.get_mut(), &mut backlog, &stats, &mut asker);
+                // The aggregator still runs: wait for room rather than drop the last samples.
+                for batch in backlog.batches.drain(..) {
+                    if tx.send(Message::Samples(batch)).await.is_err() {
+                        break;
+                    }
+                }
                 debug!("sampler stopped");
                 return Ok(());
             }
-            _ = timer.tick() => drain(fd.get_mut(), &tx, &stats, &mut asker),
+            _ = timer.tick() => drain(fd.get_mut(), &mut backlog, &stats, &mut asker),
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), &tx, &stats, &mut asker);
+                drain(guard.get_inner_mut(), &mut backlog, &stats, &mut asker);
                 guard.clear_ready();
+            }
+        }
+        backlog.flush(&tx);
+    }
+}
+
+/// Samples drained but not yet queued, in batches of at most [`MAX_BATCH`].
+#[derive(Default)]
+struct Backlog {
+    batches: std::collections::VecDeque<Vec<Sample>>,
+    samples: usize,
+}
+
+impl Backlog {
+    /// Adds a sample, or drops and counts it when the backlog is full.
+    fn push(&mut self, sample: Sample, stats: &PipelineStats) {
+        if self.samples >= MAX_BACKLOG {
+            stats.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        match self.batches.back_mut() {
+            Some(last) if last.len() < MAX_BATCH => last.push(sample),
+            _ => self.batches.push_back(vec![sample]),
+        }
+        self.samples += 1;
+    }
+
+    /// Queues batches in order until the queue is full.
+    fn flush(&mut self, tx: &mpsc::Sender<Message>) {
+        while let Some(batch) = self.batches.pop_front() {
+            let n = batch.len();
+            match tx.try_send(Message::Samples(batch)) {
+                Ok(()) => self.samples -= n,
+                Err(mpsc::error::TrySendError::Full(Message::Samples(batch))) => {
+                    self.batches.push_front(batch);
+                    return;
+                }
+                // Closed: the aggregator is gone and nothing can be delivered.
+                Err(_) => {
+                    self.batches.clear();
+                    self.samples = 0;
+                    return;
+                }
             }
         }
     }
@@ -225,33 +279,18 @@ impl Asker {
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Message>, stats: &PipelineStats, asker: &mut Asker) {
-    let mut batch = Vec::new();
+fn drain(ring: &mut RingBuf<MapData>, backlog: &mut Backlog, stats: &PipelineStats, asker: &mut Asker) {
     while let Some(item) = ring.next() {
         match decode(&item) {
             Ok(sample) => {
                 asker.saw(&sample);
                 stats.received.fetch_add(1, Ordering::Relaxed);
-                batch.push(sample);
-                if batch.len() == MAX_BATCH {
-                    send(std::mem::take(&mut batch), tx, stats);
-                }
+                backlog.push(sample, stats);
             }
             Err(_) => {
                 stats.malformed.fetch_add(1, Ordering::Relaxed);
             }
         }
-    }
-    if !batch.is_empty() {
-        send(batch, tx, stats);
-    }
-}
-
-/// Queues a batch; when the queue is full the batch is dropped and its samples counted.
-fn send(batch: Vec<Sample>, tx: &mpsc::Sender<Message>, stats: &PipelineStats) {
-    let n = batch.len() as u64;
-    if tx.try_send(Message::Samples(batch)).is_err() {
-        stats.dropped_queue_full.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -301,6 +340,52 @@ mod tests {
         assert_eq!(sample.kernel_err, None);
         assert_eq!(sample.user_err, Some(-14));
         assert_eq!(sample.unwind, UnwindStatus::NoTable);
+    }
+
+    fn sample(tgid: u32) -> Sample {
+        Sample {
+            ktime_ns: 0,
+            tgid,
+            tid: tgid,
+            cpu: 0,
+            comm: String::new(),
+            kernel: Vec::new(),
+            user: vec![0x40_1000],
+            unwind: UnwindStatus::Complete,
+            kernel_err: None,
+            user_err: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_keeps_samples_in_the_backlog_in_order() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let stats = PipelineStats::default();
+        let mut backlog = Backlog::default();
+        // Three small drains: merged into one batch, not three.
+        for tgid in 1..=3 {
+            backlog.push(sample(tgid), &stats);
+        }
+        assert_eq!(backlog.batches.len(), 1);
+        backlog.flush(&tx);
+        // The queue (capacity 1) is now full: later drains wait instead of being dropped.
+        for tgid in 4..=MAX_BATCH as u32 + 5 {
+            backlog.push(sample(tgid), &stats);
+        }
+        backlog.flush(&tx);
+        assert_eq!(backlog.samples, MAX_BATCH + 2);
+        assert_eq!(backlog.batches.len(), 2, "merged up to MAX_BATCH per batch");
+        let mut seen = Vec::new();
+        while seen.len() < MAX_BATCH + 5 {
+            match rx.recv().await {
+                Some(Message::Samples(batch)) => seen.extend(batch.iter().map(|s| s.tgid)),
+                _ => panic!("expected a batch"),
+            }
+            backlog.flush(&tx);
+        }
+        assert_eq!(seen, (1..=MAX_BATCH as u32 + 5).collect::<Vec<_>>());
+        assert_eq!(stats.dropped_queue_full.load(Ordering::Relaxed), 0);
+        assert_eq!(backlog.samples, 0);
     }
 
     #[test]

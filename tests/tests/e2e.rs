@@ -1624,7 +1624,7 @@ fn processes_idle_at_start_are_loaded_on_their_first_sample() {
         .find_map(|c| {
             let before = c
                 .strip_prefix("unwind tables")?
-                .split(" loaded on first sample")
+                .split(" requested by their first sample")
                 .next()?;
             before.rsplit(' ').next()?.parse::<u64>().ok()
         })

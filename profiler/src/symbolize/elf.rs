@@ -320,8 +320,11 @@ impl ElfImage {
             self.dwarf_over_budget |= debug.dwarf_over_budget;
         }
         // A stripped binary keeps only its dynamic symbols; the debug file's full symbol table
-        // also names the local functions (e.g. libc's `__libc_start_call_main`).
-        if debug.symbols.len() > self.symbols.len() {
+        // also names the local functions (e.g. libc's `__libc_start_call_main`). A non-empty
+        // table is replaced only by a file with the same build id (a debuglink match alone
+        // does not prove the same build).
+        let same_build = self.build_id.is_some() && debug.build_id == self.build_id;
+        if self.symbols.is_empty() || (same_build && debug.symbols.len() > self.symbols.len()) {
             self.symbols = debug.symbols;
         }
         true

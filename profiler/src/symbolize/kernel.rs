@@ -130,8 +130,8 @@ impl BpfKernelNames {
         Self { program, io }
     }
 
-    /// The function names at `addrs` (`None` where no symbol covers the address).
-    pub fn name(&mut self, addrs: &[u64]) -> Result<Vec<Option<String>>, KsymError> {
+    /// What the kernel says about each of `addrs`.
+    pub fn name(&mut self, addrs: &[u64]) -> Result<Vec<KernelLookup>, KsymError> {
         let mut names = Vec::with_capacity(addrs.len());
         for chunk in addrs.chunks(KSYM_BATCH) {
             let mut batch = KsymBatch {
@@ -172,20 +172,46 @@ impl BpfKernelNames {
     }
 }
 
+/// What the kernel's lookup said about one address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelLookup {
+    Named(String),
+    /// No symbol covers the address (`%pS` printed it as `0x…`).
+    NoSymbol,
+    /// Nothing usable came back (the helper failed, or the name was cut before its offset):
+    /// not remembered, asked again in the next report.
+    Failed,
+}
+
 /// The function of one `%pS` result: `name+0xoff/0xsize`, with ` [module]` after it for
 /// module code. An address without a symbol prints as `0x…`.
-pub fn parse_symbol(raw: &[u8]) -> Option<String> {
-    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    let text = std::str::from_utf8(&raw[..end]).ok()?;
+pub fn parse_symbol(raw: &[u8]) -> KernelLookup {
+    let nul = raw.iter().position(|&b| b == 0);
+    let Ok(text) = std::str::from_utf8(&raw[..nul.unwrap_or(raw.len())]) else {
+        return KernelLookup::Failed;
+    };
+    if text.is_empty() {
+        return KernelLookup::Failed;
+    }
+    if text.starts_with("0x") {
+        return KernelLookup::NoSymbol;
+    }
     let text = match text.find(" [") {
         Some(at) => &text[..at],
         None => text,
     };
-    let name = match text.rsplit_once('+') {
-        Some((name, offset)) if offset.starts_with("0x") => name,
-        _ => text,
-    };
-    (!name.is_empty() && !name.starts_with("0x")).then(|| name.to_owned())
+    match text.rsplit_once('+') {
+        // A cut result may end inside the offset (`name+0`).
+        Some((name, offset))
+            if !name.is_empty()
+                && (offset.starts_with("0x") || (nul.is_none() && "0x".starts_with(offset))) =>
+        {
+            KernelLookup::Named(name.to_owned())
+        }
+        // Without the offset the name itself may have been cut.
+        _ if nul.is_none() => KernelLookup::Failed,
+        _ => KernelLookup::Named(text.to_owned()),
+    }
 }
 
 /// Names of kernel frames for the reporter: the BPF lookup when it loaded, else the kallsyms
@@ -229,8 +255,16 @@ impl KernelNames {
                     if self.names.len() + names.len() > MAX_CACHED_NAMES {
                         self.names.clear();
                     }
-                    for (addr, name) in wanted.into_iter().zip(names) {
-                        self.names.insert(addr, name.map(Arc::from));
+                    for (addr, lookup) in wanted.into_iter().zip(names) {
+                        match lookup {
+                            KernelLookup::Named(name) => {
+                                self.names.insert(addr, Some(Arc::from(name)));
+                            }
+                            KernelLookup::NoSymbol => {
+                                self.names.insert(addr, None);
+                            }
+                            KernelLookup::Failed => {}
+                        }
                     }
                     return;
                 }
@@ -354,31 +388,30 @@ mod tests {
 
     #[test]
     fn kernel_lookup_results_give_the_function() {
-        let cases: [(&[u8], Option<&str>); 7] = [
-            (b"do_syscall_64+0x5e/0x170\0garbage", Some("do_syscall_64")),
-            (b"nvme_irq+0x12/0x40 [nvme]\0", Some("nvme_irq")),
+        use KernelLookup::{Failed, Named, NoSymbol};
+        let named = |n: &str| Named(n.to_owned());
+        let cases: [(&[u8], KernelLookup); 9] = [
+            (b"do_syscall_64+0x5e/0x170\0garbage", named("do_syscall_64")),
+            (b"nvme_irq+0x12/0x40 [nvme]\0", named("nvme_irq")),
             (
                 b"bpf_prog_6deef7357e7b4530_sample_cpu+0x2c/0x3f0 [bpf]\0",
-                Some("bpf_prog_6deef7357e7b4530_sample_cpu"),
+                named("bpf_prog_6deef7357e7b4530_sample_cpu"),
             ),
             (
                 b"_RNvCs1_4core3fmt5write+0x10/0x200\0",
-                Some("_RNvCs1_4core3fmt5write"),
+                named("_RNvCs1_4core3fmt5write"),
             ),
-            (b"0xffffffffc0123456\0", None),
-            (b"\0", None),
-            (
-                b"cut_at_the_end_without_a_nul",
-                Some("cut_at_the_end_without_a_nul"),
-            ),
+            (b"0xffffffffc0123456\0", NoSymbol),
+            // The helper failed: the zeroed buffer comes back.
+            (b"\0\0\0", Failed),
+            // Cut in the offset: the name is whole.
+            (b"long_function_name+0", named("long_function_name")),
+            // Cut in the name: unusable.
+            (b"cut_in_the_middle_of_a_na", Failed),
+            (b"\xff\xfe+0x1/0x2\0", Failed),
         ];
         for (raw, want) in cases {
-            assert_eq!(
-                parse_symbol(raw).as_deref(),
-                want,
-                "{}",
-                String::from_utf8_lossy(raw)
-            );
+            assert_eq!(parse_symbol(raw), want, "{}", String::from_utf8_lossy(raw));
         }
     }
 

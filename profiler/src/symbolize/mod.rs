@@ -2,7 +2,7 @@
 //!
 //! Every source of names implements [`SymbolSource`]: ELF files ([`elf`]: DWARF lines and
 //! inlined calls from [`dwarf`] where the file has debug info, else its symbol tables) and the
-//! kernel's kallsyms ([`kernel`]); JIT code is named from the process's perf map
+//! kernel's own symbol lookup, or kallsyms as a fallback ([`kernel`]); JIT code is named from the process's perf map
 //! ([`perfmap`]); `.gopclntab` plugs in the same way. A frame no source can name keeps
 //! its module and offset (`libfoo.so+0x1a2b`) and the reason is counted in [`SymbolStats`].
 pub mod dwarf;

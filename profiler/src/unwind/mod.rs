@@ -55,8 +55,13 @@ use crate::{
 pub const REQUEST_QUEUE: usize = 1024;
 /// How often every loaded process is re-read.
 const RECONCILE_EVERY: Duration = Duration::from_secs(10);
-/// A process is re-read on request at most this often.
-const RELOAD_AT_MOST_EVERY: Duration = Duration::from_secs(1);
+/// After a process is loaded because of its first sample or an exec, its mappings are read
+/// again this long after: a program that has just started is still mapping its shared
+/// libraries (the dynamic loader runs after exec), and samples in them would otherwise find
+/// no mapping until the sampler asks.
+const RECHECK_AFTER: [Duration; 2] = [Duration::from_millis(50), Duration::from_millis(300)];
+/// Re-checks waiting at most; more are not scheduled (the sampler's requests still apply).
+const MAX_RECHECKS: usize = 4096;
 /// Longest sleep of the stage between reconciliation checks: the event ring and the request
 /// doorbell wake it earlier.
 const POLL_EVERY: Duration = Duration::from_secs(1);
@@ -147,7 +152,8 @@ impl Doorbell {
 /// The sampler's side of the request channel.
 #[derive(Clone)]
 pub struct Requests {
-    tx: SyncSender<u32>,
+    /// `None` only while being dropped.
+    tx: Option<SyncSender<u32>>,
     stats: Arc<UnwindStats>,
     doorbell: Option<Arc<Doorbell>>,
 }
@@ -170,7 +176,7 @@ pub fn request_queue(stats: Arc<UnwindStats>) -> (Requests, RequestQueue) {
     };
     (
         Requests {
-            tx,
+            tx: Some(tx),
             stats,
             doorbell: doorbell.clone(),
         },
@@ -181,7 +187,10 @@ pub fn request_queue(stats: Arc<UnwindStats>) -> (Requests, RequestQueue) {
 impl Requests {
     /// Asks the stage to (re)load `tgid`; never blocks.
     pub fn load(&self, tgid: u32) {
-        match self.tx.try_send(tgid) {
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        match tx.try_send(tgid) {
             Ok(()) => {
                 if let Some(doorbell) = &self.doorbell {
                     doorbell.ring();
@@ -196,8 +205,10 @@ impl Requests {
 }
 
 impl Drop for Requests {
-    /// The last sender going away ends the stage; wake it so it notices now.
+    /// The last sender going away ends the stage; wake it so it notices now (after this
+    /// sender is gone, so the stage sees the channel closed).
     fn drop(&mut self) {
+        drop(self.tx.take());
         if let Some(doorbell) = &self.doorbell {
             doorbell.ring();
         }
@@ -245,7 +256,6 @@ struct LoadedProcess {
     keys: Vec<Key<MappingKey>>,
     files: Vec<u64>,
     signature: u64,
-    loaded_at: Option<Instant>,
 }
 
 pub struct Unwinder {
@@ -255,6 +265,8 @@ pub struct Unwinder {
     events: RingBuf<MapData>,
     proc_root: PathBuf,
     processes: HashMap<u32, LoadedProcess>,
+    /// Processes whose mappings are read again at the given time (see [`RECHECK_AFTER`]).
+    rechecks: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, u32)>>,
     files: HashMap<FileKey, FileInfo>,
     vdso: Option<FileInfo>,
     vdso_table: Option<Table>,
@@ -279,6 +291,7 @@ impl Unwinder {
             events: maps.events,
             proc_root,
             processes: HashMap::default(),
+            rechecks: std::collections::BinaryHeap::new(),
             files: HashMap::default(),
             vdso,
             vdso_table,
@@ -322,11 +335,16 @@ impl Unwinder {
             None => POLL_EVERY_WITHOUT_DOORBELL,
         };
         loop {
-            self.wait_for_events(doorbell, timeout);
+            let next_recheck = self
+                .rechecks
+                .peek()
+                .map(|r| r.0.0.saturating_duration_since(Instant::now()));
+            self.wait_for_events(doorbell, next_recheck.map_or(timeout, |d| d.min(timeout)));
             if let Some(doorbell) = doorbell {
                 doorbell.clear();
             }
             self.drain_events();
+            self.run_due_rechecks();
             loop {
                 match requests.rx.try_recv() {
                     Ok(pid) => self.on_request(pid),
@@ -341,14 +359,48 @@ impl Unwinder {
         }
     }
 
+    /// A request from the sampler (a sample outside the loaded mappings, or of a process not
+    /// loaded): a loaded process is reloaded only if its executable mappings changed.
     fn on_request(&mut self, pid: u32) {
-        let recent = self
-            .processes
-            .get(&pid)
-            .and_then(|p| p.loaded_at)
-            .is_some_and(|t| t.elapsed() < RELOAD_AT_MOST_EVERY);
-        if !recent {
+        if self.processes.contains_key(&pid) {
+            self.reload_if_changed(pid);
+        } else {
             self.load(pid);
+        }
+    }
+
+    /// Loads a process met for the first time (or after exec), and schedules re-reads.
+    fn load_new(&mut self, pid: u32) {
+        self.load(pid);
+        if self.processes.contains_key(&pid) {
+            let now = Instant::now();
+            for delay in RECHECK_AFTER {
+                if self.rechecks.len() < MAX_RECHECKS {
+                    self.rechecks.push(std::cmp::Reverse((now + delay, pid)));
+                }
+            }
+        }
+    }
+
+    fn run_due_rechecks(&mut self) {
+        let now = Instant::now();
+        while let Some(std::cmp::Reverse((at, pid))) = self.rechecks.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.rechecks.pop();
+            if self.processes.contains_key(&pid) {
+                self.reload_if_changed(pid);
+            }
+        }
+    }
+
+    fn reload_if_changed(&mut self, pid: u32) {
+        let signature = self.processes.get(&pid).map(|p| p.signature);
+        match read_exec_mappings(&self.proc_root, pid) {
+            Ok(maps) if Some(signature_of(&maps)) == signature => {}
+            Ok(_) => self.load(pid),
+            Err(_) => self.unload(pid),
         }
     }
 
@@ -366,8 +418,8 @@ impl Unwinder {
         ];
         // SAFETY: valid pollfds for the duration of the call.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout.as_millis() as libc::c_int) };
-        if ready < 0 {
-            // EINTR or a broken fd: do not spin.
+        if ready < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            // A broken fd: do not spin.
             std::thread::sleep(timeout);
         }
     }
@@ -384,20 +436,35 @@ impl Unwinder {
             match event.kind {
                 proc_event::EXEC if self.processes.contains_key(&event.tgid) => {
                     debug!(pid = event.tgid, "exec: reloading mappings");
-                    self.load(event.tgid);
+                    self.load_new(event.tgid);
                 }
                 proc_event::EXIT => self.unload(event.tgid),
                 proc_event::LOAD => {
                     self.stats.load_requests.fetch_add(1, Ordering::Relaxed);
-                    self.on_request(event.tgid);
+                    if !self.processes.contains_key(&event.tgid) {
+                        self.load_new(event.tgid);
+                    }
                 }
                 _ => {}
             }
         }
     }
 
-    /// Re-reads every loaded process: gone ones are dropped, changed ones reloaded.
+    /// Re-reads every loaded process: gone ones are dropped, changed ones reloaded. Also drops
+    /// `PROCS` entries of processes that were requested but never loaded and are gone (their
+    /// exit came before their load, or an event was lost), so they cannot fill the map.
     fn reconcile(&mut self) {
+        let unloaded: Vec<u32> = self
+            .procs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|pid| !self.processes.contains_key(pid))
+            .collect();
+        for pid in unloaded {
+            if !self.proc_root.join(pid.to_string()).exists() {
+                let _ = self.procs.remove(&pid);
+            }
+        }
         let pids: Vec<(u32, u64)> = self.processes.iter().map(|(p, l)| (*p, l.signature)).collect();
         for (pid, signature) in pids {
             match read_exec_mappings(&self.proc_root, pid) {
@@ -426,14 +493,15 @@ impl Unwinder {
     }
 
     /// (Re)loads one process. Failures are logged and leave the process on the kernel's
-    /// frame-pointer walk. A process that was never loaded keeps its `REQUESTED` entry, so its
-    /// samples do not ask again; its exit removes it, and the sampler's requests retry.
+    /// frame-pointer walk. A process that was never loaded and still exists keeps its
+    /// `REQUESTED` entry, so its samples do not ask again (the sampler's requests retry); one
+    /// that is gone loses it.
     fn load(&mut self, pid: u32) {
         let maps = match read_exec_mappings(&self.proc_root, pid) {
             Ok(maps) => maps,
             Err(error) => {
                 debug!(pid, %error, "process unreadable (exited?)");
-                if self.processes.contains_key(&pid) {
+                if self.processes.contains_key(&pid) || !self.proc_root.join(pid.to_string()).exists() {
                     self.unload(pid);
                 }
                 return;
@@ -530,7 +598,6 @@ impl Unwinder {
                 keys,
                 files,
                 signature,
-                loaded_at: Some(Instant::now()),
             },
         );
         self.publish();
