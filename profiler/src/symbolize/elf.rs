@@ -72,10 +72,83 @@ pub fn section_bytes<'data, 'file, R: ReadRef<'data>>(
 }
 
 /// Files up to this size are read whole (one pass, fastest); larger ones are read piecewise
-/// on demand, which costs a syscall per symbol name but keeps the daemon's memory bounded and
-/// skips what is not used: a large debug file whose DWARF is over budget is read only for its
+/// on demand through a [`WindowedFile`], which keeps the daemon's memory bounded and skips
+/// what is not used: a large debug file whose DWARF is over budget is read only for its
 /// headers and symbol table.
 const READ_WHOLE_MAX: u64 = 4 * 1024 * 1024;
+
+/// Bytes a [`WindowedFile`] reads at once for small reads.
+const READ_WINDOW: usize = 64 * 1024;
+
+/// A file read for `object::ReadCache`: seeks cost nothing, and small reads are served from a
+/// 64 KiB window read with one `pread`. `ReadCache` seeks and reads once per symbol name;
+/// straight on a `File` that was two syscalls per name (~50,000 to parse the daemon's own
+/// 17.6 MiB binary), through the window it is one per 64 KiB of string table. Reads of a
+/// window or more go straight to the file.
+#[derive(Debug)]
+pub struct WindowedFile {
+    file: std::fs::File,
+    len: u64,
+    pos: u64,
+    window_start: u64,
+    window: Vec<u8>,
+}
+
+impl WindowedFile {
+    pub fn new(file: std::fs::File, len: u64) -> Self {
+        Self {
+            file,
+            len,
+            pos: 0,
+            window_start: 0,
+            window: Vec::new(),
+        }
+    }
+
+    /// A `ReadCache` over `file` whose length is `len`.
+    pub fn cache(file: std::fs::File, len: u64) -> ReadCache<Self> {
+        ReadCache::new(Self::new(file, len))
+    }
+}
+
+impl std::io::Read for WindowedFile {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt as _;
+        if buf.len() >= READ_WINDOW {
+            let n = self.file.read_at(buf, self.pos)?;
+            self.pos += n as u64;
+            return Ok(n);
+        }
+        let end = self.window_start + self.window.len() as u64;
+        if self.pos < self.window_start || self.pos >= end {
+            self.window.resize(READ_WINDOW, 0);
+            let n = self.file.read_at(&mut self.window, self.pos)?;
+            self.window.truncate(n);
+            self.window_start = self.pos;
+            if n == 0 {
+                return Ok(0);
+            }
+        }
+        let at = (self.pos - self.window_start) as usize;
+        let n = buf.len().min(self.window.len() - at);
+        buf[..n].copy_from_slice(&self.window[at..at + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl std::io::Seek for WindowedFile {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        let target = match to {
+            std::io::SeekFrom::Start(at) => Some(at),
+            std::io::SeekFrom::End(delta) => self.len.checked_add_signed(delta),
+            std::io::SeekFrom::Current(delta) => self.pos.checked_add_signed(delta),
+        };
+        let target = target.ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        self.pos = target;
+        Ok(target)
+    }
+}
 
 /// A `PT_LOAD` segment: where file bytes land in the ELF's virtual address space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,7 +303,7 @@ impl ElfImage {
             })?;
             return Self::parse_with(data.as_slice(), max_dwarf_cost).map_err(parse_error);
         }
-        let cache = ReadCache::new(file);
+        let cache = WindowedFile::cache(file, meta.len());
         Self::parse_with(&cache, max_dwarf_cost).map_err(parse_error)
     }
 
@@ -491,6 +564,47 @@ mod tests {
         let exe = std::fs::read_link("/proc/self/exe").expect("exe");
         let err = ElfImage::open(&exe, Some(1)).expect_err("wrong inode");
         assert!(err.to_string().contains("replaced since it was mapped"), "{err}");
+    }
+
+    #[test]
+    fn windowed_reads_equal_the_file() {
+        use std::io::{Read as _, Seek as _, SeekFrom};
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("data");
+        std::fs::write(&path, &bytes).expect("write");
+        let file = std::fs::File::open(&path).expect("open");
+        let mut w = WindowedFile::new(file, bytes.len() as u64);
+        // Small reads inside and across windows, a large read past the window, the end.
+        for (at, size) in [
+            (0usize, 10usize),
+            (5, 300),
+            (65_530, 20),
+            (70_000, 100_000),
+            (299_990, 10),
+        ] {
+            assert_eq!(w.seek(SeekFrom::Start(at as u64)).expect("seek"), at as u64);
+            let mut buf = vec![0u8; size];
+            w.read_exact(&mut buf).expect("read");
+            assert_eq!(buf, bytes[at..at + size], "{at}+{size}");
+        }
+        let mut rest = Vec::new();
+        w.seek(SeekFrom::End(-5)).expect("seek from end");
+        w.read_to_end(&mut rest).expect("read to end");
+        assert_eq!(rest, bytes[bytes.len() - 5..]);
+        assert!(w.seek(SeekFrom::Current(-1_000_000)).is_err());
+
+        // A real ELF file parses the same piecewise as whole.
+        let exe = std::env::current_exe().expect("test binary");
+        let whole = std::fs::read(&exe).expect("read test binary");
+        let whole = ElfImage::parse(whole.as_slice()).expect("parse whole");
+        let file = std::fs::File::open(&exe).expect("open test binary");
+        let len = file.metadata().expect("metadata").len();
+        let cache = WindowedFile::cache(file, len);
+        let piecewise = ElfImage::parse(&cache).expect("parse piecewise");
+        assert_eq!(piecewise.build_id, whole.build_id);
+        assert_eq!(piecewise.symbols.len(), whole.symbols.len());
+        assert!(whole.symbols.len() > 1000);
     }
 
     #[test]

@@ -36,6 +36,8 @@ use std::{
 use aya::maps::{HashMap as BpfHashMap, LpmTrie, MapData, RingBuf, lpm_trie::Key};
 use foldhash::{HashMap, HashSet};
 use object::{Object as _, ObjectSegment as _, ReadCache};
+
+use crate::symbolize::elf::WindowedFile;
 use procfs::process::{MMPermissions, MMapPath, Process};
 use profiler_common::{
     MAPPING_PID_PREFIX, Mapping, MappingKey, ProcEvent, mapping, mapping_key, proc_event, proc_state,
@@ -641,8 +643,8 @@ impl Unwinder {
     }
 
     fn build(&mut self, pid: u32, candidate: &Path, key: FileKey, path: &str) -> Result<FileInfo, String> {
-        let (file, _) = open_regular(candidate, Some(key.inode)).map_err(|e| e.to_string())?;
-        let cache = ReadCache::new(file);
+        let (file, meta) = open_regular(candidate, Some(key.inode)).map_err(|e| e.to_string())?;
+        let cache = WindowedFile::cache(file, meta.len());
         let elf = object::File::parse(&cache).map_err(|e| format!("{}: {e}", candidate.display()))?;
         let segments = load_segments(&elf);
         let id = file_id(&elf, &cache, key);
@@ -700,7 +702,7 @@ impl Unwinder {
         &self,
         pid: u32,
         elf: &object::File<'a, R>,
-    ) -> Option<ReadCache<std::fs::File>> {
+    ) -> Option<ReadCache<WindowedFile>> {
         if elf.section_by_name(".eh_frame").is_some() || elf.section_by_name(".debug_frame").is_some() {
             return None;
         }
@@ -714,8 +716,8 @@ impl Unwinder {
             .join("root/usr/lib/debug/.build-id")
             .join(&build_id[..2])
             .join(format!("{}.debug", &build_id[2..]));
-        let (file, _) = open_regular(&path, None).ok()?;
-        Some(ReadCache::new(file))
+        let (file, meta) = open_regular(&path, None).ok()?;
+        Some(WindowedFile::cache(file, meta.len()))
     }
 
     fn forget_unused_files(&mut self) {
