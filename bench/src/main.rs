@@ -330,15 +330,6 @@ fn bpf_side_by_side(args: &Args, scratch: &Path) -> Result<Vec<(f64, f64)>> {
     Ok(rounds)
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    }
-}
-
 fn bpftrace(args: &Args, hz: u32, scratch: &Path) -> Result<ToolRun> {
     let program = format!(
         "profile:hz:{hz} {{ @[kstack, ustack, pid] = count(); }} interval:s:{} {{ exit(); }}",
@@ -622,7 +613,7 @@ fn main() -> Result<()> {
     for (i, (o, b)) in side_by_side.iter().enumerate() {
         let _ = writeln!(md, "| {} | {o:.0} | {b:.0} | {:.2} |", i + 1, o / b.max(1e-9));
     }
-    let side_ratio = median(side_by_side.iter().map(|(o, b)| o / b.max(1e-9)).collect());
+    let side_ratio = measure::median(side_by_side.iter().map(|(o, b)| o / b.max(1e-9)).collect());
     let _ = writeln!(md, "| median | | | {side_ratio:.2} |");
     metrics.push(("bpf_ns_per_sample_vs_bpftrace_99hz".into(), side_ratio));
     let _ = writeln!(

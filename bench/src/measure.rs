@@ -73,7 +73,7 @@ fn median_rate(readings: &[(Instant, u64)]) -> f64 {
     let rate = |(t0, ns0): (Instant, u64), (t1, ns1): (Instant, u64)| {
         ns1.saturating_sub(ns0) as f64 / (t1 - t0).as_nanos().max(1) as f64
     };
-    let mut rates: Vec<f64> = readings
+    let rates: Vec<f64> = readings
         .iter()
         .step_by(READINGS_PER_SECOND)
         .zip(
@@ -90,12 +90,16 @@ fn median_rate(readings: &[(Instant, u64)]) -> f64 {
             _ => 0.0,
         };
     }
-    rates.sort_by(f64::total_cmp);
-    let mid = rates.len() / 2;
-    if rates.len().is_multiple_of(2) {
-        (rates[mid - 1] + rates[mid]) / 2.0
-    } else {
-        rates[mid]
+    median(rates)
+}
+
+/// The middle value (the mean of the two middle ones for an even count); NaN when empty.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
     }
 }
 

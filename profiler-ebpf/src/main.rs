@@ -212,9 +212,7 @@ fn try_sample(ctx: &PerfEventContext) {
         let frames = addr_of_mut!((*record).frames).cast::<u64>();
         // A tick that hit user mode has no kernel stack (the kernel would return 0 frames
         // after setting up its callchain buffer): skip the helper.
-        // SAFETY: the perf_event context starts with the interrupted pt_regs.
-        let in_user = (*ctx.as_ptr().cast::<PtRegs>()).cs & 3 == 3;
-        let kernel = if in_user {
+        let kernel = if tick_in_user(ctx) {
             0
         } else {
             bpf_get_stack(ctx.as_ptr(), frames.cast(), STACK_BYTES, 0)
@@ -282,14 +280,19 @@ fn try_sample(ctx: &PerfEventContext) {
     }
 }
 
+/// Whether the tick interrupted user mode (the privilege level of the saved code segment).
+#[inline(always)]
+fn tick_in_user(ctx: &PerfEventContext) -> bool {
+    // SAFETY: the perf_event context starts with the interrupted pt_regs.
+    unsafe { (*ctx.as_ptr().cast::<PtRegs>()).cs & 3 == 3 }
+}
+
 /// The user registers at the sample: the interrupted ones when the tick hit user mode, else
 /// the ones saved at kernel entry.
 #[inline(always)]
 unsafe fn user_regs(ctx: &PerfEventContext, out: &mut PtRegs) -> bool {
     let regs = ctx.as_ptr().cast::<PtRegs>();
-    // SAFETY: the perf_event context starts with the interrupted pt_regs.
-    let cs = unsafe { (*regs).cs };
-    if cs & 3 == 3 {
+    if tick_in_user(ctx) {
         // SAFETY: as above; the verifier allows reads of the whole context struct.
         unsafe {
             out.ip = (*regs).ip;

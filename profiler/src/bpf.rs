@@ -145,6 +145,13 @@ pub fn check_capabilities() -> Result<(), BpfError> {
     missing_capability(caps).map_or(Ok(()), |missing| Err(BpfError::MissingCapability { missing }))
 }
 
+/// The process's effective capabilities, when /proc/self/status says.
+fn effective_capabilities() -> Option<u64> {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| parse_cap_eff(&s))
+}
+
 fn parse_cap_eff(status: &str) -> Option<u64> {
     let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
     u64::from_str_radix(hex.trim(), 16).ok()
@@ -155,10 +162,7 @@ fn parse_cap_eff(status: &str) -> Option<u64> {
 /// from the `ksym_names` program; CAP_SYSLOG matters only for its kallsyms fallback, see
 /// [`BpfSession::take_kernel_names`].)
 pub fn missing_symbolization_capabilities() -> Vec<&'static str> {
-    let Some(caps) = fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| parse_cap_eff(&s))
-    else {
+    let Some(caps) = effective_capabilities() else {
         return Vec::new();
     };
     let has = |bit: u32| caps & (1u64 << bit) != 0;
@@ -174,10 +178,7 @@ pub fn missing_symbolization_capabilities() -> Vec<&'static str> {
 
 /// Whether the process may read kallsyms addresses under `kptr_restrict` = 1.
 fn has_syslog_capability() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| parse_cap_eff(&s))
-        .is_none_or(|caps| caps & ((1u64 << CAP_SYSLOG) | (1u64 << CAP_SYS_ADMIN)) != 0)
+    effective_capabilities().is_none_or(|caps| caps & ((1u64 << CAP_SYSLOG) | (1u64 << CAP_SYS_ADMIN)) != 0)
 }
 
 fn missing_capability(caps: u64) -> Option<&'static str> {

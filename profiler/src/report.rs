@@ -134,13 +134,10 @@ impl Reporter {
     }
 
     pub fn build(&mut self, snap: &Snapshot, pipeline: (u64, u64, u64)) -> Report {
-        let kernel_addrs = snap.frames.iter().filter_map(|f| match f {
+        self.kernel.prepare(snap.frames.iter().filter_map(|f| match f {
             Frame::Kernel(addr) => Some(*addr),
             _ => None,
-        });
-        if snap.frames.iter().any(|f| matches!(f, Frame::Kernel(_))) {
-            self.kernel.prepare(kernel_addrs);
-        }
+        }));
         let duration = snap.end.duration_since(snap.start).unwrap_or_default();
         let mut b = ProfileBuilder::cpu(self.period_ns, snap.start, duration);
         b.comment(&format!(

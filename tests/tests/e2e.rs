@@ -16,7 +16,7 @@ use profiler::{encode::decode, pprof::Profile};
 use tests::{
     Fixture, build_dir, c_fixture, compressed_inline_fixture, cpp_fixture, dlopen_fixture, go_fixture,
     go_inline_fixture, inline_fixture, marker_line, nofp_c_fixture, nofp_cpp_fixture, nofp_rust_fixture,
-    privileged, profiler_bin, recurse_fixture, run_ok, serial, signal_fixture, stripped_go_fixture,
+    privileged, profiler_bin, recurse_fixture, serial, signal_fixture, stripped_go_fixture,
     stripped_go_inline_fixture, stripped_inline_fixture,
 };
 
@@ -1583,8 +1583,9 @@ fn exec_and_dlopen_are_followed() {
     );
 }
 
-fn signal(pid: u32, name: &str) {
-    run_ok(Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()));
+fn signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: a signal to our own child.
+    assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
 }
 
 #[test]
@@ -1597,10 +1598,10 @@ fn processes_idle_at_start_are_loaded_on_their_first_sample() {
     // first tick; continued 1.5 s into a whole-system recording.
     let fixture = Fixture::start(nofp_c_fixture(), 60);
     let pid = fixture.pid();
-    signal(pid, "STOP");
+    signal(pid, libc::SIGSTOP);
     let resume = thread::spawn(move || {
         thread::sleep(Duration::from_millis(1500));
-        signal(pid, "CONT");
+        signal(pid, libc::SIGCONT);
     });
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("all.pb.gz");

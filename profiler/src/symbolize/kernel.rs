@@ -39,8 +39,6 @@ const MAX_CACHED_NAMES: usize = 1 << 16;
 #[derive(Debug)]
 pub struct KernelSymbols {
     table: SymbolTable,
-    /// Build id of the running kernel, when /sys/kernel/notes has one.
-    pub build_id: Option<String>,
 }
 
 impl KernelSymbols {
@@ -50,14 +48,12 @@ impl KernelSymbols {
         let text = fs::read_to_string("/proc/kallsyms")?;
         Ok(Self {
             table: parse_kallsyms(&text),
-            build_id: kernel_build_id(),
         })
     }
 
     pub fn empty() -> Self {
         Self {
             table: SymbolTable::default(),
-            build_id: None,
         }
     }
 
@@ -239,8 +235,13 @@ impl KernelNames {
         }
     }
 
-    /// Makes the names of `addrs` ready for [`KernelNames::resolve`].
+    /// Makes the names of `addrs` ready for [`KernelNames::resolve`]. Without kernel
+    /// addresses it does nothing (kallsyms, in the fallback, is read on first need).
     pub fn prepare(&mut self, addrs: impl Iterator<Item = u64>) {
+        let mut addrs = addrs.peekable();
+        if addrs.peek().is_none() {
+            return;
+        }
         if self.build_id.is_none() {
             self.build_id = Some(kernel_build_id());
         }

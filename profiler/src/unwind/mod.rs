@@ -397,6 +397,10 @@ impl Unwinder {
         }
     }
 
+    fn is_gone(&self, pid: u32) -> bool {
+        !self.proc_root.join(pid.to_string()).exists()
+    }
+
     fn reload_if_changed(&mut self, pid: u32) {
         let signature = self.processes.get(&pid).map(|p| p.signature);
         match read_exec_mappings(&self.proc_root, pid) {
@@ -463,17 +467,13 @@ impl Unwinder {
             .filter(|pid| !self.processes.contains_key(pid))
             .collect();
         for pid in unloaded {
-            if !self.proc_root.join(pid.to_string()).exists() {
-                let _ = self.procs.remove(&pid);
+            if self.is_gone(pid) {
+                self.unload(pid);
             }
         }
-        let pids: Vec<(u32, u64)> = self.processes.iter().map(|(p, l)| (*p, l.signature)).collect();
-        for (pid, signature) in pids {
-            match read_exec_mappings(&self.proc_root, pid) {
-                Ok(maps) if signature_of(&maps) == signature => {}
-                Ok(_) => self.load(pid),
-                Err(_) => self.unload(pid),
-            }
+        let pids: Vec<u32> = self.processes.keys().copied().collect();
+        for pid in pids {
+            self.reload_if_changed(pid);
         }
         self.forget_unused_files();
     }
@@ -503,7 +503,7 @@ impl Unwinder {
             Ok(maps) => maps,
             Err(error) => {
                 debug!(pid, %error, "process unreadable (exited?)");
-                if self.processes.contains_key(&pid) || !self.proc_root.join(pid.to_string()).exists() {
+                if self.processes.contains_key(&pid) || self.is_gone(pid) {
                     self.unload(pid);
                 }
                 return;
