@@ -234,7 +234,10 @@ fn try_sample(ctx: &PerfEventContext) {
         // The first sample of a process wakes the daemon at once, so it reads the process's
         // mappings while the process still exists (short-lived processes), instead of at the
         // next timed drain.
-        let first_sample = tables && state.is_none() && request_load(tgid);
+        // After an exec (`stale` until the daemon reloads the process) the sample is the first
+        // of a new program: the same hurry.
+        let first_sample =
+            tables && ((state.is_none() && request_load(tgid)) || state == Some(proc_state::STALE));
         let (user_len, status) = if loaded {
             walk_user(ctx, tgid, kernel_len)
         } else {

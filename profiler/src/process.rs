@@ -126,6 +126,8 @@ struct ProcessEntry {
     /// Executable mappings sorted by start.
     mappings: Vec<ExecMapping>,
     read_at: Option<Instant>,
+    /// Re-reads caused by address misses so far (see [`REREAD_FIRST_AFTER_MISS`]).
+    miss_rereads: u32,
     /// Interval generation of the last read.
     read_generation: u64,
     used_generation: u64,
@@ -213,8 +215,14 @@ fn namespace_pid(proc_dir: &std::path::Path) -> Option<u32> {
         .ok()
 }
 
-/// Minimum time between two re-reads of one process's maps on an address miss.
+/// Minimum time between two re-reads of one process's maps on an address miss, once the
+/// process has settled.
 const REREAD_AFTER_MISS: Duration = Duration::from_secs(1);
+/// The first re-read on a miss may come this soon after the previous read; the wait doubles
+/// with each miss re-read up to [`REREAD_AFTER_MISS`]. A process read right after exec (its
+/// first sample wakes the daemon) has not mapped its shared libraries yet; a full second
+/// would leave a short-lived process's library frames unnamed.
+const REREAD_FIRST_AFTER_MISS: Duration = Duration::from_millis(50);
 /// Intervals an idle process or file stays cached before eviction.
 const IDLE_GENERATIONS: u64 = 2;
 
@@ -331,11 +339,17 @@ impl ProcessRegistry {
 
     fn resolve_in(&mut self, entry: &mut ProcessEntry, pid: u32, addr: u64) -> UserFrame {
         let mut index = entry.find(addr);
-        // A miss may be a new mapping (dlopen) or a reused pid: re-read, at most once a second
-        // per process.
-        if index.is_none() && entry.read_at.is_none_or(|t| t.elapsed() >= REREAD_AFTER_MISS) {
+        // A miss may be a new mapping (dlopen, the libraries of a process just exec'd) or a
+        // reused pid: re-read, 50 ms after the previous read at first, backing off to once a
+        // second per process.
+        let wait = REREAD_FIRST_AFTER_MISS
+            .saturating_mul(1 << entry.miss_rereads.min(8))
+            .min(REREAD_AFTER_MISS);
+        if index.is_none() && entry.read_at.is_none_or(|t| t.elapsed() >= wait) {
+            let rereads = entry.miss_rereads.saturating_add(1);
             let previous = std::mem::replace(entry, ProcessEntry::gone(self.generation));
             *entry = self.read_entry(pid, Some(previous));
+            entry.miss_rereads = rereads;
             entry.used_generation = self.generation;
             index = entry.find(addr);
         }
@@ -496,12 +510,27 @@ impl ProcessRegistry {
                     })
                     .collect();
                 mappings.sort_unstable_by_key(|m| m.start);
+                // Files already parsed for other processes are attached now, while this one
+                // is alive to be stat'ed: a short-lived process is often gone by the time its
+                // later samples are resolved.
+                for m in &mut mappings {
+                    if let MappingKind::File {
+                        dev,
+                        inode,
+                        path,
+                        deleted,
+                    } = &m.kind
+                    {
+                        m.object = self.cached_object(pid, (m.start, m.end), (*dev, *inode), path, *deleted);
+                    }
+                }
                 ProcessEntry {
                     comm,
                     exe,
                     target,
                     mappings,
                     read_at: Some(Instant::now()),
+                    miss_rereads: 0,
                     read_generation: generation,
                     used_generation: generation,
                     gone: false,
@@ -523,6 +552,27 @@ impl ProcessRegistry {
                 }
             }
         }
+    }
+
+    /// The parsed file behind a mapping if it is already in the cache (stat only, never
+    /// opened), under the same identity rules as [`Self::object`].
+    fn cached_object(
+        &mut self,
+        pid: u32,
+        range: (u64, u64),
+        (dev, inode): ((i32, i32), u64),
+        path: &str,
+        deleted: bool,
+    ) -> Option<Arc<ObjectFile>> {
+        use std::os::unix::fs::MetadataExt as _;
+        let proc_dir = self.procfs_root.join(pid.to_string());
+        let meta = mapped_file_paths(&proc_dir, path, deleted, range)
+            .into_iter()
+            .filter_map(|candidate| std::fs::metadata(candidate).ok())
+            .find(|meta| meta.is_file() && meta.ino() == inode)?;
+        let (object, used) = self.objects.get_mut(&FileKey::of(dev, inode, &meta))?;
+        *used = self.generation;
+        Some(Arc::clone(object))
     }
 
     /// The parsed file behind a mapping. The candidate paths are stat'ed (never opened
@@ -685,6 +735,7 @@ impl ProcessEntry {
             target: None,
             mappings: Vec::new(),
             read_at: Some(Instant::now()),
+            miss_rereads: 0,
             read_generation: generation,
             used_generation: generation,
             gone: true,
