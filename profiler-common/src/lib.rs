@@ -71,8 +71,19 @@ pub struct KsymBatch {
     pub addrs: [u64; KSYM_BATCH],
     pub names: [[u8; KSYM_NAME_BYTES]; KSYM_BATCH],
 }
-/// Per-CPU array with one [`UnwindState`], the walk's registers between `bpf_loop` steps.
+/// Per-CPU array with one [`UnwindState`], the walk's registers between `bpf_loop` steps and
+/// the CPU's cache of recently found mappings.
 pub const MAP_UNWIND_STATE: &str = "UNWIND_STATE";
+/// Array with one `u64`: the generation of [`MAP_UNWIND_FILES`] and [`MAP_UNWIND_ROWS`]. The
+/// daemon increments it when it removes a file's table (its rows may then be reused); a walk
+/// that sees a new generation empties its CPU's caches first. Loading a table needs no
+/// increment (nothing cached refers to it); changed mappings are told by the process's
+/// [`MAP_PROCS`] value.
+pub const MAP_UNWIND_GENERATION: &str = "UNWIND_GENERATION";
+/// Mappings each CPU's walk keeps across samples ([`UnwindState::cache`]).
+pub const WALK_CACHE_ENTRIES: usize = 8;
+/// Rows each CPU's walk keeps across samples ([`UnwindState::rows`]); a power of two.
+pub const ROW_CACHE_ENTRIES: usize = 64;
 
 /// Frames kept per stack. It equals the kernel's default `kernel.perf_event_max_stack` (127),
 /// the most `bpf_get_stack` returns without raising that sysctl.
@@ -338,7 +349,8 @@ pub struct Mapping {
 
 const _: () = assert!(core::mem::size_of::<Mapping>() == 40);
 
-/// Value of [`MAP_PROCS`].
+/// Value of [`MAP_PROCS`]: a state in the low 8 bits; a loaded process also carries the number
+/// of its load above them ([`loaded`]).
 pub mod proc_state {
     /// Mappings are in [`super::MAP_MAPPINGS`].
     pub const LOADED: u32 = 1;
@@ -347,6 +359,18 @@ pub mod proc_state {
     pub const STALE: u32 = 2;
     /// Sampled before it was loaded; a [`super::proc_event::LOAD`] request is on its way.
     pub const REQUESTED: u32 = 3;
+
+    /// The value of a process loaded by the daemon's `load`-th load (24 bits kept). Every
+    /// (re)load writes a new value, so mappings a walk cached under the old value (before a
+    /// reload, or for an exited process whose tgid was reused) no longer match.
+    pub const fn loaded(load: u32) -> u32 {
+        LOADED | (load << 8)
+    }
+
+    /// The state of a value.
+    pub const fn state(value: u32) -> u32 {
+        value & 0xff
+    }
 }
 
 /// Values of [`ProcEvent::kind`].
@@ -371,7 +395,7 @@ pub const PROC_EVENTS_RING_BYTES: u32 = 64 * 1024;
 
 /// Per-CPU walk state: registers of the frame being unwound.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct UnwindState {
     pub pc: u64,
     pub sp: u64,
@@ -391,9 +415,56 @@ pub struct UnwindState {
     pub has_table: u8,
     pub mapping: Mapping,
     pub table: FileTable,
+    /// The [`MAP_UNWIND_GENERATION`] value `cache` and `rows` were filled under.
+    pub cache_generation: u64,
+    /// Slot of `cache` the next miss replaces (round robin).
+    pub cache_next: u32,
+    /// The walked process's [`MAP_PROCS`] value.
+    pub process: u32,
+    /// Mappings found in [`MAP_MAPPINGS`] by earlier walks on this CPU, so a process sampled
+    /// again does not search the trie and the file hash for every file its stack crosses.
+    pub cache: [CachedMapping; WALK_CACHE_ENTRIES],
+    /// Rows found by earlier searches on this CPU, by file and exact address (direct-mapped):
+    /// return addresses repeat from sample to sample while a program runs the same code.
+    pub rows: [CachedRow; ROW_CACHE_ENTRIES],
 }
 
-const _: () = assert!(core::mem::size_of::<UnwindState>() == 96);
+const _: () =
+    assert!(core::mem::size_of::<UnwindState>() == 112 + WALK_CACHE_ENTRIES * 72 + ROW_CACHE_ENTRIES * 24);
+
+/// One entry of [`UnwindState::rows`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CachedRow {
+    /// Low 32 bits of the generation the entry was found under; other generations miss.
+    pub generation: u32,
+    /// 1 when the entry holds a row.
+    pub valid: u32,
+    /// [`FileTable::first_row`] of the file searched (it identifies the file's rows).
+    pub first_row: u32,
+    /// The address searched, relative to [`FileTable::base`].
+    pub target: u32,
+    pub row: UnwindRow,
+}
+
+const _: () = assert!(core::mem::size_of::<CachedRow>() == 24);
+
+/// One entry of [`UnwindState::cache`]: a process's mapping with its file's table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CachedMapping {
+    /// 0 for an empty entry (tgid 0 is never walked).
+    pub tgid: u32,
+    /// The process's [`MAP_PROCS`] value when the entry was found.
+    pub process: u32,
+    /// 1 when `table` is valid for the mapping.
+    pub has_table: u32,
+    pub _pad: u32,
+    pub mapping: Mapping,
+    pub table: FileTable,
+}
+
+const _: () = assert!(core::mem::size_of::<CachedMapping>() == 72);
 
 #[cfg(feature = "user")]
 // SAFETY: repr(C), Copy, integers and integer arrays with explicit padding: every bit pattern

@@ -36,11 +36,11 @@ use aya_ebpf::{
     programs::{PerfEventContext, RawTracePointContext},
 };
 use profiler_common::{
-    COUNTER_SLOTS, Counter, FileTable, HEADER_BYTES, KSYM_BATCH, KSYM_NAME_BYTES, KsymBatch,
-    MAPPING_PID_PREFIX, MAX_FRAMES, MAX_STACK_DEPTH, MAX_TARGET_CGROUPS, MAX_TARGET_PIDS, MAX_USER_DEPTH,
-    Mapping, MappingKey, PROC_EVENTS_RING_BYTES, ProcEvent, RawSample, SAMPLES_RING_BYTES,
-    SAMPLES_WAKEUP_BYTES, UNWIND_MODE_TABLES, UNWIND_STATUS_SLOTS, UnwindRow, UnwindState, UnwindStatus, cfa,
-    mapping, mapping_key, proc_event, proc_state,
+    COUNTER_SLOTS, CachedMapping, CachedRow, Counter, FileTable, HEADER_BYTES, KSYM_BATCH, KSYM_NAME_BYTES,
+    KsymBatch, MAPPING_PID_PREFIX, MAX_FRAMES, MAX_STACK_DEPTH, MAX_TARGET_CGROUPS, MAX_TARGET_PIDS,
+    MAX_USER_DEPTH, Mapping, MappingKey, PROC_EVENTS_RING_BYTES, ProcEvent, ROW_CACHE_ENTRIES, RawSample,
+    SAMPLES_RING_BYTES, SAMPLES_WAKEUP_BYTES, UNWIND_MODE_TABLES, UNWIND_STATUS_SLOTS, UnwindRow,
+    UnwindState, UnwindStatus, WALK_CACHE_ENTRIES, cfa, mapping, mapping_key, proc_event, proc_state,
 };
 
 #[map(name = "SAMPLES")]
@@ -70,6 +70,9 @@ static UNWIND_FILES: HashMap<u64, FileTable> = HashMap::with_max_entries(4096, 0
 
 #[map(name = "MAPPINGS")]
 static MAPPINGS: LpmTrie<MappingKey, Mapping> = LpmTrie::with_max_entries(1 << 20, 0);
+
+#[map(name = "UNWIND_GENERATION")]
+static UNWIND_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map(name = "PROCS")]
 static PROCS: HashMap<u32, u32> = HashMap::with_max_entries(1 << 16, 0);
@@ -229,7 +232,8 @@ fn try_sample(ctx: &PerfEventContext) {
         header.user_err = 0;
 
         let tables = read_volatile(&UNWIND_MODE) == UNWIND_MODE_TABLES;
-        let state = if tables { PROCS.get(&tgid).copied() } else { None };
+        let process = if tables { PROCS.get(&tgid).copied() } else { None };
+        let state = process.map(proc_state::state);
         let loaded = state == Some(proc_state::LOADED);
         // The first sample of a process wakes the daemon at once, so it reads the process's
         // mappings while the process still exists (short-lived processes), instead of at the
@@ -239,7 +243,7 @@ fn try_sample(ctx: &PerfEventContext) {
         let first_sample =
             tables && ((state.is_none() && request_load(tgid)) || state == Some(proc_state::STALE));
         let (user_len, status) = if loaded {
-            walk_user(ctx, tgid, kernel_len)
+            walk_user(ctx, tgid, process.unwrap_or(0), kernel_len)
         } else {
             let user = bpf_get_stack(
                 ctx.as_ptr(),
@@ -315,7 +319,12 @@ unsafe fn user_regs(ctx: &PerfEventContext, out: &mut PtRegs) -> bool {
 
 /// Walks the user stack into `SCRATCH.frames[kernel_len..]` with the unwind tables.
 #[inline(always)]
-unsafe fn walk_user(ctx: &PerfEventContext, tgid: u32, kernel_len: usize) -> (usize, UnwindStatus) {
+unsafe fn walk_user(
+    ctx: &PerfEventContext,
+    tgid: u32,
+    process: u32,
+    kernel_len: usize,
+) -> (usize, UnwindStatus) {
     let Some(state) = UNWIND_STATE.get_ptr_mut(0) else {
         return (0, UnwindStatus::ReadError);
     };
@@ -334,12 +343,25 @@ unsafe fn walk_user(ctx: &PerfEventContext, tgid: u32, kernel_len: usize) -> (us
         s.sp = regs.sp;
         s.bp = regs.bp;
         s.tgid = tgid;
+        s.process = process;
         s.frames = 0;
         s.kernel_len = kernel_len as u32;
         // Interrupted inside a syscall: the user pc is the return point after `syscall`.
         s.is_return = u8::from(regs.orig_ax != u64::MAX);
         s.status = UnwindStatus::MaxDepth as u8;
         s.cached = 0;
+        // Entries cached by earlier walks hold while no table was removed (a process's changed
+        // mappings come with a new PROCS value, which its entries must match).
+        let generation = UNWIND_GENERATION.get(0).copied().unwrap_or(0);
+        if generation != s.cache_generation {
+            let mut i = 0;
+            while i < WALK_CACHE_ENTRIES {
+                s.cache[i].tgid = 0;
+                i += 1;
+            }
+            s.cache_generation = generation;
+            s.cache_next = 0;
+        }
         bpf_loop(
             MAX_USER_DEPTH as u32,
             step as *mut c_void,
@@ -355,6 +377,13 @@ unsafe fn walk_user(ctx: &PerfEventContext, tgid: u32, kernel_len: usize) -> (us
 fn read_user_u64(addr: u64) -> Option<u64> {
     // SAFETY: the helper copies 8 bytes of user memory, failing cleanly on a bad address.
     unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+}
+
+/// Two consecutive words of user memory at `addr`.
+#[inline(always)]
+fn read_user_pair(addr: u64) -> Option<[u64; 2]> {
+    // SAFETY: as read_user_u64, for 16 bytes.
+    unsafe { bpf_probe_read_user(addr as *const [u64; 2]) }.ok()
 }
 
 /// Ends the walk with `status`.
@@ -395,8 +424,9 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
     state.frames += 1;
 
     // Frames of one file usually follow each other: reuse the previous frame's mapping and
-    // table instead of searching the trie and the file hash again.
-    if state.cached == 0 || pc < state.mapping.start || pc >= state.mapping.end {
+    // table, else one an earlier walk on this CPU found, before searching the trie (a
+    // microsecond and more) and the file hash.
+    if (state.cached == 0 || pc < state.mapping.start || pc >= state.mapping.end) && !from_cache(state, pc) {
         let key = Key::new(96, mapping_key(state.tgid, pc));
         let Some(found) = MAPPINGS.get(&key) else {
             return stop(state, UnwindStatus::NoMapping);
@@ -411,6 +441,11 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
                 state.has_table = 1;
             }
         }
+        // A table mapping without its table is not cached: the table may arrive without a new
+        // generation.
+        if found.kind != mapping::TABLE || state.has_table == 1 {
+            to_cache(state);
+        }
     }
     let lookup = pc - u64::from(state.is_return);
     let row = match state.mapping.kind {
@@ -419,7 +454,7 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
                 return stop(state, UnwindStatus::NoTable);
             }
             let vaddr = lookup.wrapping_sub(state.mapping.bias);
-            find_row(&state.table, vaddr)
+            cached_row(state, vaddr)
         }
         mapping::FRAME_POINTER => UnwindRow {
             pc: 0,
@@ -430,6 +465,75 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
         _ => return stop(state, UnwindStatus::NoMapping),
     };
     apply(state, row)
+}
+
+/// Takes the mapping holding `pc` from this CPU's cache, if there.
+#[inline(always)]
+fn from_cache(state: &mut UnwindState, pc: u64) -> bool {
+    let mut i = 0;
+    while i < WALK_CACHE_ENTRIES {
+        let entry = &state.cache[i];
+        if entry.tgid == state.tgid
+            && entry.process == state.process
+            && pc >= entry.mapping.start
+            && pc < entry.mapping.end
+        {
+            state.mapping = entry.mapping;
+            state.table = entry.table;
+            state.has_table = entry.has_table as u8;
+            state.cached = 1;
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Keeps the walk's current mapping in this CPU's cache, replacing the oldest entry.
+#[inline(always)]
+fn to_cache(state: &mut UnwindState) {
+    let slot = state.cache_next as usize % WALK_CACHE_ENTRIES;
+    state.cache[slot] = CachedMapping {
+        tgid: state.tgid,
+        process: state.process,
+        has_table: u32::from(state.has_table),
+        _pad: 0,
+        mapping: state.mapping,
+        table: state.table,
+    };
+    state.cache_next = (slot as u32 + 1) % WALK_CACHE_ENTRIES as u32;
+}
+
+/// The row covering `vaddr` in the current table, from this CPU's row cache when the same
+/// address of the same file was searched before under the current generation.
+#[inline(always)]
+fn cached_row(state: &mut UnwindState, vaddr: u64) -> UnwindRow {
+    let table = state.table;
+    // An empty table shares its first row (0) with another file's: never cached.
+    if table.rows == 0 || vaddr < table.base || vaddr - table.base > u64::from(u32::MAX) {
+        return UnwindRow::default();
+    }
+    let target = (vaddr - table.base) as u32;
+    let hash = (target ^ table.first_row.rotate_left(16)).wrapping_mul(0x9e37_79b1);
+    let slot = (hash >> 26) as usize & (ROW_CACHE_ENTRIES - 1);
+    let generation = state.cache_generation as u32;
+    let entry = &state.rows[slot];
+    if entry.valid == 1
+        && entry.generation == generation
+        && entry.first_row == table.first_row
+        && entry.target == target
+    {
+        return entry.row;
+    }
+    let row = find_row(&table, vaddr);
+    state.rows[slot] = CachedRow {
+        generation,
+        valid: 1,
+        first_row: table.first_row,
+        target,
+        row,
+    };
+    row
 }
 
 /// The row covering `vaddr`: the last one whose start is <= vaddr, or a GAP row.
@@ -509,21 +613,27 @@ fn apply(state: &mut UnwindState, row: UnwindRow) -> i64 {
     if bad {
         return stop(state, UnwindStatus::BadFrame);
     }
-    let Some(ra) = read_user_u64(cfa - 8) else {
-        return stop(state, UnwindStatus::ReadError);
-    };
-    let new_bp = if via_fp {
-        match read_user_u64(bp) {
-            Some(value) => value,
-            None => return stop(state, UnwindStatus::ReadError),
-        }
-    } else if row.rbp != 0 {
-        match read_user_u64(cfa.wrapping_add((i64::from(row.rbp) * 8) as u64)) {
-            Some(value) => value,
+    // The caller's rbp is usually saved right below the return address (pushed first thing
+    // after the call, and always so in a frame-pointer frame, where cfa = rbp + 16): one read
+    // of user memory for both.
+    let (ra, new_bp) = if via_fp || row.rbp == -2 {
+        match read_user_pair(cfa - 16) {
+            Some([saved_bp, ra]) => (ra, saved_bp),
             None => return stop(state, UnwindStatus::ReadError),
         }
     } else {
-        bp
+        let Some(ra) = read_user_u64(cfa - 8) else {
+            return stop(state, UnwindStatus::ReadError);
+        };
+        let new_bp = if row.rbp != 0 {
+            match read_user_u64(cfa.wrapping_add((i64::from(row.rbp) * 8) as u64)) {
+                Some(value) => value,
+                None => return stop(state, UnwindStatus::ReadError),
+            }
+        } else {
+            bp
+        };
+        (ra, new_bp)
     };
     if ra == 0 {
         return stop(state, UnwindStatus::Complete);

@@ -12,8 +12,8 @@ use aya::{
 use profiler_common::{
     COUNTER_SLOTS, Counter, GLOBAL_FILTER_CGROUPS, GLOBAL_FILTER_PIDS, GLOBAL_UNWIND_MODE, MAP_COUNTERS,
     MAP_KSYM_IO, MAP_MAPPINGS, MAP_PROC_EVENTS, MAP_PROCS, MAP_SAMPLES, MAP_TARGET_CGROUPS, MAP_TARGET_PIDS,
-    MAP_UNWIND_FILES, MAP_UNWIND_ROWS, PROGRAM_EXEC, PROGRAM_EXIT, PROGRAM_KSYM, PROGRAM_SAMPLE,
-    UNWIND_MODE_FRAME_POINTERS, UNWIND_MODE_TABLES,
+    MAP_UNWIND_FILES, MAP_UNWIND_GENERATION, MAP_UNWIND_ROWS, PROGRAM_EXEC, PROGRAM_EXIT, PROGRAM_KSYM,
+    PROGRAM_SAMPLE, UNWIND_MODE_FRAME_POINTERS, UNWIND_MODE_TABLES,
 };
 
 use crate::{
@@ -403,6 +403,8 @@ impl BpfSession {
         let mappings = LpmTrie::try_from(take(MAP_MAPPINGS)?).map_err(wrap(MAP_MAPPINGS))?;
         let procs = HashMap::try_from(take(MAP_PROCS)?).map_err(wrap(MAP_PROCS))?;
         let events = RingBuf::try_from(take(MAP_PROC_EVENTS)?).map_err(wrap(MAP_PROC_EVENTS))?;
+        let generation =
+            Array::try_from(take(MAP_UNWIND_GENERATION)?).map_err(wrap(MAP_UNWIND_GENERATION))?;
         Ok(UnwindMaps {
             rows,
             capacity: self.unwind_rows,
@@ -410,6 +412,7 @@ impl BpfSession {
             mappings,
             procs,
             events,
+            generation,
         })
     }
 

@@ -1678,6 +1678,59 @@ fn a_small_table_budget_evicts_and_names_what_it_could_not_walk() {
 }
 
 #[test]
+fn tables_evicted_while_walks_cache_them_are_never_used_stale() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    // Each CPU's walk caches the file tables and rows it found. 384 KiB = 49,152 rows hold the
+    // C fixture's files (libc: ~28,000 rows) but not libstdc++ (~34,000) beside them: when the
+    // C++ fixture starts mid-recording, loading it evicts tables the C fixture's walks have
+    // cached and writes other rows where theirs were. Every C sample must still unwind
+    // completely or name the table it is missing, never walk the other file's rows.
+    let c = Fixture::start(nofp_c_fixture(), 60);
+    let c_pid = c.pid();
+    let late = thread::spawn(|| {
+        thread::sleep(Duration::from_millis(1500));
+        Fixture::start(nofp_cpp_fixture(), 60)
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("evictions.pb.gz");
+    let profile = record(&["--frequency", "250", "--unwind-table-size", "384K"], 4, &out);
+    let cpp = late.join().expect("starter thread");
+    drop((c, cpp));
+    let view = View::new(&profile);
+    let comments: Vec<&str> = profile.comment.iter().map(|&i| view.s(i)).collect();
+    let tables = comments
+        .iter()
+        .find(|c| c.starts_with("unwind tables"))
+        .expect("unwind table comment");
+    assert!(!tables.contains(" 0 evicted"), "{tables}");
+    let (samples, total) = samples_and_total(&view, c_pid);
+    assert!(total > 500, "got {total} samples");
+    let complete = ["main", "__libc_start*"];
+    let misled: Vec<&&profiler::pprof::Sample> = samples
+        .iter()
+        .filter(|s| {
+            let stack = view.stack(s);
+            !complete.iter().all(|n| has_frame(&stack, n)) && !has_frame(&stack, "[unwind: no table for *")
+        })
+        .collect();
+    let n: i64 = misled.iter().map(|s| View::count(s)).sum();
+    // With the cache kept past evictions, about 2 % of them do.
+    assert!(
+        n * 200 <= total,
+        "{n} of {total} samples neither reach main nor name a missing table ({tables}):\n{}",
+        misled
+            .iter()
+            .take(5)
+            .map(|s| format!("  {} x {}", View::count(s), view.stack(s).join(" <- ")))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[test]
 fn stacks_deeper_than_the_limit_keep_256_user_frames_and_say_so() {
     let _serial = serial();
     if !privileged() {

@@ -225,6 +225,7 @@ pub struct UnwindMaps {
     pub mappings: LpmTrie<MapData, MappingKey, Mapping>,
     pub procs: BpfHashMap<MapData, u32, u32>,
     pub events: RingBuf<MapData>,
+    pub generation: aya::maps::Array<MapData, u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -273,12 +274,14 @@ pub struct Unwinder {
     vdso: Option<FileInfo>,
     vdso_table: Option<Table>,
     clock: u64,
+    /// Loads so far (see [`proc_state::loaded`]).
+    loads: u32,
     stats: Arc<UnwindStats>,
 }
 
 impl Unwinder {
     pub fn new(maps: UnwindMaps, proc_root: PathBuf, stats: Arc<UnwindStats>) -> Result<Self, UnwindError> {
-        let store = RowStore::new(maps.rows, maps.capacity, maps.files)?;
+        let store = RowStore::new(maps.rows, maps.capacity, maps.files, maps.generation)?;
         stats
             .rows_capacity
             .store(u64::from(maps.capacity), Ordering::Relaxed);
@@ -298,6 +301,7 @@ impl Unwinder {
             vdso,
             vdso_table,
             clock: 0,
+            loads: 0,
             stats,
         })
     }
@@ -591,7 +595,9 @@ impl Unwinder {
         for &id in &old.files {
             self.store.add_user(id, -1);
         }
-        if let Err(error) = self.procs.insert(pid, proc_state::LOADED, 0) {
+        // A new value for every load: walks cached this pid's mappings under the old one.
+        self.loads = self.loads.wrapping_add(1);
+        if let Err(error) = self.procs.insert(pid, proc_state::loaded(self.loads), 0) {
             warn!(pid, %error, "PROCS is full; the process stays on frame pointers");
         }
         self.processes.insert(

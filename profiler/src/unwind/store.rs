@@ -7,9 +7,13 @@
 //! files in use (their samples then end in `[unwind: no table for …]`). Order of updates, so
 //! BPF never follows a file entry into rows that are not there: rows are written before the
 //! file entry is inserted, and the file entry is deleted before its rows are freed.
+//!
+//! Each CPU's walk also caches file entries and rows it found (`UnwindState::cache`, `rows`).
+//! The store owns `UNWIND_GENERATION`, which empties those caches: it is incremented when a file
+//! entry is deleted, before its rows can be reused.
 use std::{collections::BTreeMap, io, os::fd::AsFd as _};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+use aya::maps::{Array as BpfArray, HashMap as BpfHashMap, MapData, MapError};
 use foldhash::HashMap;
 use profiler_common::{FileTable, UnwindRow};
 
@@ -21,6 +25,8 @@ pub enum StoreError {
     Mmap(io::Error),
     #[error("UNWIND_FILES: {0}")]
     Files(#[from] Box<MapError>),
+    #[error("UNWIND_GENERATION: {0}")]
+    Generation(Box<MapError>),
     #[error("table of {rows} rows is larger than the whole unwind-table budget ({capacity} rows)")]
     TooLarge { rows: usize, capacity: u32 },
 }
@@ -89,6 +95,8 @@ pub struct RowStore {
     rows_map: MapData,
     capacity: u32,
     files: BpfHashMap<MapData, u64, FileTable>,
+    generation: BpfArray<MapData, u64>,
+    generation_value: u64,
     free: FreeList,
     resident: HashMap<u64, Resident>,
     clock: u64,
@@ -96,18 +104,24 @@ pub struct RowStore {
 }
 
 impl RowStore {
-    /// Takes over `rows_map` (an mmapable array of `capacity` rows) and `files`; checks that
-    /// the array can be written.
+    /// Takes over `rows_map` (an mmapable array of `capacity` rows), `files` and `generation`;
+    /// checks that the array and the generation can be written.
     pub fn new(
         rows_map: MapData,
         capacity: u32,
         files: BpfHashMap<MapData, u64, FileTable>,
+        mut generation: BpfArray<MapData, u64>,
     ) -> Result<Self, StoreError> {
         write_rows(&rows_map, 0, &[UnwindRow::default()]).map_err(StoreError::Mmap)?;
+        generation
+            .set(0, 0, 0)
+            .map_err(|error| StoreError::Generation(Box::new(error)))?;
         Ok(RowStore {
             rows_map,
             capacity,
             files,
+            generation,
+            generation_value: 0,
             free: FreeList::new(capacity),
             resident: HashMap::default(),
             clock: 0,
@@ -186,6 +200,15 @@ impl RowStore {
         Ok(())
     }
 
+    /// Empties every CPU's walk caches (at its next walk). A failure is logged; BPF then keeps
+    /// cached entries until the next increment that succeeds.
+    fn bump_generation(&mut self) {
+        self.generation_value += 1;
+        if let Err(error) = self.generation.set(0, self.generation_value, 0) {
+            tracing::warn!(%error, "UNWIND_GENERATION not updated; walks may use stale mappings");
+        }
+    }
+
     /// Drops the table of `file_id`, if loaded.
     pub fn remove(&mut self, file_id: u64) -> Result<(), StoreError> {
         let Some(file) = self.resident.remove(&file_id) else {
@@ -199,6 +222,8 @@ impl RowStore {
                 return Err(StoreError::Files(Box::new(error)));
             }
         }
+        // Walk caches may hold the entry: empty them before the rows can be reused.
+        self.bump_generation();
         self.free.release(file.first, file.rows);
         self.stats.used_rows -= u64::from(file.rows);
         self.stats.files = self.resident.len() as u64;
