@@ -75,13 +75,13 @@ pub struct KsymBatch {
 /// the CPU's cache of recently found mappings.
 pub const MAP_UNWIND_STATE: &str = "UNWIND_STATE";
 /// Array with one `u64`: the generation of [`MAP_UNWIND_FILES`] and [`MAP_UNWIND_ROWS`]. The
-/// daemon increments it when it removes a file's table (its rows may then be reused); a walk
-/// that sees a new generation empties its CPU's caches first. Loading a table needs no
+/// daemon increments it when it removes a file's table (its rows may then be reused); cache
+/// entries found under another generation miss. Loading a table needs no
 /// increment (nothing cached refers to it); changed mappings are told by the process's
 /// [`MAP_PROCS`] value.
 pub const MAP_UNWIND_GENERATION: &str = "UNWIND_GENERATION";
-/// Mappings each CPU's walk keeps across samples ([`UnwindState::cache`]).
-pub const WALK_CACHE_ENTRIES: usize = 8;
+/// Mappings each CPU's walk keeps across samples ([`UnwindState::cache`]); a power of two.
+pub const MAPPING_CACHE_ENTRIES: usize = 32;
 /// Rows each CPU's walk keeps across samples ([`UnwindState::rows`]); a power of two.
 pub const ROW_CACHE_ENTRIES: usize = 64;
 
@@ -415,22 +415,22 @@ pub struct UnwindState {
     pub has_table: u8,
     pub mapping: Mapping,
     pub table: FileTable,
-    /// The [`MAP_UNWIND_GENERATION`] value `cache` and `rows` were filled under.
-    pub cache_generation: u64,
-    /// Slot of `cache` the next miss replaces (round robin).
-    pub cache_next: u32,
+    /// The [`MAP_UNWIND_GENERATION`] value of this walk.
+    pub generation: u64,
     /// The walked process's [`MAP_PROCS`] value.
     pub process: u32,
+    pub _pad: u32,
     /// Mappings found in [`MAP_MAPPINGS`] by earlier walks on this CPU, so a process sampled
     /// again does not search the trie and the file hash for every file its stack crosses.
-    pub cache: [CachedMapping; WALK_CACHE_ENTRIES],
+    /// Direct-mapped by tgid and 64 KiB region of the pc.
+    pub cache: [CachedMapping; MAPPING_CACHE_ENTRIES],
     /// Rows found by earlier searches on this CPU, by file and exact address (direct-mapped):
     /// return addresses repeat from sample to sample while a program runs the same code.
     pub rows: [CachedRow; ROW_CACHE_ENTRIES],
 }
 
 const _: () =
-    assert!(core::mem::size_of::<UnwindState>() == 112 + WALK_CACHE_ENTRIES * 72 + ROW_CACHE_ENTRIES * 24);
+    assert!(core::mem::size_of::<UnwindState>() == 112 + MAPPING_CACHE_ENTRIES * 72 + ROW_CACHE_ENTRIES * 24);
 
 /// One entry of [`UnwindState::rows`].
 #[repr(C)]
@@ -459,7 +459,8 @@ pub struct CachedMapping {
     pub process: u32,
     /// 1 when `table` is valid for the mapping.
     pub has_table: u32,
-    pub _pad: u32,
+    /// Low 32 bits of the generation the entry was found under; other generations miss.
+    pub generation: u32,
     pub mapping: Mapping,
     pub table: FileTable,
 }

@@ -37,10 +37,11 @@ use aya_ebpf::{
 };
 use profiler_common::{
     COUNTER_SLOTS, CachedMapping, CachedRow, Counter, FileTable, HEADER_BYTES, KSYM_BATCH, KSYM_NAME_BYTES,
-    KsymBatch, MAPPING_PID_PREFIX, MAX_FRAMES, MAX_STACK_DEPTH, MAX_TARGET_CGROUPS, MAX_TARGET_PIDS,
-    MAX_USER_DEPTH, Mapping, MappingKey, PROC_EVENTS_RING_BYTES, ProcEvent, ROW_CACHE_ENTRIES, RawSample,
-    SAMPLES_RING_BYTES, SAMPLES_WAKEUP_BYTES, UNWIND_MODE_TABLES, UNWIND_STATUS_SLOTS, UnwindRow,
-    UnwindState, UnwindStatus, WALK_CACHE_ENTRIES, cfa, mapping, mapping_key, proc_event, proc_state,
+    KsymBatch, MAPPING_CACHE_ENTRIES, MAPPING_PID_PREFIX, MAX_FRAMES, MAX_STACK_DEPTH, MAX_TARGET_CGROUPS,
+    MAX_TARGET_PIDS, MAX_USER_DEPTH, Mapping, MappingKey, PROC_EVENTS_RING_BYTES, ProcEvent,
+    ROW_CACHE_ENTRIES, RawSample, SAMPLES_RING_BYTES, SAMPLES_WAKEUP_BYTES, UNWIND_MODE_TABLES,
+    UNWIND_STATUS_SLOTS, UnwindRow, UnwindState, UnwindStatus, cfa, mapping, mapping_key, proc_event,
+    proc_state,
 };
 
 #[map(name = "SAMPLES")]
@@ -350,18 +351,9 @@ unsafe fn walk_user(
         s.is_return = u8::from(regs.orig_ax != u64::MAX);
         s.status = UnwindStatus::MaxDepth as u8;
         s.cached = 0;
-        // Entries cached by earlier walks hold while no table was removed (a process's changed
-        // mappings come with a new PROCS value, which its entries must match).
-        let generation = UNWIND_GENERATION.get(0).copied().unwrap_or(0);
-        if generation != s.cache_generation {
-            let mut i = 0;
-            while i < WALK_CACHE_ENTRIES {
-                s.cache[i].tgid = 0;
-                i += 1;
-            }
-            s.cache_generation = generation;
-            s.cache_next = 0;
-        }
+        // Entries cached by earlier walks count only under the same generation (no table
+        // removed since) and, for mappings, the same PROCS value (not reloaded since).
+        s.generation = UNWIND_GENERATION.get(0).copied().unwrap_or(0);
         bpf_loop(
             MAX_USER_DEPTH as u32,
             step as *mut c_void,
@@ -424,28 +416,10 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
     state.frames += 1;
 
     // Frames of one file usually follow each other: reuse the previous frame's mapping and
-    // table, else one an earlier walk on this CPU found, before searching the trie (a
-    // microsecond and more) and the file hash.
-    if (state.cached == 0 || pc < state.mapping.start || pc >= state.mapping.end) && !from_cache(state, pc) {
-        let key = Key::new(96, mapping_key(state.tgid, pc));
-        let Some(found) = MAPPINGS.get(&key) else {
-            return stop(state, UnwindStatus::NoMapping);
-        };
-        state.mapping = *found;
-        state.cached = 1;
-        state.has_table = 0;
-        if found.kind == mapping::TABLE {
-            // SAFETY: the value is copied out at once.
-            if let Some(table) = unsafe { UNWIND_FILES.get(&found.file_id) } {
-                state.table = *table;
-                state.has_table = 1;
-            }
-        }
-        // A table mapping without its table is not cached: the table may arrive without a new
-        // generation.
-        if found.kind != mapping::TABLE || state.has_table == 1 {
-            to_cache(state);
-        }
+    // table when the pc is still inside it.
+    if (state.cached == 0 || pc < state.mapping.start || pc >= state.mapping.end) && !find_mapping(state, pc)
+    {
+        return stop(state, UnwindStatus::NoMapping);
     }
     let lookup = pc - u64::from(state.is_return);
     let row = match state.mapping.kind {
@@ -467,41 +441,75 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
     apply(state, row)
 }
 
-/// Takes the mapping holding `pc` from this CPU's cache, if there.
-#[inline(always)]
-fn from_cache(state: &mut UnwindState, pc: u64) -> bool {
-    let mut i = 0;
-    while i < WALK_CACHE_ENTRIES {
-        let entry = &state.cache[i];
-        if entry.tgid == state.tgid
-            && entry.process == state.process
-            && pc >= entry.mapping.start
-            && pc < entry.mapping.end
-        {
-            state.mapping = entry.mapping;
-            state.table = entry.table;
-            state.has_table = entry.has_table as u8;
-            state.cached = 1;
-            return true;
-        }
-        i += 1;
+/// Makes the mapping holding `pc` the walk's current one, with its file's table: from this
+/// CPU's cache, else from `MAPPINGS` (a microsecond and more) and `UNWIND_FILES`, then cached.
+/// False when no mapping holds `pc`. Not inlined, so the verifier checks the rest of the step
+/// once whichever way the mapping was found, not once per way.
+#[inline(never)]
+fn find_mapping(state: &mut UnwindState, pc: u64) -> bool {
+    if from_cache(state, pc) {
+        return true;
     }
-    false
+    let key = Key::new(96, mapping_key(state.tgid, pc));
+    let Some(found) = MAPPINGS.get(&key) else {
+        return false;
+    };
+    state.mapping = *found;
+    state.cached = 1;
+    state.has_table = 0;
+    if found.kind == mapping::TABLE {
+        // SAFETY: the value is copied out at once.
+        if let Some(table) = unsafe { UNWIND_FILES.get(&found.file_id) } {
+            state.table = *table;
+            state.has_table = 1;
+        }
+    }
+    // A table mapping without its table is not cached: the table may arrive without a new
+    // generation.
+    if found.kind != mapping::TABLE || state.has_table == 1 {
+        to_cache(state, pc);
+    }
+    true
 }
 
-/// Keeps the walk's current mapping in this CPU's cache, replacing the oldest entry.
+/// The slot of this CPU's mapping cache for `pc` of `tgid` (one per 64 KiB region).
 #[inline(always)]
-fn to_cache(state: &mut UnwindState) {
-    let slot = state.cache_next as usize % WALK_CACHE_ENTRIES;
-    state.cache[slot] = CachedMapping {
+fn mapping_slot(tgid: u32, pc: u64) -> usize {
+    let hash = ((pc >> 16) as u32 ^ tgid.rotate_left(13)).wrapping_mul(0x9e37_79b1);
+    (hash >> 27) as usize & (MAPPING_CACHE_ENTRIES - 1)
+}
+
+/// Takes the mapping holding `pc` from this CPU's cache, if there. One slot is looked at: a
+/// scan of several would multiply the paths the verifier checks.
+#[inline(always)]
+fn from_cache(state: &mut UnwindState, pc: u64) -> bool {
+    let entry = &state.cache[mapping_slot(state.tgid, pc)];
+    if entry.generation != state.generation as u32
+        || entry.tgid != state.tgid
+        || entry.process != state.process
+        || pc < entry.mapping.start
+        || pc >= entry.mapping.end
+    {
+        return false;
+    }
+    state.mapping = entry.mapping;
+    state.table = entry.table;
+    state.has_table = entry.has_table as u8;
+    state.cached = 1;
+    true
+}
+
+/// Keeps the walk's current mapping in this CPU's cache, in `pc`'s slot.
+#[inline(always)]
+fn to_cache(state: &mut UnwindState, pc: u64) {
+    state.cache[mapping_slot(state.tgid, pc)] = CachedMapping {
         tgid: state.tgid,
         process: state.process,
         has_table: u32::from(state.has_table),
-        _pad: 0,
+        generation: state.generation as u32,
         mapping: state.mapping,
         table: state.table,
     };
-    state.cache_next = (slot as u32 + 1) % WALK_CACHE_ENTRIES as u32;
 }
 
 /// The row covering `vaddr` in the current table, from this CPU's row cache when the same
@@ -516,7 +524,7 @@ fn cached_row(state: &mut UnwindState, vaddr: u64) -> UnwindRow {
     let target = (vaddr - table.base) as u32;
     let hash = (target ^ table.first_row.rotate_left(16)).wrapping_mul(0x9e37_79b1);
     let slot = (hash >> 26) as usize & (ROW_CACHE_ENTRIES - 1);
-    let generation = state.cache_generation as u32;
+    let generation = state.generation as u32;
     let entry = &state.rows[slot];
     if entry.valid == 1
         && entry.generation == generation

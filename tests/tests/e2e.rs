@@ -1717,7 +1717,6 @@ fn tables_evicted_while_walks_cache_them_are_never_used_stale() {
         })
         .collect();
     let n: i64 = misled.iter().map(|s| View::count(s)).sum();
-    // With the cache kept past evictions, about 2 % of them do.
     assert!(
         n * 200 <= total,
         "{n} of {total} samples neither reach main nor name a missing table ({tables}):\n{}",

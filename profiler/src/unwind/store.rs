@@ -9,8 +9,8 @@
 //! file entry is inserted, and the file entry is deleted before its rows are freed.
 //!
 //! Each CPU's walk also caches file entries and rows it found (`UnwindState::cache`, `rows`).
-//! The store owns `UNWIND_GENERATION`, which empties those caches: it is incremented when a file
-//! entry is deleted, before its rows can be reused.
+//! Entries count only under the `UNWIND_GENERATION` they were found with; the store owns that
+//! map and increments it when a file entry is deleted, before its rows can be reused.
 use std::{collections::BTreeMap, io, os::fd::AsFd as _};
 
 use aya::maps::{Array as BpfArray, HashMap as BpfHashMap, MapData, MapError};
@@ -200,8 +200,8 @@ impl RowStore {
         Ok(())
     }
 
-    /// Empties every CPU's walk caches (at its next walk). A failure is logged; BPF then keeps
-    /// cached entries until the next increment that succeeds.
+    /// Invalidates every CPU's walk caches (from its next walk on). A failure is logged; BPF
+    /// then keeps using cached entries until the next increment that succeeds.
     fn bump_generation(&mut self) {
         self.generation_value += 1;
         if let Err(error) = self.generation.set(0, self.generation_value, 0) {
@@ -222,7 +222,7 @@ impl RowStore {
                 return Err(StoreError::Files(Box::new(error)));
             }
         }
-        // Walk caches may hold the entry: empty them before the rows can be reused.
+        // Walk caches may hold the entry: invalidate them before the rows can be reused.
         self.bump_generation();
         self.free.release(file.first, file.rows);
         self.stats.used_rows -= u64::from(file.rows);
