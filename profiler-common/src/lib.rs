@@ -362,7 +362,9 @@ pub mod proc_state {
 
     /// The value of a process loaded by the daemon's `load`-th load (24 bits kept). Every
     /// (re)load writes a new value, so mappings a walk cached under the old value (before a
-    /// reload, or for an exited process whose tgid was reused) no longer match.
+    /// reload, or for an exited process whose tgid was reused) no longer match. After 2^24
+    /// loads a value repeats: a stale entry would need the same tgid and to have survived in
+    /// its CPU's 32 slots all that time.
     pub const fn loaded(load: u32) -> u32 {
         LOADED | (load << 8)
     }

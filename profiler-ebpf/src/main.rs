@@ -464,9 +464,9 @@ fn find_mapping(state: &mut UnwindState, pc: u64) -> bool {
             state.has_table = 1;
         }
     }
-    // A table mapping without its table is not cached: the table may arrive without a new
-    // generation.
-    if found.kind != mapping::TABLE || state.has_table == 1 {
+    // A table mapping without its table is not cached (the table may arrive without a new
+    // generation), nor the whole-process entry, which holds no address.
+    if found.kind == mapping::FRAME_POINTER || state.has_table == 1 {
         to_cache(state, pc);
     }
     true

@@ -97,6 +97,9 @@ pub struct RowStore {
     files: BpfHashMap<MapData, u64, FileTable>,
     generation: BpfArray<MapData, u64>,
     generation_value: u64,
+    /// Rows of removed files whose generation increment failed: walk caches may still point
+    /// into them, so they are freed only after an increment succeeds.
+    held: Vec<(u32, u32)>,
     free: FreeList,
     resident: HashMap<u64, Resident>,
     clock: u64,
@@ -122,6 +125,7 @@ impl RowStore {
             files,
             generation,
             generation_value: 0,
+            held: Vec::new(),
             free: FreeList::new(capacity),
             resident: HashMap::default(),
             clock: 0,
@@ -200,13 +204,18 @@ impl RowStore {
         Ok(())
     }
 
-    /// Invalidates every CPU's walk caches (from its next walk on). A failure is logged; BPF
-    /// then keeps using cached entries until the next increment that succeeds.
-    fn bump_generation(&mut self) {
+    /// Invalidates every CPU's walk caches (from its next walk on), then frees rows held back
+    /// by earlier failures. False (logged) when the map could not be written.
+    fn bump_generation(&mut self) -> bool {
         self.generation_value += 1;
         if let Err(error) = self.generation.set(0, self.generation_value, 0) {
-            tracing::warn!(%error, "UNWIND_GENERATION not updated; walks may use stale mappings");
+            tracing::warn!(%error, "UNWIND_GENERATION not updated; the removed table's rows stay reserved");
+            return false;
         }
+        for (first, rows) in std::mem::take(&mut self.held) {
+            self.free.release(first, rows);
+        }
+        true
     }
 
     /// Drops the table of `file_id`, if loaded.
@@ -223,8 +232,11 @@ impl RowStore {
             }
         }
         // Walk caches may hold the entry: invalidate them before the rows can be reused.
-        self.bump_generation();
-        self.free.release(file.first, file.rows);
+        if self.bump_generation() {
+            self.free.release(file.first, file.rows);
+        } else if file.rows > 0 {
+            self.held.push((file.first, file.rows));
+        }
         self.stats.used_rows -= u64::from(file.rows);
         self.stats.files = self.resident.len() as u64;
         Ok(())
