@@ -72,7 +72,7 @@ pub struct KsymBatch {
     pub names: [[u8; KSYM_NAME_BYTES]; KSYM_BATCH],
 }
 /// Per-CPU array with one [`UnwindState`], the walk's registers between `bpf_loop` steps and
-/// the CPU's cache of recently found mappings.
+/// the CPU's caches of mappings and rows found by earlier walks.
 pub const MAP_UNWIND_STATE: &str = "UNWIND_STATE";
 /// Array with one `u64`: the generation of [`MAP_UNWIND_FILES`] and [`MAP_UNWIND_ROWS`]. The
 /// daemon increments it when it removes a file's table (its rows may then be reused); cache

@@ -447,15 +447,22 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
 /// once whichever way the mapping was found, not once per way.
 #[inline(never)]
 fn find_mapping(state: &mut UnwindState, pc: u64) -> bool {
-    if from_cache(state, pc) {
-        return true;
+    let found = from_cache(state, pc) || from_maps(state, pc);
+    if found {
+        state.cached = 1;
     }
+    found
+}
+
+/// Takes the mapping holding `pc` from `MAPPINGS` and its table from `UNWIND_FILES`, and caches
+/// them.
+#[inline(always)]
+fn from_maps(state: &mut UnwindState, pc: u64) -> bool {
     let key = Key::new(96, mapping_key(state.tgid, pc));
     let Some(found) = MAPPINGS.get(&key) else {
         return false;
     };
     state.mapping = *found;
-    state.cached = 1;
     state.has_table = 0;
     if found.kind == mapping::TABLE {
         // SAFETY: the value is copied out at once.
@@ -472,11 +479,18 @@ fn find_mapping(state: &mut UnwindState, pc: u64) -> bool {
     true
 }
 
+/// The slot of a direct-mapped cache of `entries` (a power of two) for `key` of `owner` (a
+/// process, or a file's first row): the top bits of a multiplicative hash.
+#[inline(always)]
+fn cache_slot(key: u32, owner: u32, entries: usize) -> usize {
+    let hash = (key ^ owner.rotate_left(16)).wrapping_mul(0x9e37_79b1);
+    (hash >> (32 - entries.trailing_zeros())) as usize & (entries - 1)
+}
+
 /// The slot of this CPU's mapping cache for `pc` of `tgid` (one per 64 KiB region).
 #[inline(always)]
 fn mapping_slot(tgid: u32, pc: u64) -> usize {
-    let hash = ((pc >> 16) as u32 ^ tgid.rotate_left(13)).wrapping_mul(0x9e37_79b1);
-    (hash >> 27) as usize & (MAPPING_CACHE_ENTRIES - 1)
+    cache_slot((pc >> 16) as u32, tgid, MAPPING_CACHE_ENTRIES)
 }
 
 /// Takes the mapping holding `pc` from this CPU's cache, if there. One slot is looked at: a
@@ -495,7 +509,6 @@ fn from_cache(state: &mut UnwindState, pc: u64) -> bool {
     state.mapping = entry.mapping;
     state.table = entry.table;
     state.has_table = entry.has_table as u8;
-    state.cached = 1;
     true
 }
 
@@ -522,8 +535,7 @@ fn cached_row(state: &mut UnwindState, vaddr: u64) -> UnwindRow {
         return UnwindRow::default();
     }
     let target = (vaddr - table.base) as u32;
-    let hash = (target ^ table.first_row.rotate_left(16)).wrapping_mul(0x9e37_79b1);
-    let slot = (hash >> 26) as usize & (ROW_CACHE_ENTRIES - 1);
+    let slot = cache_slot(target, table.first_row, ROW_CACHE_ENTRIES);
     let generation = state.generation as u32;
     let entry = &state.rows[slot];
     if entry.valid == 1

@@ -116,6 +116,25 @@ impl<'a> View<'a> {
         &self.p.string_table[i as usize]
     }
 
+    /// The profile's comments (the daemon's counters and figures).
+    fn comments(&self) -> Vec<&'a str> {
+        self.p
+            .comment
+            .iter()
+            .map(|&i| self.p.string_table[i as usize].as_str())
+            .collect()
+    }
+
+    /// The comment starting with `prefix`.
+    fn comment(&self, prefix: &str) -> &'a str {
+        let comments = self.comments();
+        comments
+            .iter()
+            .find(|c| c.starts_with(prefix))
+            .copied()
+            .unwrap_or_else(|| panic!("no comment starting with {prefix:?} in {comments:?}"))
+    }
+
     /// Function names of a sample's stack, leaf first (innermost line first).
     fn stack(&self, sample: &profiler::pprof::Sample) -> Vec<&str> {
         sample
@@ -1134,15 +1153,19 @@ fn has_frame(stack: &[&str], needle: &str) -> bool {
 /// Count-weighted share of `samples` whose stack contains every name in `names`.
 fn share_with(view: &View, samples: &[&profiler::pprof::Sample], names: &[&str]) -> f64 {
     let total: i64 = samples.iter().map(|s| View::count(s)).sum();
-    let with: i64 = samples
+    count_with(view, samples, names) as f64 / total.max(1) as f64
+}
+
+/// Samples (count-weighted) of `samples` whose stack contains every name in `names`.
+fn count_with(view: &View, samples: &[&profiler::pprof::Sample], names: &[&str]) -> i64 {
+    samples
         .iter()
         .filter(|s| {
             let stack = view.stack(s);
             names.iter().all(|n| has_frame(&stack, n))
         })
         .map(|s| View::count(s))
-        .sum();
-    with as f64 / total.max(1) as f64
+        .sum()
 }
 
 /// The function with the most samples on top of the stack (the physical function of the leaf
@@ -1398,11 +1421,7 @@ fn processes_that_exit_while_loading_do_not_disturb_the_daemon() {
     let samples = view.samples_of(fixture.pid());
     let share = share_with(&view, &samples, &["main", "deep_leaf"]);
     assert!(share > 0.9, "fixture reached main in {:.1} %", share * 100.0);
-    let comments: Vec<&str> = profile.comment.iter().map(|&i| view.s(i)).collect();
-    assert!(
-        comments.iter().any(|c| c.starts_with("unwind tables")),
-        "{comments:?}"
-    );
+    view.comment("unwind tables");
 }
 
 #[test]
@@ -1588,6 +1607,16 @@ fn signal(pid: u32, signal: libc::c_int) {
     assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
 }
 
+/// Stops `pid` now and continues it after `delay` (join the handle after the recording): the
+/// process is not running while the daemon starts, so it is loaded on its first sample.
+fn continue_later(pid: u32, delay: Duration) -> thread::JoinHandle<()> {
+    signal(pid, libc::SIGSTOP);
+    thread::spawn(move || {
+        thread::sleep(delay);
+        signal(pid, libc::SIGCONT);
+    })
+}
+
 #[test]
 fn processes_idle_at_start_are_loaded_on_their_first_sample() {
     let _serial = serial();
@@ -1598,11 +1627,7 @@ fn processes_idle_at_start_are_loaded_on_their_first_sample() {
     // first tick; continued 1.5 s into a whole-system recording.
     let fixture = Fixture::start(nofp_c_fixture(), 60);
     let pid = fixture.pid();
-    signal(pid, libc::SIGSTOP);
-    let resume = thread::spawn(move || {
-        thread::sleep(Duration::from_millis(1500));
-        signal(pid, libc::SIGCONT);
-    });
+    let resume = continue_later(pid, Duration::from_millis(1500));
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("all.pb.gz");
     let profile = record(&["--frequency", "250"], 4, &out);
@@ -1619,18 +1644,13 @@ fn processes_idle_at_start_are_loaded_on_their_first_sample() {
         share * 100.0,
         stacks_without(&view, &samples, &reach)
     );
-    let comments: Vec<&str> = profile.comment.iter().map(|&i| view.s(i)).collect();
-    let requested = comments
-        .iter()
-        .find_map(|c| {
-            let before = c
-                .strip_prefix("unwind tables")?
-                .split(" requested by their first sample")
-                .next()?;
-            before.rsplit(' ').next()?.parse::<u64>().ok()
-        })
-        .unwrap_or_else(|| panic!("no load-request count in {comments:?}"));
-    assert!(requested >= 1, "{comments:?}");
+    let tables = view.comment("unwind tables");
+    let requested = tables
+        .split(" requested by their first sample")
+        .next()
+        .and_then(|before| before.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no load-request count in {tables:?}"));
+    assert!(requested >= 1, "{tables:?}");
 }
 
 #[test]
@@ -1659,11 +1679,7 @@ fn a_small_table_budget_evicts_and_names_what_it_could_not_walk() {
         &out,
     );
     let view = View::new(&profile);
-    let comments: Vec<&str> = profile.comment.iter().map(|&i| view.s(i)).collect();
-    let tables = comments
-        .iter()
-        .find(|c| c.starts_with("unwind tables"))
-        .expect("unwind table comment");
+    let tables = view.comment("unwind tables");
     assert!(tables.contains("of 0.2 MiB"), "{tables}");
     assert!(!tables.contains(" 0 evicted"), "{tables}");
     // Nothing is lost: both processes keep all their samples, and walks that met an evicted
@@ -1693,22 +1709,14 @@ fn tables_evicted_while_walks_cache_them_are_never_used_stale() {
     let c_pid = c.pid();
     let cpp = Fixture::start(nofp_cpp_fixture(), 60);
     let cpp_pid = cpp.pid();
-    signal(cpp_pid, libc::SIGSTOP);
-    let resume = thread::spawn(move || {
-        thread::sleep(Duration::from_millis(1500));
-        signal(cpp_pid, libc::SIGCONT);
-    });
+    let resume = continue_later(cpp_pid, Duration::from_millis(1500));
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("evictions.pb.gz");
     let profile = record(&["--frequency", "250", "--unwind-table-size", "384K"], 4, &out);
     resume.join().expect("resume thread");
     drop((c, cpp));
     let view = View::new(&profile);
-    let comments: Vec<&str> = profile.comment.iter().map(|&i| view.s(i)).collect();
-    let tables = comments
-        .iter()
-        .find(|c| c.starts_with("unwind tables"))
-        .expect("unwind table comment");
+    let tables = view.comment("unwind tables");
     assert!(!tables.contains(" 0 evicted"), "{tables}");
     let (_, late) = samples_and_total(&view, cpp_pid);
     assert!(
@@ -1717,24 +1725,19 @@ fn tables_evicted_while_walks_cache_them_are_never_used_stale() {
     );
     let (samples, total) = samples_and_total(&view, c_pid);
     assert!(total > 500, "got {total} samples");
-    let complete = ["main", "__libc_start*"];
-    let misled: Vec<&&profiler::pprof::Sample> = samples
+    // Samples whose walk did not stop at a missing table must be complete.
+    let walked: Vec<&profiler::pprof::Sample> = samples
         .iter()
-        .filter(|s| {
-            let stack = view.stack(s);
-            !complete.iter().all(|n| has_frame(&stack, n)) && !has_frame(&stack, "[unwind: no table for *")
-        })
+        .copied()
+        .filter(|s| !has_frame(&view.stack(s), "[unwind: no table for *"))
         .collect();
-    let n: i64 = misled.iter().map(|s| View::count(s)).sum();
+    let complete = ["main", "__libc_start*"];
+    let walked_total: i64 = walked.iter().map(|s| View::count(s)).sum();
+    let n = walked_total - count_with(&view, &walked, &complete);
     assert!(
         n * 100 <= total,
         "{n} of {total} samples neither reach main nor name a missing table ({tables}):\n{}",
-        misled
-            .iter()
-            .take(5)
-            .map(|s| format!("  {} x {}", View::count(s), view.stack(s).join(" <- ")))
-            .collect::<Vec<_>>()
-            .join("\n")
+        stacks_without(&view, &walked, &complete)
     );
 }
 
@@ -1778,11 +1781,6 @@ fn stacks_deeper_than_the_limit_keep_256_user_frames_and_say_so() {
             view.stack(s).join(" <- ")
         );
     }
-    let comments: Vec<&str> = profile.comment.iter().map(|&i| view.s(i)).collect();
-    assert!(
-        comments
-            .iter()
-            .any(|c| c.starts_with("user stack walks:") && c.contains("max-depth")),
-        "{comments:?}"
-    );
+    let walks = view.comment("user stack walks:");
+    assert!(walks.contains("max-depth"), "{walks}");
 }
