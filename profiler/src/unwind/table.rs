@@ -8,9 +8,11 @@
 //! (framehop's rule: a leaf returns through `[rsp]`, anything else follows the frame pointer),
 //! and Go code (`.gopclntab`) gets frame-pointer rows, because Go keeps frame pointers and
 //! emits no CFI.
+use std::collections::HashMap;
+
 use gimli::{
-    BaseAddresses, CfaRule, CieOrFde, DebugFrame, EhFrame, Encoding, Format, NativeEndian, Operation,
-    Register, RegisterRule, UnwindContext, UnwindSection, X86_64,
+    BaseAddresses, CfaRule, CieOrFde, CommonInformationEntry, DebugFrame, EhFrame, Encoding, Format,
+    NativeEndian, Operation, Register, RegisterRule, UnwindContext, UnwindSection, X86_64,
 };
 use object::{Object as _, ObjectSection as _, ReadRef};
 use profiler_common::{UnwindRow, cfa, invalid};
@@ -267,6 +269,8 @@ where
         source,
     };
     let mut ctx = UnwindContext::new();
+    // FDEs share a few CIEs: each is parsed once, not once per FDE.
+    let mut cies: HashMap<usize, CommonInformationEntry<Slice<'a>>> = HashMap::new();
     let mut entries = section.entries(bases);
     let encoding = Encoding {
         address_size: 8,
@@ -289,7 +293,16 @@ where
         let CieOrFde::Fde(partial) = entry else {
             continue;
         };
-        let Ok(fde) = partial.parse(|section, bases, offset| section.cie_from_offset(bases, offset)) else {
+        let fde = partial.parse(|section, bases, offset| {
+            let key = gimli::UnwindOffset::into(offset);
+            if let Some(cie) = cies.get(&key) {
+                return Ok(cie.clone());
+            }
+            let cie = section.cie_from_offset(bases, offset)?;
+            cies.insert(key, cie.clone());
+            Ok(cie)
+        });
+        let Ok(fde) = fde else {
             stats.bad_fdes += 1;
             continue;
         };
@@ -299,7 +312,8 @@ where
             continue;
         }
         let signal = fde.is_signal_trampoline();
-        let mut fde_rows = Vec::new();
+        // This FDE's rows go straight into `rows`, and are taken back out if it turns out bad.
+        let first = rows.len();
         let table = fde.rows(section, bases, &mut ctx);
         let ok = table.and_then(|mut table| {
             while let Some(row) = table.next_row()? {
@@ -311,7 +325,7 @@ where
                 } else {
                     convert(row, section, encoding)
                 };
-                fde_rows.push(AbsRow {
+                rows.push(AbsRow {
                     vaddr: row.start_address(),
                     rule,
                 });
@@ -319,14 +333,14 @@ where
             Ok(())
         });
         if ok.is_err() {
+            rows.truncate(first);
             stats.bad_fdes += 1;
             continue;
         }
-        stats.invalid += fde_rows
+        stats.invalid += rows[first..]
             .iter()
             .filter(|r| r.rule.cfa_rule == cfa::INVALID)
             .count() as u64;
-        rows.extend(fde_rows);
         // Where this FDE ends, a gap starts (the next FDE, if adjacent, replaces it).
         rows.push(AbsRow {
             vaddr: end,
@@ -503,37 +517,27 @@ fn finish(mut rows: Vec<AbsRow>, stats: Stats) -> Result<Table, TableError> {
     // Stable: at one address, FDE rows (pushed before the gap that ends the previous FDE, or
     // after it) are ordered so that a non-gap wins.
     rows.sort_by_key(|r| (r.vaddr, r.rule.cfa_rule != cfa::GAP));
-    let mut merged: Vec<AbsRow> = Vec::with_capacity(rows.len());
-    for row in rows {
-        if let Some(last) = merged.last_mut()
-            && last.vaddr == row.vaddr
-        {
-            *last = row;
-            continue;
+    // Of the rows at one address the last stays; then rows that repeat the rule before them go.
+    rows.dedup_by(|row, kept| {
+        let same_address = row.vaddr == kept.vaddr;
+        if same_address {
+            *kept = *row;
         }
-        merged.push(row);
-    }
-    let mut deduped: Vec<AbsRow> = Vec::with_capacity(merged.len());
-    for row in merged {
-        if deduped.last().is_some_and(|last| last.rule == row.rule) {
-            continue;
-        }
-        deduped.push(row);
-    }
-    while deduped.first().is_some_and(|r| r.rule.cfa_rule == cfa::GAP) {
-        deduped.remove(0);
-    }
-    let Some(first) = deduped.first() else {
+        same_address
+    });
+    rows.dedup_by(|row, kept| row.rule == kept.rule);
+    let leading_gaps = rows.iter().take_while(|r| r.rule.cfa_rule == cfa::GAP).count();
+    let Some(first) = rows.get(leading_gaps) else {
         return Ok(Table::default());
     };
     let base = first.vaddr;
-    let last = deduped.last().map_or(base, |r| r.vaddr);
+    let last = rows.last().map_or(base, |r| r.vaddr);
     let span = last - base;
     if span > u64::from(u32::MAX) {
         return Err(TableError::TooLarge { span });
     }
-    let rows = deduped
-        .into_iter()
+    let rows = rows[leading_gaps..]
+        .iter()
         .map(|r| UnwindRow {
             pc: (r.vaddr - base) as u32,
             ..r.rule
