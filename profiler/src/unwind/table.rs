@@ -248,6 +248,10 @@ fn go_text_range<'a, R: ReadRef<'a>>(file: &object::File<'a, R>) -> Option<(u64,
     (start < end).then_some((start, end))
 }
 
+/// Most CIEs [`collect`] keeps parsed at once (linkers merge identical CIEs: a handful per
+/// binary is usual).
+const MAX_CACHED_CIES: usize = 4096;
+
 #[derive(Default)]
 struct Stats {
     invalid: u64,
@@ -269,7 +273,9 @@ where
         source,
     };
     let mut ctx = UnwindContext::new();
-    // FDEs share a few CIEs: each is parsed once, not once per FDE.
+    // FDEs share a few CIEs: each is parsed once, not once per FDE. Bounded: a section of
+    // many CIEs (one per unit in an unmerged .debug_frame, or a hostile file) parses the rest
+    // per FDE as before.
     let mut cies: HashMap<usize, CommonInformationEntry<Slice<'a>>> = HashMap::new();
     let mut entries = section.entries(bases);
     let encoding = Encoding {
@@ -299,7 +305,9 @@ where
                 return Ok(cie.clone());
             }
             let cie = section.cie_from_offset(bases, offset)?;
-            cies.insert(key, cie.clone());
+            if cies.len() < MAX_CACHED_CIES {
+                cies.insert(key, cie.clone());
+            }
             Ok(cie)
         });
         let Ok(fde) = fde else {
