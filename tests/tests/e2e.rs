@@ -1471,6 +1471,87 @@ fn short_lived_processes_are_named() {
     );
 }
 
+/// Every signal a Go program handles ends in its runtime's `sigreturn` trampoline, which runs
+/// with rsp at the saved `ucontext`, not at a return address. Flooded with SIGURG (what the Go
+/// runtime sends itself to preempt goroutines), the fixture is sampled inside `rt_sigreturn`
+/// often enough to check that those walks continue into the interrupted code.
+#[test]
+fn go_signal_returns_unwind_into_the_interrupted_code() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    let fixture = Fixture::start(go_fixture(), 60);
+    let pid = fixture.pid();
+    // Two senders: 1–2% of the samples land in `rt_sigreturn` then (10–20 here).
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let floods: Vec<_> = (0..2)
+        .map(|_| {
+            let done = done.clone();
+            thread::spawn(move || {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    // SAFETY: a signal to our own child; the Go runtime handles SIGURG.
+                    if unsafe { libc::kill(pid as i32, libc::SIGURG) } != 0 {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    let Recorded {
+        profile, pid, _dir, ..
+    } = record_fixture(fixture, 4);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    for flood in floods {
+        flood.join().expect("flood thread");
+    }
+    let view = View::new(&profile);
+    let (samples, total) = samples_and_total(&view, pid);
+    assert!(total > 200, "got {total} samples");
+    let in_sigreturn: Vec<_> = samples
+        .iter()
+        .copied()
+        .filter(|s| view.stack(s).iter().any(|f| f.starts_with("runtime.sigreturn")))
+        .collect();
+    assert!(
+        !in_sigreturn.is_empty(),
+        "no sample of {total} was taken in runtime.sigreturn: the flood did not reach it"
+    );
+    // Below the trampoline: the interrupted function and its callers (no walk may end early,
+    // checked for every sample below).
+    let stranded: Vec<_> = in_sigreturn
+        .iter()
+        .copied()
+        .filter(|s| {
+            let stack = view.stack(s);
+            let at = stack.iter().position(|f| f.starts_with("runtime.sigreturn"));
+            // Nothing but a `[unwind: …]` marker below it, or nothing at all.
+            at.is_none_or(|at| stack[at + 1..].iter().all(|f| f.starts_with('[')))
+        })
+        .collect();
+    let show = |samples: &[&profiler::pprof::Sample]| {
+        samples
+            .iter()
+            .take(5)
+            .map(|s| format!("  {}", view.stack(s).join(" <- ")))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(
+        stranded.is_empty(),
+        "{} of {} samples in runtime.sigreturn stop there:\n{}",
+        stranded.len(),
+        in_sigreturn.len(),
+        show(&stranded)
+    );
+    let truncated: Vec<_> = samples
+        .iter()
+        .copied()
+        .filter(|s| truncated_samples(&view, &[s]) > 0)
+        .collect();
+    assert!(truncated.is_empty(), "walks ended early:\n{}", show(&truncated));
+}
+
 #[test]
 fn go_tables_follow_frame_pointers_and_stop_at_stack_bottoms() {
     use profiler::unwind::table::{CfiSource, compile};
@@ -1543,6 +1624,16 @@ fn go_tables_follow_frame_pointers_and_stop_at_stack_bottoms() {
         "runtime.rt0_go.abi0",
     ] {
         assert_eq!(table.lookup(address(name) + 1).cfa_rule, cfa::STOP, "{name}");
+    }
+    // The signal return trampoline (renamed in Go 1.20) reads the saved ucontext throughout.
+    let sigreturn = ["runtime.sigreturn.abi0", "runtime.sigreturn__sigaction.abi0"]
+        .into_iter()
+        .find_map(|name| symbols.symbols().find(|s| s.name() == Ok(name)))
+        .map(|s| s.address()..s.address() + s.size())
+        .expect("the Go runtime's sigreturn in the symbol table");
+    assert!(!sigreturn.is_empty());
+    for pc in sigreturn {
+        assert_eq!(table.lookup(pc).cfa_rule, cfa::SIGNAL, "sigreturn at {pc:#x}");
     }
 }
 

@@ -154,25 +154,55 @@ const GO_STACK_BOTTOMS: [&str; 6] = [
     "runtime.rt0_go.abi0",
 ];
 
+/// Go's signal return trampoline, the `sa_restorer` its runtime installs (renamed in Go 1.20):
+/// like glibc's `__restore_rt` it runs with rsp at the `ucontext` the kernel saved, so the
+/// interrupted registers are read from there. A sample in its `rt_sigreturn` (the end of
+/// every signal, and Go sends one for each asynchronous preemption) walks on into the
+/// interrupted code instead of taking the ucontext for a return address.
+const GO_SIGNAL_RETURNS: [&str; 4] = [
+    "runtime.sigreturn",
+    "runtime.sigreturn__sigaction",
+    "runtime.sigreturn.abi0",
+    "runtime.sigreturn__sigaction.abi0",
+];
+
 /// Rows from `.gopclntab` (so stripped binaries get them too): rsp-based rows where Go code
-/// runs without a frame, and STOP rows over the Go functions that start stacks.
+/// runs without a frame, STOP rows over the Go functions that start stacks, and SIGNAL rows
+/// over the signal return trampoline.
 fn add_go_table_rows<'a, R: ReadRef<'a>>(file: &object::File<'a, R>, rows: &mut Vec<AbsRow>) {
     let Some(table) = crate::symbolize::gopclntab::GoPclntab::from_elf(file, false) else {
         return;
     };
-    let bottoms: Vec<(u64, u64)> = table
+    let stop = UnwindRow {
+        cfa_rule: cfa::STOP,
+        ..UnwindRow::default()
+    };
+    let signal = UnwindRow {
+        cfa_rule: cfa::SIGNAL,
+        ..UnwindRow::default()
+    };
+    let special = |name: &str| GO_STACK_BOTTOMS.contains(&name) || GO_SIGNAL_RETURNS.contains(&name);
+    // (entry, end, rule) of the functions with a rule of their own.
+    let specials: Vec<(u64, u64, UnwindRow)> = table
         .functions()
-        .filter(|(_, _, name)| GO_STACK_BOTTOMS.contains(name))
-        .map(|(entry, end, _)| (entry, end))
+        .filter(|(_, _, name)| special(name))
+        .map(|(entry, end, name)| {
+            let rule = if GO_STACK_BOTTOMS.contains(&name) {
+                stop
+            } else {
+                signal
+            };
+            (entry, end, rule)
+        })
         .collect();
     let fp = UnwindRow {
         cfa_rule: cfa::FRAME_POINTER,
         ..UnwindRow::default()
     };
-    // Bottoms' ends first, then the frameless ranges, then the bottoms' starts: at one
-    // address the row pushed later wins when the rows are merged, so a function starting where
-    // a bottom ends keeps its own row, and a stop is never overridden.
-    for &(_, end) in &bottoms {
+    // Their ends first, then the frameless ranges, then their starts: at one address the row
+    // pushed later wins when the rows are merged, so a function starting where one of them
+    // ends keeps its own row, and their own rules are never overridden.
+    for &(_, end, _) in &specials {
         rows.push(AbsRow { vaddr: end, rule: fp });
     }
     // Where Go code runs without a frame (leaf functions, prologues, epilogues), the return
@@ -182,22 +212,15 @@ fn add_go_table_rows<'a, R: ReadRef<'a>>(file: &object::File<'a, R>, rows: &mut 
         cfa: 8,
         ..UnwindRow::default()
     };
-    for (from, to) in table.frameless_ranges(|name| GO_STACK_BOTTOMS.contains(&name)) {
+    for (from, to) in table.frameless_ranges(special) {
         rows.push(AbsRow {
             vaddr: from,
             rule: frameless,
         });
         rows.push(AbsRow { vaddr: to, rule: fp });
     }
-    let stop = UnwindRow {
-        cfa_rule: cfa::STOP,
-        ..UnwindRow::default()
-    };
-    for &(entry, _) in &bottoms {
-        rows.push(AbsRow {
-            vaddr: entry,
-            rule: stop,
-        });
+    for &(entry, _, rule) in &specials {
+        rows.push(AbsRow { vaddr: entry, rule });
     }
 }
 
