@@ -960,15 +960,7 @@ fn go_fixture_frames_are_named() {
         a + b
     );
     // Go has no .eh_frame: the frame-pointer path walks it, and no walk may end early.
-    let truncated: i64 = samples
-        .iter()
-        .filter(|s| {
-            view.stack(s)
-                .iter()
-                .any(|f| f.starts_with("[unwind") || f.starts_with("[truncated"))
-        })
-        .map(|s| View::count(s))
-        .sum();
+    let truncated = truncated_samples(&view, &samples);
     assert_eq!(
         truncated,
         0,
@@ -1190,12 +1182,21 @@ fn top_function<'a>(view: &View<'a>, samples: &[&'a profiler::pprof::Sample]) ->
 
 /// The stacks of `samples` that lack one of `names`, for failure messages.
 fn stacks_without(view: &View, samples: &[&profiler::pprof::Sample], names: &[&str]) -> String {
-    samples
+    let without: Vec<_> = samples
         .iter()
+        .copied()
         .filter(|s| {
             let stack = view.stack(s);
             !names.iter().all(|n| has_frame(&stack, n))
         })
+        .collect();
+    show_stacks(view, &without)
+}
+
+/// The first five of `samples` as `  <count> x <leaf> <- … <- <root>` lines, for messages.
+fn show_stacks(view: &View, samples: &[&profiler::pprof::Sample]) -> String {
+    samples
+        .iter()
         .take(5)
         .map(|s| format!("  {} x {}", View::count(s), view.stack(s).join(" <- ")))
         .collect::<Vec<_>>()
@@ -1529,27 +1530,23 @@ fn go_signal_returns_unwind_into_the_interrupted_code() {
             at.is_none_or(|at| stack[at + 1..].iter().all(|f| f.starts_with('[')))
         })
         .collect();
-    let show = |samples: &[&profiler::pprof::Sample]| {
-        samples
-            .iter()
-            .take(5)
-            .map(|s| format!("  {}", view.stack(s).join(" <- ")))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
     assert!(
         stranded.is_empty(),
         "{} of {} samples in runtime.sigreturn stop there:\n{}",
         stranded.len(),
         in_sigreturn.len(),
-        show(&stranded)
+        show_stacks(&view, &stranded)
     );
     let truncated: Vec<_> = samples
         .iter()
         .copied()
-        .filter(|s| truncated_samples(&view, &[s]) > 0)
+        .filter(|s| ended_early(&view, s))
         .collect();
-    assert!(truncated.is_empty(), "walks ended early:\n{}", show(&truncated));
+    assert!(
+        truncated.is_empty(),
+        "walks ended early:\n{}",
+        show_stacks(&view, &truncated)
+    );
 }
 
 #[test]
@@ -1641,13 +1638,16 @@ fn go_tables_follow_frame_pointers_and_stop_at_stack_bottoms() {
 fn truncated_samples(view: &View, samples: &[&profiler::pprof::Sample]) -> i64 {
     samples
         .iter()
-        .filter(|s| {
-            view.stack(s)
-                .iter()
-                .any(|f| f.starts_with("[unwind") || f.starts_with("[truncated"))
-        })
+        .filter(|s| ended_early(view, s))
         .map(|s| View::count(s))
         .sum()
+}
+
+/// Whether the walk of `sample` ended with `[unwind: …]` or `[truncated: …]`.
+fn ended_early(view: &View, sample: &profiler::pprof::Sample) -> bool {
+    view.stack(sample)
+        .iter()
+        .any(|f| f.starts_with("[unwind") || f.starts_with("[truncated"))
 }
 
 #[test]

@@ -173,27 +173,24 @@ fn add_go_table_rows<'a, R: ReadRef<'a>>(file: &object::File<'a, R>, rows: &mut 
     let Some(table) = crate::symbolize::gopclntab::GoPclntab::from_elf(file, false) else {
         return;
     };
-    let stop = UnwindRow {
-        cfa_rule: cfa::STOP,
-        ..UnwindRow::default()
+    // The rule of a function that has one of its own throughout.
+    let own_rule = |name: &str| {
+        let cfa_rule = if GO_STACK_BOTTOMS.contains(&name) {
+            cfa::STOP
+        } else if GO_SIGNAL_RETURNS.contains(&name) {
+            cfa::SIGNAL
+        } else {
+            return None;
+        };
+        Some(UnwindRow {
+            cfa_rule,
+            ..UnwindRow::default()
+        })
     };
-    let signal = UnwindRow {
-        cfa_rule: cfa::SIGNAL,
-        ..UnwindRow::default()
-    };
-    let special = |name: &str| GO_STACK_BOTTOMS.contains(&name) || GO_SIGNAL_RETURNS.contains(&name);
-    // (entry, end, rule) of the functions with a rule of their own.
+    // (entry, end, rule) of those functions.
     let specials: Vec<(u64, u64, UnwindRow)> = table
         .functions()
-        .filter(|(_, _, name)| special(name))
-        .map(|(entry, end, name)| {
-            let rule = if GO_STACK_BOTTOMS.contains(&name) {
-                stop
-            } else {
-                signal
-            };
-            (entry, end, rule)
-        })
+        .filter_map(|(entry, end, name)| Some((entry, end, own_rule(name)?)))
         .collect();
     let fp = UnwindRow {
         cfa_rule: cfa::FRAME_POINTER,
@@ -212,7 +209,7 @@ fn add_go_table_rows<'a, R: ReadRef<'a>>(file: &object::File<'a, R>, rows: &mut 
         cfa: 8,
         ..UnwindRow::default()
     };
-    for (from, to) in table.frameless_ranges(special) {
+    for (from, to) in table.frameless_ranges(|name| own_rule(name).is_some()) {
         rows.push(AbsRow {
             vaddr: from,
             rule: frameless,
