@@ -14,7 +14,8 @@
 
 use core::{
     ffi::c_void,
-    ptr::{addr_of_mut, read_volatile},
+    mem::{MaybeUninit, offset_of},
+    ptr::{addr_of_mut, read_volatile, write_volatile},
 };
 
 use aya_ebpf::{
@@ -24,11 +25,11 @@ use aya_ebpf::{
         BPF_RB_NO_WAKEUP,
     },
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_get_stack,
-        bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_get_stack, bpf_ktime_get_ns,
+        bpf_probe_read_user,
         generated::{
-            bpf_get_current_cgroup_id, bpf_get_current_task_btf, bpf_loop, bpf_probe_read_kernel,
-            bpf_snprintf, bpf_task_pt_regs,
+            bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_task_btf, bpf_loop,
+            bpf_probe_read_kernel, bpf_snprintf, bpf_task_pt_regs,
         },
     },
     macros::{map, perf_event, raw_tracepoint},
@@ -125,7 +126,6 @@ const MCONTEXT_RIP: u64 = 128;
 
 /// `struct pt_regs` (x86-64) as the perf context and `bpf_task_pt_regs` hold it.
 #[repr(C)]
-#[derive(Clone, Copy, Default)]
 struct PtRegs {
     r15: u64,
     r14: u64,
@@ -210,8 +210,14 @@ fn try_sample(ctx: &PerfEventContext) {
         header.tgid = tgid;
         header.tid = tid;
         header.cpu = bpf_get_smp_processor_id();
-        header._pad = [0; 3];
-        header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        // Byte by byte and volatile: the compiler would make a `memset` call of it, a byte loop
+        // that costs every sample and that the verifier walks through byte by byte.
+        for byte in &mut header._pad {
+            write_volatile(byte, 0);
+        }
+        // Straight into the record (the helper zeroes the buffer when it fails); aya's wrapper
+        // zeroes an array on the stack first and copies it.
+        bpf_get_current_comm(header.comm.as_mut_ptr().cast(), header.comm.len() as u32);
 
         let frames = addr_of_mut!((*record).frames).cast::<u64>();
         // A tick that hit user mode has no kernel stack (the kernel would return 0 frames
@@ -269,6 +275,10 @@ fn try_sample(ctx: &PerfEventContext) {
         header.unwind_status = status as u8;
         bump_slot(UNWIND_STATUS_SLOTS + status as u32);
 
+        // Read back, not kept in a register across the walk: the verifier would check the whole
+        // walk once for every kind of value the register can hold (none, some, all 127 kernel
+        // frames), as different states.
+        let kernel_len = (read_volatile(&header.kernel_len) as usize).min(MAX_STACK_DEPTH);
         let len = HEADER_BYTES + (kernel_len + user_len) * 8;
         if len > size_of::<RawSample>() {
             return;
@@ -295,27 +305,52 @@ fn tick_in_user(ctx: &PerfEventContext) -> bool {
     unsafe { (*ctx.as_ptr().cast::<PtRegs>()).cs & 3 == 3 }
 }
 
-/// The user registers at the sample: the interrupted ones when the tick hit user mode, else
-/// the ones saved at kernel entry.
+/// Sets the walk's first pc, sp, bp and `is_return` from the user registers at the sample: the
+/// interrupted ones when the tick hit user mode, else the ones saved at kernel entry. Nothing
+/// is copied through the stack, so both ways reach the walk in the same verifier state.
 #[inline(always)]
-unsafe fn user_regs(ctx: &PerfEventContext, out: &mut PtRegs) -> bool {
+unsafe fn user_regs(ctx: &PerfEventContext, s: &mut UnwindState) -> bool {
     let regs = ctx.as_ptr().cast::<PtRegs>();
     if tick_in_user(ctx) {
         // SAFETY: as above; the verifier allows reads of the whole context struct.
         unsafe {
-            out.ip = (*regs).ip;
-            out.sp = (*regs).sp;
-            out.bp = (*regs).bp;
-            out.orig_ax = u64::MAX;
+            s.pc = (*regs).ip;
+            s.sp = (*regs).sp;
+            s.bp = (*regs).bp;
         }
+        s.is_return = 0;
         return true;
     }
-    // SAFETY: helpers with a BTF task pointer; the copy goes through probe_read_kernel.
+    // The saved registers from orig_ax to sp (orig_ax, ip, cs, flags, sp), and bp.
+    const FROM: usize = offset_of!(PtRegs, orig_ax);
+    const WORDS: usize = (offset_of!(PtRegs, sp) - FROM) / 8 + 1;
+    let mut words = MaybeUninit::<[u64; WORDS]>::uninit();
+    // SAFETY: helpers with a BTF task pointer; the copies go through probe_read_kernel into
+    // `words` (initialised when it returns 0) and the map value.
     unsafe {
         let task = bpf_get_current_task_btf();
-        let saved = bpf_task_pt_regs(task) as *const c_void;
-        bpf_probe_read_kernel((out as *mut PtRegs).cast(), size_of::<PtRegs>() as u32, saved) == 0
+        let saved = bpf_task_pt_regs(task) as *const u8;
+        if bpf_probe_read_kernel(
+            words.as_mut_ptr().cast(),
+            (WORDS * 8) as u32,
+            saved.add(FROM).cast(),
+        ) != 0
+            || bpf_probe_read_kernel(
+                (&mut s.bp as *mut u64).cast(),
+                8,
+                saved.add(offset_of!(PtRegs, bp)).cast(),
+            ) != 0
+        {
+            return false;
+        }
+        let words = words.assume_init();
+        let word = |field: usize| words[(field - FROM) / 8];
+        s.pc = word(offset_of!(PtRegs, ip));
+        s.sp = word(offset_of!(PtRegs, sp));
+        // Interrupted inside a syscall: the user pc is the return point after `syscall`.
+        s.is_return = u8::from(word(offset_of!(PtRegs, orig_ax)) != u64::MAX);
     }
+    true
 }
 
 /// Walks the user stack into `SCRATCH.frames[kernel_len..]` with the unwind tables.
@@ -329,26 +364,20 @@ unsafe fn walk_user(
     let Some(state) = UNWIND_STATE.get_ptr_mut(0) else {
         return (0, UnwindStatus::ReadError);
     };
-    let mut regs = PtRegs::default();
     // SAFETY: `state` is this CPU's slot; see try_sample for the nesting argument.
     unsafe {
-        if !user_regs(ctx, &mut regs) {
+        let s = &mut *state;
+        if !user_regs(ctx, s) {
             return (0, UnwindStatus::ReadError);
         }
         // A kernel thread has no user registers.
-        if regs.ip == 0 {
+        if s.pc == 0 {
             return (0, UnwindStatus::Complete);
         }
-        let s = &mut *state;
-        s.pc = regs.ip;
-        s.sp = regs.sp;
-        s.bp = regs.bp;
         s.tgid = tgid;
         s.process = process;
         s.frames = 0;
         s.kernel_len = kernel_len as u32;
-        // Interrupted inside a syscall: the user pc is the return point after `syscall`.
-        s.is_return = u8::from(regs.orig_ax != u64::MAX);
         s.status = UnwindStatus::MaxDepth as u8;
         s.cached = 0;
         // Entries cached by earlier walks count only under the same generation (no table
