@@ -96,17 +96,41 @@ pub const MAX_FRAMES: usize = MAX_STACK_DEPTH + MAX_USER_DEPTH;
 pub const COMM_LEN: usize = 16;
 /// Capacity of [`MAP_TARGET_PIDS`]: more `--pid` flags than this are rejected by the daemon.
 pub const MAX_TARGET_PIDS: u32 = 1024;
-/// Size of the [`MAP_SAMPLES`] ring buffer in bytes (a power of two, a multiple of the page
-/// size). 8 MiB holds ~4,000 full-depth records (2,080 bytes) or ~28,000 typical ones
-/// (~300 bytes): at 99 Hz on 16 CPUs, seconds of slack for a reader that drains every 250 ms.
-pub const SAMPLES_RING_BYTES: u32 = 8 * 1024 * 1024;
+/// Smallest and largest [`MAP_SAMPLES`] ring buffer (bytes; the daemon sizes it at load with
+/// [`samples_ring_bytes`], and the object's own size is the smallest).
+pub const MIN_SAMPLES_RING_BYTES: u32 = 1 << 20;
+pub const MAX_SAMPLES_RING_BYTES: u32 = 64 << 20;
+/// Ring bytes per sample per second of sampling: the ring holds two thirds of a second of
+/// full-depth records (3,112 bytes) and about seven seconds of typical ones (~300 bytes).
+pub const SAMPLES_RING_BYTES_PER_SAMPLE_PER_S: u64 = 2048;
 
-/// Unread bytes in [`MAP_SAMPLES`] at which the program wakes the reader. Below it, records are
-/// submitted without a wakeup and the reader drains the ring on its own timer
-/// (`profiler::sampler::DRAIN_EVERY`): one wakeup per sample would cost the daemon more CPU than
-/// everything else it does per sample. A quarter of the ring leaves 6 MiB of room for the reader
-/// to respond before anything is lost.
-pub const SAMPLES_WAKEUP_BYTES: u64 = SAMPLES_RING_BYTES as u64 / 4;
+/// Size of the [`MAP_SAMPLES`] ring buffer for `cpus` CPUs sampled at `hz` each: room for a
+/// second of samples at [`SAMPLES_RING_BYTES_PER_SAMPLE_PER_S`], as a power of two (a multiple
+/// of the page size), between [`MIN_SAMPLES_RING_BYTES`] and [`MAX_SAMPLES_RING_BYTES`]. The
+/// reader drains it every 250 ms and is woken at a quarter full, so a second is ample slack:
+/// 1 MiB for 2 CPUs at 99 Hz, 32 MiB for 128.
+pub const fn samples_ring_bytes(cpus: u32, hz: u32) -> u32 {
+    let want = (cpus as u64 * hz as u64).saturating_mul(SAMPLES_RING_BYTES_PER_SAMPLE_PER_S);
+    if want <= MIN_SAMPLES_RING_BYTES as u64 {
+        return MIN_SAMPLES_RING_BYTES;
+    }
+    if want >= MAX_SAMPLES_RING_BYTES as u64 {
+        return MAX_SAMPLES_RING_BYTES;
+    }
+    want.next_power_of_two() as u32
+}
+
+/// `.rodata` global: unread bytes in [`MAP_SAMPLES`] at which the program wakes the reader, a
+/// quarter of the ring ([`samples_wakeup_bytes`]). Below it, records are submitted without a
+/// wakeup and the reader drains the ring on its own timer (`profiler::sampler::DRAIN_EVERY`):
+/// one wakeup per sample would cost the daemon more CPU than everything else it does per
+/// sample. The other three quarters are the reader's time to respond before anything is lost.
+pub const GLOBAL_SAMPLES_WAKEUP_BYTES: &str = "SAMPLES_WAKEUP_BYTES";
+
+/// The wakeup threshold for a ring of `ring_bytes`.
+pub const fn samples_wakeup_bytes(ring_bytes: u32) -> u64 {
+    ring_bytes as u64 / 4
+}
 
 /// Fixed part of a sample record.
 #[repr(C)]
@@ -505,5 +529,29 @@ mod tests {
             assert_eq!(UnwindStatus::from_u8(value).map(|s| s as u8), Some(value));
         }
         assert_eq!(UnwindStatus::from_u8(UNWIND_STATUSES as u8), None);
+    }
+
+    #[test]
+    fn samples_ring_grows_with_cpus_and_frequency_within_bounds() {
+        assert_eq!(samples_ring_bytes(2, 99), 1 << 20);
+        assert_eq!(samples_ring_bytes(16, 99), 4 << 20);
+        assert_eq!(samples_ring_bytes(128, 99), 32 << 20);
+        assert_eq!(samples_ring_bytes(128, 19), 8 << 20);
+        assert_eq!(samples_ring_bytes(1024, 1000), MAX_SAMPLES_RING_BYTES);
+        assert_eq!(samples_ring_bytes(u32::MAX, u32::MAX), MAX_SAMPLES_RING_BYTES);
+        assert_eq!(samples_ring_bytes(0, 99), MIN_SAMPLES_RING_BYTES);
+        for cpus in [1, 3, 7, 48, 96, 200] {
+            for hz in [1, 19, 99, 250, 1000] {
+                let bytes = samples_ring_bytes(cpus, hz);
+                assert!(
+                    bytes.is_power_of_two() && bytes % 4096 == 0,
+                    "{cpus} x {hz}: {bytes}"
+                );
+                // A second of samples at the sizing rate fits, unless capped.
+                let second = u64::from(cpus) * u64::from(hz) * SAMPLES_RING_BYTES_PER_SAMPLE_PER_S;
+                assert!(u64::from(bytes) >= second || bytes == MAX_SAMPLES_RING_BYTES);
+                assert_eq!(samples_wakeup_bytes(bytes), u64::from(bytes) / 4);
+            }
+        }
     }
 }

@@ -39,14 +39,14 @@ use aya_ebpf::{
 use profiler_common::{
     COUNTER_SLOTS, CachedMapping, CachedRow, Counter, FileTable, HEADER_BYTES, KSYM_BATCH, KSYM_NAME_BYTES,
     KsymBatch, MAPPING_CACHE_ENTRIES, MAPPING_PID_PREFIX, MAX_FRAMES, MAX_STACK_DEPTH, MAX_TARGET_CGROUPS,
-    MAX_TARGET_PIDS, MAX_USER_DEPTH, Mapping, MappingKey, PROC_EVENTS_RING_BYTES, ProcEvent,
-    ROW_CACHE_ENTRIES, RawSample, SAMPLES_RING_BYTES, SAMPLES_WAKEUP_BYTES, UNWIND_MODE_TABLES,
-    UNWIND_STATUS_SLOTS, UnwindRow, UnwindState, UnwindStatus, cfa, mapping, mapping_key, proc_event,
-    proc_state,
+    MAX_TARGET_PIDS, MAX_USER_DEPTH, MIN_SAMPLES_RING_BYTES, Mapping, MappingKey, PROC_EVENTS_RING_BYTES,
+    ProcEvent, ROW_CACHE_ENTRIES, RawSample, UNWIND_MODE_TABLES, UNWIND_STATUS_SLOTS, UnwindRow, UnwindState,
+    UnwindStatus, cfa, mapping, mapping_key, proc_event, proc_state,
 };
 
+/// The daemon sets the real size before loading (`samples_ring_bytes`).
 #[map(name = "SAMPLES")]
-static SAMPLES: RingBuf = RingBuf::with_byte_size(SAMPLES_RING_BYTES, 0);
+static SAMPLES: RingBuf = RingBuf::with_byte_size(MIN_SAMPLES_RING_BYTES, 0);
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
@@ -101,6 +101,11 @@ static FILTER_PIDS: u8 = 0;
 /// Set to 1 by the loader when cgroups are targeted (`--cgroup`, `--target`).
 #[unsafe(no_mangle)]
 static FILTER_CGROUPS: u8 = 0;
+
+/// Unread `SAMPLES` bytes at which a sample wakes the reader: a quarter of the ring, set by the
+/// loader with the ring's size.
+#[unsafe(no_mangle)]
+static SAMPLES_WAKEUP_BYTES: u64 = MIN_SAMPLES_RING_BYTES as u64 / 4;
 
 /// `UNWIND_MODE_TABLES` or `UNWIND_MODE_FRAME_POINTERS`, set by the loader.
 #[unsafe(no_mangle)]
@@ -284,7 +289,7 @@ fn try_sample(ctx: &PerfEventContext) {
             return;
         }
         let wakeup = if (first_sample && first_sample_wakeup(header.ktime_ns))
-            || SAMPLES.query(BPF_RB_AVAIL_DATA as u64) >= SAMPLES_WAKEUP_BYTES
+            || SAMPLES.query(BPF_RB_AVAIL_DATA as u64) >= read_volatile(&SAMPLES_WAKEUP_BYTES)
         {
             BPF_RB_FORCE_WAKEUP
         } else {

@@ -10,10 +10,11 @@ use aya::{
     },
 };
 use profiler_common::{
-    COUNTER_SLOTS, Counter, GLOBAL_FILTER_CGROUPS, GLOBAL_FILTER_PIDS, GLOBAL_UNWIND_MODE, MAP_COUNTERS,
-    MAP_KSYM_IO, MAP_MAPPINGS, MAP_PROC_EVENTS, MAP_PROCS, MAP_SAMPLES, MAP_TARGET_CGROUPS, MAP_TARGET_PIDS,
-    MAP_UNWIND_FILES, MAP_UNWIND_GENERATION, MAP_UNWIND_ROWS, PROGRAM_EXEC, PROGRAM_EXIT, PROGRAM_KSYM,
-    PROGRAM_SAMPLE, UNWIND_MODE_FRAME_POINTERS, UNWIND_MODE_TABLES,
+    COUNTER_SLOTS, Counter, GLOBAL_FILTER_CGROUPS, GLOBAL_FILTER_PIDS, GLOBAL_SAMPLES_WAKEUP_BYTES,
+    GLOBAL_UNWIND_MODE, MAP_COUNTERS, MAP_KSYM_IO, MAP_MAPPINGS, MAP_PROC_EVENTS, MAP_PROCS, MAP_SAMPLES,
+    MAP_TARGET_CGROUPS, MAP_TARGET_PIDS, MAP_UNWIND_FILES, MAP_UNWIND_GENERATION, MAP_UNWIND_ROWS,
+    MAX_TARGET_CGROUPS, MAX_TARGET_PIDS, PROGRAM_EXEC, PROGRAM_EXIT, PROGRAM_KSYM, PROGRAM_SAMPLE,
+    UNWIND_MODE_FRAME_POINTERS, UNWIND_MODE_TABLES, samples_ring_bytes, samples_wakeup_bytes,
 };
 
 use crate::{
@@ -275,12 +276,30 @@ impl BpfSession {
             Unwinder::Dwarf => sampling.unwind_rows,
             Unwinder::FramePointer => 1,
         };
+        let cpus = aya::util::online_cpus()
+            .map_err(|(path, source)| BpfError::OnlineCpus { path, source })?
+            .len() as u32;
+        let ring_bytes = samples_ring_bytes(cpus, sampling.frequency.get());
+        let wakeup_bytes = samples_wakeup_bytes(ring_bytes);
         let started = std::time::Instant::now();
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_FILTER_PIDS, &filter, true)
             .override_global(GLOBAL_FILTER_CGROUPS, &filter_cgroups, true)
             .override_global(GLOBAL_UNWIND_MODE, &mode, true)
+            .override_global(GLOBAL_SAMPLES_WAKEUP_BYTES, &wakeup_bytes, true)
+            .map_max_entries(MAP_SAMPLES, ring_bytes)
             .map_max_entries(MAP_UNWIND_ROWS, rows)
+            // Hash maps are allocated whole when created: a filter that is off gets one entry
+            // (its map is never read).
+            .map_max_entries(MAP_TARGET_PIDS, if filter == 1 { MAX_TARGET_PIDS } else { 1 })
+            .map_max_entries(
+                MAP_TARGET_CGROUPS,
+                if filter_cgroups == 1 {
+                    MAX_TARGET_CGROUPS
+                } else {
+                    1
+                },
+            )
             .load(EBPF_OBJECT)
             .map_err(|source| BpfError::Load {
                 kernel: kernel.clone(),
@@ -321,6 +340,7 @@ impl BpfSession {
             maps_ms = maps_created.as_secs_f64() * 1e3,
             verified_ms = verified.as_secs_f64() * 1e3,
             verified_insns,
+            samples_ring_kib = ring_bytes >> 10,
             "BPF object loaded and the sampling program verified"
         );
 

@@ -146,7 +146,7 @@ pub const MAX_BATCH: usize = 4096;
 pub const MAX_BACKLOG: usize = QUEUE_CAPACITY * MAX_BATCH;
 
 /// How often the ring buffer is drained without a wakeup from the kernel. The program wakes
-/// the reader when the ring is a quarter full ([`profiler_common::SAMPLES_WAKEUP_BYTES`]) and,
+/// the reader when the ring is a quarter full ([`profiler_common::samples_wakeup_bytes`]) and,
 /// with the table unwinder, for the first sample of each process (so a short-lived process's
 /// mappings are read while it exists); other samples wait at most this long.
 pub const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
