@@ -544,7 +544,7 @@ mod tests {
             for hz in [1, 19, 99, 250, 1000] {
                 let bytes = samples_ring_bytes(cpus, hz);
                 assert!(
-                    bytes.is_power_of_two() && bytes % 4096 == 0,
+                    bytes.is_power_of_two() && bytes.is_multiple_of(4096),
                     "{cpus} x {hz}: {bytes}"
                 );
                 // A second of samples at the sizing rate fits, unless capped.
