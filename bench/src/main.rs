@@ -520,11 +520,14 @@ fn main() -> Result<()> {
     let side_by_side = bpf_side_by_side(&args, &scratch)?;
     let mut scaling = Vec::new();
     for n in IDLE_PROCESSES {
-        eprintln!("bench: profiler at 99 Hz with {n} idle processes");
+        eprintln!("bench: profiler and perf at 99 Hz with {n} idle processes");
         let idle = Idle::start(n)?;
         let (run, profile) = ours_with(&args, 99, &scratch, &[])?;
+        // perf record describes every process's mappings at start; we load a process when it
+        // is first sampled. The same idle processes, for the CPU ratio at each count.
+        let perf_run = perf(&args, 99, &scratch)?;
         drop(idle);
-        scaling.push((n, run, loaded_processes(&profile)));
+        scaling.push((n, run, perf_run, loaded_processes(&profile)));
     }
     drop(load);
     let libc_path = PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6");
@@ -618,12 +621,15 @@ fn main() -> Result<()> {
     metrics.push(("bpf_ns_per_sample_vs_bpftrace_99hz".into(), side_ratio));
     let _ = writeln!(
         md,
-        "\nScaling at 99 Hz (profiler only):\n\n| idle processes | steady CPU (ms/s) | BPF (ns/sample) | samples | steady RSS (MiB) | processes loaded for unwinding |\n|---|---|---|---|---|---|"
+        "\nScaling at 99 Hz (the same load plus idle processes; perf record beside us for the CPU ratio):\n\n| idle processes | CPU (s) | perf record CPU (s) | CPU ÷ perf record | steady CPU (ms/s) | BPF (ns/sample) | samples | steady RSS (MiB) | processes loaded for unwinding |\n|---|---|---|---|---|---|---|---|---|"
     );
-    for (n, r, loaded) in &scaling {
+    for (n, r, p, loaded) in &scaling {
         let _ = writeln!(
             md,
-            "| {n} | {:.2} | {:.0} | {} | {:.1} | {} |",
+            "| {n} | {:.3} | {:.3} | {:.2} | {:.2} | {:.0} | {} | {:.1} | {} |",
+            r.m.cpu.as_secs_f64(),
+            p.m.cpu.as_secs_f64(),
+            r.m.cpu.as_secs_f64() / p.m.cpu.as_secs_f64().max(1e-9),
             1000.0 * r.m.steady_cpu_per_second,
             r.m.bpf.ns_per_run(),
             r.samples,
@@ -633,7 +639,7 @@ fn main() -> Result<()> {
     }
     let steady_rss = runs
         .iter()
-        .chain(scaling.iter().map(|(_, r, _)| r))
+        .chain(scaling.iter().map(|(_, r, _, _)| r))
         .filter(|r| r.tool == "profiler")
         .map(|r| mib(r.m.steady_rss_kib))
         .fold(0.0, f64::max);
