@@ -590,36 +590,70 @@ fn cached_row(state: &mut UnwindState, vaddr: u64) -> UnwindRow {
     row
 }
 
+/// A binary search over `UNWIND_ROWS` in progress: rows before `lo` start at or before
+/// `target`, rows from `hi` on after it.
+#[repr(C)]
+struct Search {
+    lo: u32,
+    hi: u32,
+    target: u32,
+    /// 1 when a row inside the range could not be read.
+    failed: u32,
+}
+
 /// The row covering `vaddr`: the last one whose start is <= vaddr, or a GAP row.
+///
+/// The search runs as a `bpf_loop` of [`search_step`], not as a loop in place: the verifier
+/// checks a bounded loop once per step, each step a state of its own, where it checks a
+/// callback until its states repeat (a few times).
 #[inline(always)]
 fn find_row(table: &FileTable, vaddr: u64) -> UnwindRow {
     let gap = UnwindRow::default();
     if vaddr < table.base || vaddr - table.base > u64::from(u32::MAX) {
         return gap;
     }
-    let target = (vaddr - table.base) as u32;
-    let mut lo = table.first_row;
-    let mut hi = table.first_row.saturating_add(table.rows);
-    let mut i = 0;
-    while i < SEARCH_STEPS {
-        if lo >= hi {
-            break;
-        }
-        let mid = lo + (hi - lo) / 2;
-        match UNWIND_ROWS.get(mid) {
-            Some(row) if row.pc <= target => lo = mid + 1,
-            Some(_) => hi = mid,
-            None => return gap,
-        }
-        i += 1;
-    }
-    if lo == table.first_row {
+    let mut search = Search {
+        lo: table.first_row,
+        hi: table.first_row.saturating_add(table.rows),
+        target: (vaddr - table.base) as u32,
+        failed: 0,
+    };
+    // SAFETY: the callback only touches `search`, which outlives the call.
+    unsafe {
+        bpf_loop(
+            SEARCH_STEPS,
+            search_step as *mut c_void,
+            (&mut search as *mut Search).cast(),
+            0,
+        )
+    };
+    if search.failed != 0 || search.lo == table.first_row {
         return gap;
     }
-    match UNWIND_ROWS.get(lo - 1) {
+    match UNWIND_ROWS.get(search.lo - 1) {
         Some(row) => *row,
         None => gap,
     }
+}
+
+/// One step of [`find_row`]'s binary search (a `bpf_loop` callback). Returns 1 when done.
+#[inline(never)]
+extern "C" fn search_step(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is find_row's `Search`, on its caller's stack for the whole loop.
+    let search = unsafe { &mut *ctx.cast::<Search>() };
+    if search.lo >= search.hi {
+        return 1;
+    }
+    let mid = search.lo + (search.hi - search.lo) / 2;
+    match UNWIND_ROWS.get(mid) {
+        Some(row) if row.pc <= search.target => search.lo = mid + 1,
+        Some(_) => search.hi = mid,
+        None => {
+            search.failed = 1;
+            return 1;
+        }
+    }
+    0
 }
 
 /// Applies `row` to the state: the caller's pc, sp and bp.
