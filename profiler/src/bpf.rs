@@ -128,6 +128,12 @@ pub struct BpfSession {
     pub event: EventSource,
     kernel: String,
     unwind_rows: u32,
+    /// Online CPUs and frequency at load: the sample ring is sized for them, and [`attach`]
+    /// samples them.
+    ///
+    /// [`attach`]: BpfSession::attach
+    cpus: Vec<u32>,
+    frequency: u32,
 }
 
 pub fn kernel_release() -> String {
@@ -276,10 +282,10 @@ impl BpfSession {
             Unwinder::Dwarf => sampling.unwind_rows,
             Unwinder::FramePointer => 1,
         };
-        let cpus = aya::util::online_cpus()
-            .map_err(|(path, source)| BpfError::OnlineCpus { path, source })?
-            .len() as u32;
-        let ring_bytes = samples_ring_bytes(cpus, sampling.frequency.get());
+        let cpus =
+            aya::util::online_cpus().map_err(|(path, source)| BpfError::OnlineCpus { path, source })?;
+        let frequency = sampling.frequency.get();
+        let ring_bytes = samples_ring_bytes(cpus.len() as u32, frequency);
         let wakeup_bytes = samples_wakeup_bytes(ring_bytes);
         let started = std::time::Instant::now();
         let mut ebpf = EbpfLoader::new()
@@ -374,6 +380,8 @@ impl BpfSession {
             event: EventSource::Cycles,
             kernel,
             unwind_rows: rows,
+            cpus,
+            frequency,
         })
     }
 
@@ -445,12 +453,11 @@ impl BpfSession {
         })
     }
 
-    /// Attaches one perf event per online CPU at `frequency` Hz.
-    pub fn attach(&mut self, frequency: u32) -> Result<(), BpfError> {
+    /// Attaches one perf event per CPU online at load, at the frequency given at load.
+    pub fn attach(&mut self) -> Result<(), BpfError> {
         let kernel = self.kernel.clone();
+        let (cpus, frequency) = (self.cpus.clone(), self.frequency);
         let program = sampling_program(&mut self.ebpf, &kernel)?;
-        let cpus =
-            aya::util::online_cpus().map_err(|(path, source)| BpfError::OnlineCpus { path, source })?;
         let policy = SamplePolicy::Frequency(u64::from(frequency));
         let scope = |cpu| PerfEventScope::AllProcessesOneCpu { cpu };
         // One event for every CPU, so `period` means the same everywhere: cycles only if every

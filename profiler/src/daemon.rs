@@ -163,7 +163,7 @@ pub async fn run(mut plan: Plan) -> Result<RunSummary, DaemonError> {
                 .map_err(DaemonError::Thread)?,
         )
     };
-    session.attach(frequency)?;
+    session.attach()?;
     let telemetry = Arc::new(Telemetry::new(
         frequency,
         Arc::clone(&stats),
