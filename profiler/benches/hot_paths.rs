@@ -2,6 +2,7 @@
 //! - decode + aggregate: ring-buffer records → interned, counted stacks (per sample);
 //! - report: symbolize and pprof-encode an aggregated interval (per profile);
 //! - symbolize: ELF symbol lookups in a parsed file and parsing a file (cold);
+//! - unwind tables: compiling libc's and this binary's CFI into unwind rows;
 //! - names: the reporter's (file, address) name cache (cached lookups) and the first DWARF
 //!   lookups, inlined frames included, in a freshly parsed file (this bench binary, built with
 //!   full debug info by `[profile.bench]`).
@@ -15,7 +16,11 @@ use profiler::{
     process::ProcessRegistry,
     report::Reporter,
     sampler::decode,
-    symbolize::{NameCache, SymbolSource as _, elf::ElfImage},
+    symbolize::{
+        NameCache, SymbolSource as _,
+        elf::{ElfImage, WindowedFile},
+    },
+    unwind::table,
 };
 use profiler_common::{HEADER_BYTES, RawSampleHeader};
 
@@ -123,6 +128,41 @@ fn symbolize(c: &mut Criterion) {
     c.bench_function("parse own executable (cold)", |b| {
         b.iter(|| ElfImage::open(&exe, None).expect("parse"))
     });
+    let libc = own_libc();
+    c.bench_function("parse libc.so.6 (cold)", |b| {
+        b.iter(|| ElfImage::open(&libc, None).expect("parse"))
+    });
+}
+
+/// Compiling a file's unwind table, as the unwind stage does for each new executable file:
+/// read and parse the file, evaluate every FDE's CFI, sort and merge the rows.
+fn unwind_tables(c: &mut Criterion) {
+    let own = std::fs::read_link("/proc/self/exe").expect("exe");
+    let libc = own_libc();
+    for (label, path) in [("libc.so.6", libc), ("own executable", own)] {
+        let compile = || {
+            let file = std::fs::File::open(&path).expect("open");
+            let len = file.metadata().expect("metadata").len();
+            let cache = WindowedFile::cache(file, len);
+            let elf = object::File::parse(&cache).expect("parse");
+            let (table, _) = table::compile(&elf, None::<&object::File<'_, &[u8]>>).expect("compile");
+            table.rows.len()
+        };
+        let rows = compile();
+        c.bench_function(&format!("unwind table: compile {label} ({rows} rows)"), |b| {
+            b.iter(compile)
+        });
+    }
+}
+
+/// The C library this process maps.
+fn own_libc() -> std::path::PathBuf {
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.contains("/libc.so"))
+        .map(std::path::PathBuf::from)
+        .expect("libc mapped")
 }
 
 fn names(c: &mut Criterion) {
@@ -173,6 +213,6 @@ fn names(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_secs(1)).measurement_time(std::time::Duration::from_secs(3));
-    targets = decode_and_aggregate, report, symbolize, names
+    targets = decode_and_aggregate, report, symbolize, unwind_tables, names
 }
 criterion_main!(benches);

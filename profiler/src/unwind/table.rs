@@ -12,7 +12,8 @@ use std::collections::HashMap;
 
 use gimli::{
     BaseAddresses, CfaRule, CieOrFde, CommonInformationEntry, DebugFrame, EhFrame, Encoding, Format,
-    NativeEndian, Operation, Register, RegisterRule, UnwindContext, UnwindSection, X86_64,
+    FrameDescriptionEntry, NativeEndian, Operation, Register, RegisterRule, UnwindContext,
+    UnwindContextStorage, UnwindSection, UnwindTableRow, X86_64,
 };
 use object::{Object as _, ObjectSection as _, ReadRef};
 use profiler_common::{UnwindRow, cfa, invalid};
@@ -115,6 +116,9 @@ pub fn compile<'a, 'b, R: ReadRef<'a>, D: ReadRef<'b>>(
         }
         let mut eh_frame = EhFrame::new(&data, NativeEndian);
         eh_frame.set_address_size(8);
+        // Compilers' .eh_frame holds a row per 5 bytes or so (gaps and repeats included, a few
+        // more): reserving that up front spares the copies of growing the vector row by row.
+        rows.reserve((data.len() / 4).min(MAX_RESERVED_ROWS));
         collect(&eh_frame, &bases, ".eh_frame", &mut rows, &mut stats)?;
         CfiSource::EhFrame
     } else if go_text.is_some() {
@@ -268,6 +272,9 @@ fn go_text_range<'a, R: ReadRef<'a>>(file: &object::File<'a, R>) -> Option<(u64,
     (start < end).then_some((start, end))
 }
 
+/// Most rows [`compile`] reserves before it has read any (64 MiB of them).
+const MAX_RESERVED_ROWS: usize = 1 << 22;
+
 /// Most CIEs [`collect`] keeps parsed at once (linkers merge identical CIEs: a handful per
 /// binary is usual).
 const MAX_CACHED_CIES: usize = 4096;
@@ -292,7 +299,9 @@ where
         section: name,
         source,
     };
-    let mut ctx = UnwindContext::new();
+    let mut ctx: UnwindContext<usize, FewRules> = UnwindContext::new_in();
+    // For the rare FDE with rules for more registers than `FewRules` holds.
+    let mut wide: Option<Box<UnwindContext<usize>>> = None;
     // FDEs share a few CIEs: each is parsed once, not once per FDE. Bounded: a section of
     // many CIEs (one per unit in an unmerged .debug_frame, or a hostile file) parses the rest
     // per FDE as before.
@@ -339,27 +348,14 @@ where
         if start == 0 || end <= start {
             continue;
         }
-        let signal = fde.is_signal_trampoline();
         // This FDE's rows go straight into `rows`, and are taken back out if it turns out bad.
         let first = rows.len();
-        let table = fde.rows(section, bases, &mut ctx);
-        let ok = table.and_then(|mut table| {
-            while let Some(row) = table.next_row()? {
-                let rule = if signal {
-                    UnwindRow {
-                        cfa_rule: cfa::SIGNAL,
-                        ..UnwindRow::default()
-                    }
-                } else {
-                    convert(row, section, encoding)
-                };
-                rows.push(AbsRow {
-                    vaddr: row.start_address(),
-                    rule,
-                });
-            }
-            Ok(())
-        });
+        let mut ok = push_fde_rows(&fde, section, bases, &mut ctx, encoding, rows);
+        if let Err(gimli::Error::TooManyRegisterRules) = ok {
+            rows.truncate(first);
+            let wide = wide.get_or_insert_with(|| Box::new(UnwindContext::new()));
+            ok = push_fde_rows(&fde, section, bases, wide, encoding, rows);
+        }
         if ok.is_err() {
             rows.truncate(first);
             stats.bad_fdes += 1;
@@ -378,6 +374,49 @@ where
     Ok(())
 }
 
+/// Row storage for gimli's CFA state machine with room for 32 register rules. gimli's default
+/// holds 192 inline (6 KiB a row) and copies a fresh row for every FDE, which was a quarter of
+/// the time spent on libc's table. x86-64 code sets rules for at most the 17 general registers
+/// and the return address; an FDE that sets more is evaluated again with the default.
+struct FewRules;
+
+impl UnwindContextStorage<usize> for FewRules {
+    type Rules = [(Register, RegisterRule<usize>); 32];
+    type Stack = Box<[UnwindTableRow<usize, Self>; 4]>;
+}
+
+/// Evaluates one FDE's CFI and appends its rows.
+fn push_fde_rows<'a, S, C>(
+    fde: &FrameDescriptionEntry<Slice<'a>>,
+    section: &S,
+    bases: &BaseAddresses,
+    ctx: &mut UnwindContext<usize, C>,
+    encoding: Encoding,
+    rows: &mut Vec<AbsRow>,
+) -> gimli::Result<()>
+where
+    S: UnwindSection<Slice<'a>>,
+    C: UnwindContextStorage<usize>,
+{
+    let signal = fde.is_signal_trampoline();
+    let mut table = fde.rows(section, bases, ctx)?;
+    while let Some(row) = table.next_row()? {
+        let rule = if signal {
+            UnwindRow {
+                cfa_rule: cfa::SIGNAL,
+                ..UnwindRow::default()
+            }
+        } else {
+            convert(row, section, encoding)
+        };
+        rows.push(AbsRow {
+            vaddr: row.start_address(),
+            rule,
+        });
+    }
+    Ok(())
+}
+
 fn invalid_row(reason: u16) -> UnwindRow {
     UnwindRow {
         pc: 0,
@@ -388,8 +427,8 @@ fn invalid_row(reason: u16) -> UnwindRow {
 }
 
 /// Converts gimli's row into ours (x86-64 rules that BPF can follow).
-fn convert<'a, S: UnwindSection<Slice<'a>>>(
-    row: &gimli::UnwindTableRow<usize>,
+fn convert<'a, S: UnwindSection<Slice<'a>>, C: UnwindContextStorage<usize>>(
+    row: &UnwindTableRow<usize, C>,
     section: &S,
     encoding: Encoding,
 ) -> UnwindRow {
@@ -680,6 +719,61 @@ mod tests {
         assert_eq!(table.lookup(0x2050).cfa_rule, cfa::SP_OFFSET);
         assert_eq!(table.lookup(0x2200).cfa_rule, cfa::FRAME_POINTER);
         assert_eq!(table.lookup(0x3000).cfa_rule, cfa::GAP);
+    }
+
+    /// An `.eh_frame` with one CIE (CFA = rsp + 8, return address at CFA - 8) and one FDE over
+    /// [0x1000, 0x1100) that grows the frame at 0x1001 and saves `saved` registers from
+    /// DWARF register 17 (xmm0) on. Returns the section and the FDE's offset in it.
+    fn eh_frame_saving(saved: u8) -> (Vec<u8>, usize) {
+        let mut cie = vec![0, 0, 0, 0, 1, 0, 1, 0x78, 16];
+        cie.extend([0x0c, 7, 8, 0x80 | 16, 1]);
+        let mut fde_body = Vec::new();
+        fde_body.extend(0x1000u64.to_le_bytes());
+        fde_body.extend(0x100u64.to_le_bytes());
+        fde_body.extend([0x41, 0x0e, 16]);
+        for register in 17..17 + saved {
+            fde_body.extend([0x80 | register, 2]);
+        }
+        let mut section = Vec::new();
+        section.extend((cie.len() as u32).to_le_bytes());
+        section.extend(&cie);
+        let fde_start = section.len();
+        section.extend((fde_body.len() as u32 + 4).to_le_bytes());
+        // The CIE pointer: bytes back from this field to the CIE.
+        section.extend((fde_start as u32 + 4).to_le_bytes());
+        section.extend(&fde_body);
+        section.extend(0u32.to_le_bytes());
+        (section, fde_start)
+    }
+
+    #[test]
+    fn fdes_with_more_register_rules_than_the_small_rows_hold_are_evaluated_in_full() {
+        for saved in [4, 40] {
+            let (data, fde_offset) = eh_frame_saving(saved);
+            let mut eh_frame = EhFrame::new(&data, NativeEndian);
+            eh_frame.set_address_size(8);
+            let bases = BaseAddresses::default();
+            // The small storage alone refuses the 40-register FDE: the fallback is what keeps it.
+            let fde = eh_frame
+                .fde_from_offset(&bases, gimli::EhFrameOffset(fde_offset), EhFrame::cie_from_offset)
+                .expect("FDE");
+            let mut few: UnwindContext<usize, FewRules> = UnwindContext::new_in();
+            let encoding = Encoding {
+                address_size: 8,
+                format: Format::Dwarf32,
+                version: 4,
+            };
+            let small = push_fde_rows(&fde, &eh_frame, &bases, &mut few, encoding, &mut Vec::new());
+            assert_eq!(small.is_err(), saved > 32, "{small:?}");
+
+            let (mut rows, mut stats) = (Vec::new(), Stats::default());
+            collect(&eh_frame, &bases, ".eh_frame", &mut rows, &mut stats).expect("collects");
+            assert_eq!(stats.bad_fdes, 0, "{saved} saved registers");
+            let table = finish(rows, stats).unwrap();
+            assert_eq!(table.lookup(0x1000), row(cfa::SP_OFFSET, 8, 0));
+            assert_eq!(table.lookup(0x1050), row(cfa::SP_OFFSET, 16, 0).with_pc(1));
+            assert_eq!(table.lookup(0x1100).cfa_rule, cfa::GAP);
+        }
     }
 }
 
