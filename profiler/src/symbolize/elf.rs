@@ -71,11 +71,13 @@ pub fn section_bytes<'data, 'file, R: ReadRef<'data>>(
     }
 }
 
-/// Files up to this size are read whole (one pass, fastest); larger ones are read piecewise
-/// on demand through a [`WindowedFile`], which keeps the daemon's memory bounded and skips
-/// what is not used: a large debug file whose DWARF is over budget is read only for its
-/// headers and symbol table.
-const READ_WHOLE_MAX: u64 = 4 * 1024 * 1024;
+/// Files up to this size are read whole (one read); larger ones are read piecewise on demand
+/// through a [`WindowedFile`]: headers, string and symbol tables, `.gopclntab` and DWARF
+/// sections, each in one read, and nothing else. Most of an executable is code, which
+/// symbolization never reads, and a debug file whose DWARF is over budget is read only for
+/// its headers and symbol table, so reading piecewise copies less, faults fewer fresh pages
+/// and keeps the daemon's memory bounded.
+const READ_WHOLE_MAX: u64 = 256 * 1024;
 
 /// Bytes a [`WindowedFile`] reads at once for small reads.
 const READ_WINDOW: usize = 64 * 1024;
