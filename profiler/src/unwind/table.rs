@@ -376,8 +376,9 @@ where
 
 /// Row storage for gimli's CFA state machine with room for 32 register rules. gimli's default
 /// holds 192 inline (6 KiB a row) and copies a fresh row for every FDE, which was a quarter of
-/// the time spent on libc's table. x86-64 code sets rules for at most the 17 general registers
-/// and the return address; an FDE that sets more is evaluated again with the default.
+/// the time spent on libc's table. x86-64 code sets rules for at most the 16 general registers
+/// and the return address (glibc's signal trampoline); an FDE that sets more is evaluated
+/// again with the default.
 struct FewRules;
 
 impl UnwindContextStorage<usize> for FewRules {
@@ -578,8 +579,6 @@ fn add_go_rows(rows: &mut Vec<AbsRow>, start: u64, end: u64) {
     }
 }
 
-/// Sorts, resolves overlaps (a rule beats a gap at the same address), removes rows that repeat
-/// the previous rule, and rebases to the lowest address.
 /// The order of rows: by address, and at one address a gap before the rows of an FDE, so that
 /// the FDE's row wins.
 fn sort_key(row: &AbsRow) -> (u64, bool) {
@@ -631,6 +630,8 @@ enum SortPath {
     Sorted,
 }
 
+/// Sorts, resolves overlaps (a rule beats a gap at the same address), removes rows that repeat
+/// the previous rule, and rebases to the lowest address.
 fn finish(mut rows: Vec<AbsRow>, stats: Stats) -> Result<Table, TableError> {
     sort_rows(&mut rows);
     // Of the rows at one address the last stays; then rows that repeat the rule before them go.
