@@ -41,7 +41,7 @@ use profiler_common::{
     KsymBatch, MAPPING_CACHE_ENTRIES, MAPPING_PID_PREFIX, MAX_FRAMES, MAX_STACK_DEPTH, MAX_TARGET_CGROUPS,
     MAX_TARGET_PIDS, MAX_USER_DEPTH, MIN_SAMPLES_RING_BYTES, Mapping, MappingKey, PROC_EVENTS_RING_BYTES,
     ProcEvent, ROW_CACHE_ENTRIES, RawSample, UNWIND_MODE_TABLES, UNWIND_STATUS_SLOTS, UnwindRow, UnwindState,
-    UnwindStatus, cfa, mapping, mapping_key, proc_event, proc_state,
+    UnwindStatus, cfa, mapping, mapping_key, proc_event, proc_state, samples_wakeup_bytes,
 };
 
 /// The daemon sets the real size before loading (`samples_ring_bytes`).
@@ -105,7 +105,7 @@ static FILTER_CGROUPS: u8 = 0;
 /// Unread `SAMPLES` bytes at which a sample wakes the reader: a quarter of the ring, set by the
 /// loader with the ring's size.
 #[unsafe(no_mangle)]
-static SAMPLES_WAKEUP_BYTES: u64 = MIN_SAMPLES_RING_BYTES as u64 / 4;
+static SAMPLES_WAKEUP_BYTES: u64 = samples_wakeup_bytes(MIN_SAMPLES_RING_BYTES);
 
 /// `UNWIND_MODE_TABLES` or `UNWIND_MODE_FRAME_POINTERS`, set by the loader.
 #[unsafe(no_mangle)]
