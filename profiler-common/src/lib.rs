@@ -38,9 +38,22 @@ pub const UNWIND_MODE_FRAME_POINTERS: u8 = 0;
 pub const PROGRAM_EXEC: &str = "on_exec";
 /// Raw tracepoint program run when a task exits.
 pub const PROGRAM_EXIT: &str = "on_exit";
-/// Array of [`UnwindRow`]s: the tables of every loaded file, each a sorted run of rows. Its size
-/// is the unwind-table budget (set by the loader before the map is created).
+/// Array of maps: slot (`u32`, [`FileTable::slot`]) → one file's table, an `ARRAY` of
+/// [`UnwindRow`]s sorted by `pc` and exactly as long as the table. The daemon creates a file's
+/// array when it loads the table and deletes the slot when it drops it, so kernel memory follows
+/// the tables loaded; the unwind-table budget caps their sum.
 pub const MAP_UNWIND_ROWS: &str = "UNWIND_ROWS";
+/// Flags of every [`MAP_UNWIND_ROWS`] inner array: `BPF_F_MMAPABLE` (the daemon writes the rows
+/// through a mapping) and `BPF_F_INNER_MAP` (inner arrays may differ in length). The kernel
+/// accepts an inner map only with the same flags as the outer map's template.
+pub const UNWIND_ROWS_MAP_FLAGS: u32 = (1 << 10) | (1 << 12);
+/// Name of each file's inner array (`bpftool map` shows it).
+pub const UNWIND_ROWS_INNER_NAME: &str = "unwind_rows";
+/// Capacity of [`MAP_UNWIND_FILES`] and slots of [`MAP_UNWIND_ROWS`]: files with a table loaded
+/// at once.
+pub const MAX_UNWIND_FILES: u32 = 4096;
+/// [`FileTable::slot`] of a table without rows: it has no inner array.
+pub const NO_ROWS_SLOT: u32 = u32::MAX;
 /// Hash: file id (`u64`) → [`FileTable`], where that file's rows are.
 pub const MAP_UNWIND_FILES: &str = "UNWIND_FILES";
 /// LPM trie: [`MappingKey`] (tgid, address) → [`Mapping`].
@@ -313,8 +326,8 @@ const _: () = assert!(core::mem::size_of::<UnwindRow>() == 8);
 pub struct FileTable {
     /// ELF virtual address that row `pc` values are relative to.
     pub base: u64,
-    /// Index of the first row.
-    pub first_row: u32,
+    /// Slot of [`MAP_UNWIND_ROWS`] holding the rows ([`NO_ROWS_SLOT`] when there are none).
+    pub slot: u32,
     /// Number of rows (sorted by `pc`).
     pub rows: u32,
 }
@@ -466,8 +479,8 @@ pub struct CachedRow {
     pub generation: u32,
     /// 1 when the entry holds a row.
     pub valid: u32,
-    /// [`FileTable::first_row`] of the file searched (it identifies the file's rows).
-    pub first_row: u32,
+    /// [`FileTable::slot`] of the file searched (it identifies the file's rows).
+    pub slot: u32,
     /// The address searched, relative to [`FileTable::base`].
     pub target: u32,
     pub row: UnwindRow,

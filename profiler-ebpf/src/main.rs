@@ -20,10 +20,8 @@ use core::{
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{
-        BPF_F_MMAPABLE, BPF_F_USER_STACK, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
-        BPF_RB_NO_WAKEUP,
-    },
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    btf_maps::{self, ArrayOfMaps},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_get_stack, bpf_ktime_get_ns,
         bpf_probe_read_user,
@@ -32,16 +30,17 @@ use aya_ebpf::{
             bpf_probe_read_kernel, bpf_snprintf, bpf_task_pt_regs,
         },
     },
-    macros::{map, perf_event, raw_tracepoint},
+    macros::{btf_map, map, perf_event, raw_tracepoint},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{PerfEventContext, RawTracePointContext},
 };
 use profiler_common::{
     COUNTER_SLOTS, CachedMapping, CachedRow, Counter, FileTable, HEADER_BYTES, KSYM_BATCH, KSYM_NAME_BYTES,
     KsymBatch, MAPPING_CACHE_ENTRIES, MAPPING_PID_PREFIX, MAX_FRAMES, MAX_STACK_DEPTH, MAX_TARGET_CGROUPS,
-    MAX_TARGET_PIDS, MAX_USER_DEPTH, MIN_SAMPLES_RING_BYTES, Mapping, MappingKey, PROC_EVENTS_RING_BYTES,
-    ProcEvent, ROW_CACHE_ENTRIES, RawSample, UNWIND_MODE_TABLES, UNWIND_STATUS_SLOTS, UnwindRow, UnwindState,
-    UnwindStatus, cfa, mapping, mapping_key, proc_event, proc_state, samples_wakeup_bytes,
+    MAX_TARGET_PIDS, MAX_UNWIND_FILES, MAX_USER_DEPTH, MIN_SAMPLES_RING_BYTES, Mapping, MappingKey,
+    PROC_EVENTS_RING_BYTES, ProcEvent, ROW_CACHE_ENTRIES, RawSample, UNWIND_MODE_TABLES,
+    UNWIND_ROWS_MAP_FLAGS, UNWIND_STATUS_SLOTS, UnwindRow, UnwindState, UnwindStatus, cfa, mapping,
+    mapping_key, proc_event, proc_state, samples_wakeup_bytes,
 };
 
 /// The daemon sets the real size before loading (`samples_ring_bytes`).
@@ -63,12 +62,16 @@ static TARGET_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TARGET_PIDS
 #[map(name = "TARGET_CGROUPS")]
 static TARGET_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_TARGET_CGROUPS, 0);
 
-/// The daemon sets the real size (the unwind-table budget) before loading.
-#[map(name = "UNWIND_ROWS")]
-static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+/// One file's rows. The length here is only the template's: with `BPF_F_INNER_MAP` each file's
+/// array is as long as its table.
+type FileRows = btf_maps::Array<UnwindRow, 1, { UNWIND_ROWS_MAP_FLAGS as usize }>;
+
+/// Slot → a file's rows, created by the daemon as it loads tables (nothing is allocated up front).
+#[btf_map(name = "UNWIND_ROWS")]
+static UNWIND_ROWS: ArrayOfMaps<FileRows, { MAX_UNWIND_FILES as usize }> = ArrayOfMaps::new();
 
 #[map(name = "UNWIND_FILES")]
-static UNWIND_FILES: HashMap<u64, FileTable> = HashMap::with_max_entries(4096, 0);
+static UNWIND_FILES: HashMap<u64, FileTable> = HashMap::with_max_entries(MAX_UNWIND_FILES, 0);
 
 #[map(name = "MAPPINGS")]
 static MAPPINGS: LpmTrie<MappingKey, Mapping> = LpmTrie::with_max_entries(1 << 20, 0);
@@ -564,41 +567,44 @@ fn to_cache(state: &mut UnwindState, pc: u64) {
 #[inline(always)]
 fn cached_row(state: &mut UnwindState, vaddr: u64) -> UnwindRow {
     let table = state.table;
-    // An empty table shares its first row (0) with another file's: never cached.
+    // An empty table has no slot of its own: never cached.
     if table.rows == 0 || vaddr < table.base || vaddr - table.base > u64::from(u32::MAX) {
         return UnwindRow::default();
     }
     let target = (vaddr - table.base) as u32;
-    let slot = cache_slot(target, table.first_row, ROW_CACHE_ENTRIES);
+    let index = cache_slot(target, table.slot, ROW_CACHE_ENTRIES);
     let generation = state.generation as u32;
-    let entry = &state.rows[slot];
+    let entry = &state.rows[index];
     if entry.valid == 1
         && entry.generation == generation
-        && entry.first_row == table.first_row
+        && entry.slot == table.slot
         && entry.target == target
     {
         return entry.row;
     }
     let row = find_row(&table, vaddr);
-    state.rows[slot] = CachedRow {
+    state.rows[index] = CachedRow {
         generation,
         valid: 1,
-        first_row: table.first_row,
+        slot: table.slot,
         target,
         row,
     };
     row
 }
 
-/// A binary search over `UNWIND_ROWS` in progress: rows before `lo` start at or before
-/// `target`, rows from `hi` on after it.
+/// A binary search over one file's rows (`UNWIND_ROWS` slot `slot`) in progress: rows before
+/// `lo` start at or before `target`, rows from `hi` on after it.
 #[repr(C)]
 struct Search {
+    slot: u32,
     lo: u32,
     hi: u32,
     target: u32,
     /// 1 when a row inside the range could not be read.
     failed: u32,
+    /// The row before `lo` (the last one seen to start at or before `target`), else a gap.
+    row: UnwindRow,
 }
 
 /// The row covering `vaddr`: the last one whose start is <= vaddr, or a GAP row.
@@ -613,10 +619,12 @@ fn find_row(table: &FileTable, vaddr: u64) -> UnwindRow {
         return gap;
     }
     let mut search = Search {
-        lo: table.first_row,
-        hi: table.first_row.saturating_add(table.rows),
+        slot: table.slot,
+        lo: 0,
+        hi: table.rows,
         target: (vaddr - table.base) as u32,
         failed: 0,
+        row: gap,
     };
     // SAFETY: the callback only touches `search`, which outlives the call.
     unsafe {
@@ -627,13 +635,7 @@ fn find_row(table: &FileTable, vaddr: u64) -> UnwindRow {
             0,
         )
     };
-    if search.failed != 0 || search.lo == table.first_row {
-        return gap;
-    }
-    match UNWIND_ROWS.get(search.lo - 1) {
-        Some(row) => *row,
-        None => gap,
-    }
+    if search.failed != 0 { gap } else { search.row }
 }
 
 /// One step of [`find_row`]'s binary search (a `bpf_loop` callback). Returns 1 when done.
@@ -645,8 +647,13 @@ extern "C" fn search_step(_index: u64, ctx: *mut c_void) -> i64 {
         return 1;
     }
     let mid = search.lo + (search.hi - search.lo) / 2;
-    match UNWIND_ROWS.get(mid) {
-        Some(row) if row.pc <= search.target => search.lo = mid + 1,
+    // The slot is looked up at each probe: a map pointer kept in `search` across the loop made
+    // the verifier process a third more instructions.
+    match UNWIND_ROWS.get_value(search.slot, &mid) {
+        Some(row) if row.pc <= search.target => {
+            search.row = *row;
+            search.lo = mid + 1;
+        }
         Some(_) => search.hi = mid,
         None => {
             search.failed = 1;

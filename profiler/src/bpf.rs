@@ -127,6 +127,7 @@ pub struct BpfSession {
     ebpf: Ebpf,
     pub event: EventSource,
     kernel: String,
+    /// The unwind-table budget in rows (the tables are created as they are loaded).
     unwind_rows: u32,
     /// Online CPUs and frequency at load: the sample ring is sized for them, and [`attach`]
     /// samples them.
@@ -277,10 +278,10 @@ impl BpfSession {
             Unwinder::Dwarf => UNWIND_MODE_TABLES,
             Unwinder::FramePointer => UNWIND_MODE_FRAME_POINTERS,
         };
-        // Frame-pointer mode needs no table memory.
+        // Frame-pointer mode loads no tables.
         let rows = match sampling.unwinder {
             Unwinder::Dwarf => sampling.unwind_rows,
-            Unwinder::FramePointer => 1,
+            Unwinder::FramePointer => 0,
         };
         let cpus =
             aya::util::online_cpus().map_err(|(path, source)| BpfError::OnlineCpus { path, source })?;
@@ -294,7 +295,6 @@ impl BpfSession {
             .override_global(GLOBAL_UNWIND_MODE, &mode, true)
             .override_global(GLOBAL_SAMPLES_WAKEUP_BYTES, &wakeup_bytes, true)
             .map_max_entries(MAP_SAMPLES, ring_bytes)
-            .map_max_entries(MAP_UNWIND_ROWS, rows)
             // Hash maps are allocated whole when created: a filter that is off gets one entry
             // (its map is never read).
             .map_max_entries(MAP_TARGET_PIDS, if filter == 1 { MAX_TARGET_PIDS } else { 1 })
@@ -428,10 +428,10 @@ impl BpfSession {
             }
         };
         let rows = match take(MAP_UNWIND_ROWS)? {
-            aya::maps::Map::Array(data) => data,
+            aya::maps::Map::ArrayOfMaps(data) => data,
             _ => {
                 return Err(BpfError::Missing {
-                    kind: "array map",
+                    kind: "array of maps",
                     name: MAP_UNWIND_ROWS,
                 });
             }

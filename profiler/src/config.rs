@@ -51,8 +51,9 @@ pub struct SamplingArgs {
     /// where a file has none) or `frame-pointer` (the kernel's frame-pointer walk only).
     #[arg(long, env = "PROFILER_UNWINDER", value_enum, default_value = "dwarf")]
     pub unwinder: Unwinder,
-    /// Kernel memory for unwind tables (K, M, G suffixes), allocated at start; least recently
-    /// used tables are evicted past it. 8 bytes per row: libc needs ~0.2M.
+    /// Most kernel memory the unwind tables may take (K, M, G suffixes); each table is allocated
+    /// when it is loaded, and least recently used tables are evicted past it. 8 bytes per row:
+    /// libc needs ~0.2M.
     #[arg(long, env = "PROFILER_UNWIND_TABLE_SIZE", default_value = "64M", value_parser = parse_bytes)]
     pub unwind_table_size: u64,
 }

@@ -1137,7 +1137,8 @@ fn user_errors_are_named() {
 /// The verifier's work on the sampling program was the largest part of the daemon's start-up
 /// CPU. It once checked the whole user walk four times over (18,200 instructions, ~30 ms),
 /// because values that differed by path were live across `bpf_loop`, and each of the row
-/// search's 24 steps as a state of its own (4,600 once the walk was checked once); now ~2,200.
+/// search's 24 steps as a state of its own (4,600 once the walk was checked once); then ~2,200,
+/// and ~3,600 since each probe looks its file's rows up in `UNWIND_ROWS` (an array of maps).
 #[test]
 fn sampling_program_is_verified_once_over() {
     let _serial = serial();
@@ -1168,7 +1169,7 @@ fn sampling_program_is_verified_once_over() {
         .unwrap_or_else(|| panic!("no verified_insns in the debug log:\n{stderr}"));
     assert!(
         (1_000..=4_000).contains(&insns),
-        "the verifier processed {insns} instructions of the sampling program (expected ~2,200)"
+        "the verifier processed {insns} instructions of the sampling program (expected ~3,600)"
     );
 }
 
@@ -1820,6 +1821,74 @@ fn a_small_table_budget_evicts_and_names_what_it_could_not_walk() {
     let all: Vec<&profiler::pprof::Sample> = profile.sample.iter().collect();
     let named = share_with(&view, &all, &["[unwind: no table for *"]);
     assert!(named > 0.0, "no walk named a missing table; {tables}");
+}
+
+#[test]
+fn unwind_tables_take_kernel_memory_as_they_load_not_the_budget() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    // Each loaded table is an array map of its own (`unwind_rows`), as long as the table: a
+    // 1 GiB budget allocates nothing up front, and the kernel holds what the tables need.
+    let c = Fixture::start(nofp_c_fixture(), 60);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("lazy.pb.gz");
+    let pid = c.pid().to_string();
+    let args = [
+        "record",
+        "--pid",
+        &pid,
+        "--frequency",
+        "99",
+        "--duration",
+        "4s",
+        "--unwind-table-size",
+        "1G",
+        "--output",
+        out.to_str().expect("utf8"),
+    ];
+    let child = Command::new(profiler_bin())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start profiler");
+    // The target's tables are loaded before sampling starts; look while it records.
+    thread::sleep(Duration::from_secs(2));
+    let tables: Vec<(u32, u32)> = aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .filter(|m| m.name_as_str() == Some(profiler_common::UNWIND_ROWS_INNER_NAME))
+        .map(|m| (m.max_entries(), m.value_size()))
+        .collect();
+    let output = child.wait_with_output().expect("profiler output");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The fixture, libdeep.so, libc (~28,000 rows) and ld.so.
+    let bytes: u64 = tables
+        .iter()
+        .map(|&(rows, size)| u64::from(rows) * u64::from(size))
+        .sum();
+    assert!((3..=6).contains(&tables.len()), "unwind table maps: {tables:?}");
+    assert!(tables.iter().all(|&(_, size)| size == 8), "{tables:?}");
+    assert!(
+        ((100 << 10)..(2 << 20)).contains(&bytes),
+        "{bytes} bytes of tables: {tables:?}"
+    );
+    let profile = decode(&std::fs::read(&out).expect("profile written")).expect("profile decodes");
+    let view = View::new(&profile);
+    let comment = view.comment("unwind tables");
+    assert!(comment.contains("of 1024.0 MiB"), "{comment}");
+    let (samples, total) = samples_and_total(&view, c.pid());
+    assert!(total > 200, "got {total} samples");
+    let complete = count_with(&view, &samples, &["main"]);
+    assert!(
+        complete * 100 >= total * 99,
+        "{complete} of {total} samples reach main"
+    );
 }
 
 #[test]

@@ -88,7 +88,7 @@ impl Default for Labeler {
 /// The built-in rules, compiled.
 fn default_rules() -> Vec<Rule> {
     let configs: Vec<RuleConfig> = serde_norway::from_str(DEFAULT_RULES).unwrap_or_default();
-    configs.iter().filter_map(|c| Rule::new(c).ok()).collect()
+    relabel::compile(&configs).unwrap_or_default()
 }
 
 impl Labeler {
@@ -178,6 +178,13 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn every_built_in_rule_compiles() {
+        let written = DEFAULT_RULES.lines().filter(|l| l.starts_with("- ")).count();
+        assert_eq!(written, 13);
+        assert_eq!(default_rules().len(), written);
     }
 
     #[test]

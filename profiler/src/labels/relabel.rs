@@ -12,7 +12,7 @@
 //!   modulo `modulus`;
 //! - `labelmap`: copy every label whose name matches to the expanded name;
 //! - `labeldrop` / `labelkeep`: delete the labels whose names match / do not match.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use md5::{Digest as _, Md5};
 use regex::Regex;
@@ -83,9 +83,13 @@ pub fn valid_label_name(name: &str) -> bool {
 impl Rule {
     /// Checks a rule the way Prometheus does when it loads its configuration.
     pub fn new(config: &RuleConfig) -> Result<Self, String> {
+        Self::with_regexes(config, &mut Regexes::default())
+    }
+
+    /// [`Rule::new`], taking the regex from `regexes` when an earlier rule had the same one.
+    fn with_regexes(config: &RuleConfig, regexes: &mut Regexes) -> Result<Self, String> {
         let pattern = config.regex.as_deref().unwrap_or("(.*)");
-        let regex =
-            Regex::new(&format!("^(?s:{pattern})$")).map_err(|e| format!("regex `{pattern}`: {e}"))?;
+        let regex = regexes.get(pattern)?;
         let action = config.action;
         let target = config.target_label.clone().unwrap_or_default();
         let name = |a: Action| format!("{a:?}").to_lowercase();
@@ -188,11 +192,30 @@ impl Rule {
 
 /// Checks every rule; an error names the rule's index.
 pub fn compile(configs: &[RuleConfig]) -> Result<Vec<Rule>, (usize, String)> {
+    let mut regexes = Regexes::default();
     configs
         .iter()
         .enumerate()
-        .map(|(i, c)| Rule::new(c).map_err(|e| (i, e)))
+        .map(|(i, c)| Rule::with_regexes(c, &mut regexes).map_err(|e| (i, e)))
         .collect()
+}
+
+/// The rules of one [`compile`] share each distinct regex: compiling one costs ~0.2 ms (a DFA
+/// is built up front), and the built-in rules alone use `(.+)` eleven times.
+#[derive(Default)]
+struct Regexes(HashMap<String, Regex>);
+
+impl Regexes {
+    /// The anchored regex for `pattern` (Prometheus matches the whole value).
+    fn get(&mut self, pattern: &str) -> Result<Regex, String> {
+        if let Some(regex) = self.0.get(pattern) {
+            return Ok(regex.clone());
+        }
+        let regex =
+            Regex::new(&format!("^(?s:{pattern})$")).map_err(|e| format!("regex `{pattern}`: {e}"))?;
+        self.0.insert(pattern.to_owned(), regex.clone());
+        Ok(regex)
+    }
 }
 
 /// Runs the rules in order; `None` when a rule dropped the target.

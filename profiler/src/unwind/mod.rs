@@ -219,7 +219,9 @@ impl Drop for Requests {
 
 /// The BPF maps the stage owns.
 pub struct UnwindMaps {
+    /// `UNWIND_ROWS`: slot → a file's rows (an array of maps).
     pub rows: MapData,
+    /// The unwind-table budget in rows.
     pub capacity: u32,
     pub files: BpfHashMap<MapData, u64, profiler_common::FileTable>,
     pub mappings: LpmTrie<MapData, MappingKey, Mapping>,
@@ -573,6 +575,8 @@ impl Unwinder {
                 ));
             }
         }
+        // The process's new tables first, so no mapping names a file BPF cannot find yet.
+        self.store.commit();
         for (key, value) in &entries {
             match self.mappings.insert(key, value, 0) {
                 Ok(()) => keys.push(*key),
