@@ -300,10 +300,11 @@ impl RowStore {
         }
         let users = self.resident.get(&file_id).map_or(0, |f| f.users);
         self.remove(file_id)?;
-        // Room in the budget, and a slot unless the table is empty.
+        // Room in the budget, an `UNWIND_FILES` entry, and a slot unless the table is empty.
         loop {
             let over_budget = self.stats.used_rows + charged > self.capacity;
-            let no_slot = n > 0 && self.free_slots.is_empty();
+            let no_slot =
+                self.resident.len() >= MAX_UNWIND_FILES as usize || (n > 0 && self.free_slots.is_empty());
             if !over_budget && !no_slot {
                 break;
             }
