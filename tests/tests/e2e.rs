@@ -1558,10 +1558,22 @@ fn go_signal_returns_unwind_into_the_interrupted_code() {
         "no sample of {total} was taken in runtime.sigreturn: the flood did not reach it"
     );
     // Below the trampoline: the interrupted function and its callers (no walk may end early,
-    // checked for every sample below).
+    // checked for every sample below). A tick that lands while the kernel rewrites the saved
+    // registers (`restore_sigcontext`: rsp is restored before rip, and the FPU state after both)
+    // sees user registers that belong to neither frame; those walks may end early (one in 47
+    // did in a CI run), so they are left out here, and the rest must all walk on.
+    let rewriting = |s: &&profiler::pprof::Sample| view.stack(s).contains(&"restore_sigcontext");
+    let settled = in_sigreturn.iter().filter(|s| !rewriting(s)).count();
+    assert!(
+        settled * 2 >= in_sigreturn.len(),
+        "{} of {} samples in runtime.sigreturn hit restore_sigcontext",
+        in_sigreturn.len() - settled,
+        in_sigreturn.len()
+    );
     let stranded: Vec<_> = in_sigreturn
         .iter()
         .copied()
+        .filter(|s| !rewriting(s))
         .filter(|s| {
             let stack = view.stack(s);
             let at = stack.iter().position(|f| f.starts_with("runtime.sigreturn"));
