@@ -56,6 +56,7 @@ pub struct StoreStats {
     pub capacity_rows: u64,
     /// Rows the loaded tables take, in whole pages.
     pub used_rows: u64,
+    /// Files with a table loaded (staged ones included).
     pub files: u64,
     pub evictions: u64,
 }
@@ -271,7 +272,10 @@ impl RowStore {
     }
 
     pub fn stats(&self) -> StoreStats {
-        self.stats
+        StoreStats {
+            files: self.resident.len() as u64,
+            ..self.stats
+        }
     }
 
     pub fn contains(&self, file_id: u64) -> bool {
@@ -351,7 +355,6 @@ impl RowStore {
             },
         );
         self.stats.used_rows += charged;
-        self.stats.files = self.resident.len() as u64;
         Ok(())
     }
 
@@ -401,7 +404,6 @@ impl RowStore {
                 tracing::warn!(file_id, %error, "unwind table not loaded");
                 if let Some(file) = self.resident.remove(&file_id) {
                     self.stats.used_rows -= file.charged;
-                    self.stats.files = self.resident.len() as u64;
                 }
                 // No file entry names the slot, so no walk has cached it.
                 self.release_slot(entry.slot);
@@ -450,7 +452,6 @@ impl RowStore {
                 self.free_slots.push(file.slot);
             }
             self.stats.used_rows -= file.charged;
-            self.stats.files = self.resident.len() as u64;
             return Ok(());
         }
         match self.files.remove(&file_id) {
@@ -468,7 +469,6 @@ impl RowStore {
             self.held.push(file.slot);
         }
         self.stats.used_rows -= file.charged;
-        self.stats.files = self.resident.len() as u64;
         Ok(())
     }
 
