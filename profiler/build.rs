@@ -24,6 +24,7 @@ fn main() -> anyhow::Result<()> {
         .compile_fds(descriptors)
         .context("generating protobuf types")?;
 
+    frame_pointers_cfg();
     check_ebpf_toolchain()?;
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     let ebpf_dir = manifest_dir
@@ -40,6 +41,28 @@ fn main() -> anyhow::Result<()> {
         aya_build::Toolchain::Nightly,
     )
     .with_context(|| format!("building the eBPF object failed ({SETUP_HINT} if it is missing)"))
+}
+
+/// Sets the `frame_pointers` cfg when this build keeps frame pointers in every function
+/// (`-C force-frame-pointers=yes`, from `.cargo/config.toml`): the unwinder then walks the
+/// daemon's own frames by frame pointer instead of compiling its table.
+fn frame_pointers_cfg() {
+    println!("cargo::rustc-check-cfg=cfg(frame_pointers)");
+    println!("cargo:rerun-if-env-changed=CARGO_ENCODED_RUSTFLAGS");
+    let flags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+    let flags: Vec<&str> = flags.split('\x1f').collect();
+    let on = |value: &str| matches!(value, "yes" | "y" | "on" | "true");
+    let forced = flags.iter().enumerate().any(|(i, flag)| {
+        let setting = match flag.strip_prefix("-C") {
+            Some("") => flags.get(i + 1).copied().unwrap_or(""),
+            Some(rest) => rest,
+            None => flag.strip_prefix("--codegen=").unwrap_or(""),
+        };
+        setting.strip_prefix("force-frame-pointers=").is_some_and(on)
+    });
+    if forced {
+        println!("cargo::rustc-cfg=frame_pointers");
+    }
 }
 
 /// Fails early, with the fix, when the pieces `aya_build` needs are not installed.

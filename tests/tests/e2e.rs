@@ -1359,6 +1359,84 @@ fn rust_release_without_frame_pointers_reaches_main() {
 }
 
 #[test]
+fn the_daemon_walks_its_own_frames_by_frame_pointer_without_a_table() {
+    let _serial = serial();
+    if !privileged() {
+        return;
+    }
+    // The daemon is built with frame pointers (.cargo/config.toml): it compiles no table for its
+    // own executable, yet its own samples still unwind to their roots. A busy fixture gives it
+    // work to sample (tables, names).
+    let c = Fixture::start(c_fixture(), 60);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("own.pb.gz");
+    let child = Command::new(profiler_bin())
+        .args([
+            "--log",
+            "profiler::unwind=debug",
+            "record",
+            "--frequency",
+            "999",
+            "--duration",
+            "3s",
+        ])
+        .arg("--output")
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start profiler");
+    let own_pid = child.id();
+    let output = child.wait_with_output().expect("profiler output");
+    drop(c);
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{log}");
+    let own_exe = std::fs::canonicalize(profiler_bin()).expect("profiler path");
+    let own_name = own_exe.to_str().expect("utf8");
+    let own_tables: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("unwind table built") && l.contains(own_name))
+        .collect();
+    assert!(
+        own_tables.is_empty(),
+        "the daemon compiled its own table:\n{}",
+        own_tables.join("\n")
+    );
+    assert!(
+        log.contains("own executable keeps frame pointers"),
+        "the daemon's executable was not recognised as its own:\n{log}"
+    );
+    let profile = decode(&std::fs::read(&out).expect("profile written")).expect("profile decodes");
+    let view = View::new(&profile);
+    let (samples, total) = samples_and_total(&view, own_pid);
+    assert!(total >= 10, "{total} samples of the daemon itself");
+    // Thread roots: the main thread's `main`, the other threads' `start_thread` (glibc).
+    let rooted: i64 = samples
+        .iter()
+        .filter(|s| {
+            let stack = view.stack(s);
+            has_frame(&stack, "main") || has_frame(&stack, "start_thread")
+        })
+        .map(|s| View::count(s))
+        .sum();
+    assert!(
+        rooted as f64 >= 0.95 * total as f64,
+        "{rooted} of {total} of the daemon's own samples reach a thread root; some that do not:\n{}",
+        show_stacks(
+            &view,
+            &samples
+                .iter()
+                .copied()
+                .filter(|s| {
+                    let stack = view.stack(s);
+                    !has_frame(&stack, "main") && !has_frame(&stack, "start_thread")
+                })
+                .collect::<Vec<_>>()
+        )
+    );
+}
+
+#[test]
 fn samples_in_a_signal_handler_unwind_through_the_signal_frame() {
     let _serial = serial();
     if !privileged() {
