@@ -1411,28 +1411,15 @@ fn the_daemon_walks_its_own_frames_by_frame_pointer_without_a_table() {
     let (samples, total) = samples_and_total(&view, own_pid);
     assert!(total >= 10, "{total} samples of the daemon itself");
     // Thread roots: the main thread's `main`, the other threads' `start_thread` (glibc).
-    let rooted: i64 = samples
-        .iter()
-        .filter(|s| {
-            let stack = view.stack(s);
-            has_frame(&stack, "main") || has_frame(&stack, "start_thread")
-        })
-        .map(|s| View::count(s))
-        .sum();
+    let (rooted, unrooted): (Vec<_>, Vec<_>) = samples.iter().copied().partition(|s| {
+        let stack = view.stack(s);
+        has_frame(&stack, "main") || has_frame(&stack, "start_thread")
+    });
+    let rooted_count: i64 = rooted.iter().map(|s| View::count(s)).sum();
     assert!(
-        rooted as f64 >= 0.95 * total as f64,
-        "{rooted} of {total} of the daemon's own samples reach a thread root; some that do not:\n{}",
-        show_stacks(
-            &view,
-            &samples
-                .iter()
-                .copied()
-                .filter(|s| {
-                    let stack = view.stack(s);
-                    !has_frame(&stack, "main") && !has_frame(&stack, "start_thread")
-                })
-                .collect::<Vec<_>>()
-        )
+        rooted_count as f64 >= 0.95 * total as f64,
+        "{rooted_count} of {total} of the daemon's own samples reach a thread root; some that do not:\n{}",
+        show_stacks(&view, &unrooted)
     );
 }
 

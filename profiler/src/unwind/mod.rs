@@ -241,7 +241,7 @@ pub enum UnwindError {
 enum FileKind {
     /// Its table is (or was) in the store under this id.
     Table,
-    /// Frame pointers: Go without CFI, files without CFI, and the daemon's own executable.
+    /// Frame pointers: files without CFI, and the daemon's own executable.
     FramePointer,
     /// No usable table; samples in it end with `[unwind: no table …]`.
     Failed,
@@ -963,11 +963,10 @@ fn fallback_id(key: FileKey) -> u64 {
     hasher.finish() | 1
 }
 
-/// The vDSO is the same image in every process: compile the daemon's own copy once.
 /// The file id of this daemon's executable when it was built with frame pointers in every
 /// function (`-C force-frame-pointers=yes`, set in `.cargo/config.toml`; build.rs sets the
 /// `frame_pointers` cfg when it sees the flag). Its frames are then walked by frame pointer,
-/// as a Go binary's are, instead of through a table compiled at every start: the daemon
+/// as those of a file without CFI are, instead of through a table compiled at every start: the daemon
 /// samples itself on most recordings, and its table is 124,000 rows, ~11 ms of CPU and 1 MiB of
 /// kernel memory. Rust's standard library is built with frame pointers too; the rare frame
 /// caught in a prologue or epilogue may lose its caller, as frame-pointer walks do.
@@ -976,17 +975,14 @@ fn own_frame_pointer_file() -> Option<u64> {
         return None;
     }
     let (file, meta) = open_regular(Path::new("/proc/self/exe"), None).ok()?;
-    let key = FileKey {
-        dev: (0, 0),
-        inode: std::os::unix::fs::MetadataExt::ino(&meta),
-        size: meta.len(),
-        mtime_ns: 0,
-    };
+    // The key only counts for a file whose id cannot come from its contents (an empty one).
+    let key = FileKey::of((0, 0), std::os::unix::fs::MetadataExt::ino(&meta), &meta);
     let cache = WindowedFile::cache(file, meta.len());
     let elf = object::File::parse(&cache).ok()?;
     Some(file_id(&elf, &cache, key))
 }
 
+/// The vDSO is the same image in every process: compile the daemon's own copy once.
 fn own_vdso() -> Option<(FileInfo, Table)> {
     // SAFETY: getauxval has no preconditions.
     let base = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) };
