@@ -3,5 +3,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = profiler::sampler::decode(data);
+    let _ = profiler::sample::decode(data);
 });

@@ -58,9 +58,13 @@ pub const NO_ROWS_SLOT: u32 = u32::MAX;
 pub const MAP_UNWIND_FILES: &str = "UNWIND_FILES";
 /// LPM trie: [`MappingKey`] (tgid, address) → [`Mapping`].
 pub const MAP_MAPPINGS: &str = "MAPPINGS";
+/// Capacity of [`MAP_MAPPINGS`] (address-range prefixes, of every loaded process together).
+pub const MAX_MAPPINGS: u32 = 1 << 20;
 /// Hash: tgid → one of the [`proc_state`] values. A tgid absent here has not been seen yet:
 /// its first sample adds it as [`proc_state::REQUESTED`] and asks the daemon to load it.
 pub const MAP_PROCS: &str = "PROCS";
+/// Capacity of [`MAP_PROCS`]: processes seen (requested or loaded) at once.
+pub const MAX_PROCS: u32 = 1 << 16;
 /// Ring buffer of [`ProcEvent`]s (load requests, exec, exit) for the daemon's unwind stage.
 pub const MAP_PROC_EVENTS: &str = "PROC_EVENTS";
 /// Raw tracepoint program never attached: run by `BPF_PROG_TEST_RUN`, it names the kernel
@@ -264,6 +268,21 @@ impl UnwindStatus {
             8 => UnwindStatus::BadPc,
             _ => return None,
         })
+    }
+
+    /// Short stable name: a metric label value and the word profile comments use.
+    pub fn name(self) -> &'static str {
+        match self {
+            UnwindStatus::Complete => "complete",
+            UnwindStatus::FramePointerOnly => "frame-pointer-only",
+            UnwindStatus::NoMapping => "no-mapping",
+            UnwindStatus::NoTable => "no-table",
+            UnwindStatus::UnsupportedRule => "unsupported-rule",
+            UnwindStatus::BadFrame => "bad-frame",
+            UnwindStatus::ReadError => "read-error",
+            UnwindStatus::MaxDepth => "max-depth",
+            UnwindStatus::BadPc => "bad-pc",
+        }
     }
 }
 

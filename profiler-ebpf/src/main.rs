@@ -36,11 +36,11 @@ use aya_ebpf::{
 };
 use profiler_common::{
     COUNTER_SLOTS, CachedMapping, CachedRow, Counter, FileTable, HEADER_BYTES, KSYM_BATCH, KSYM_NAME_BYTES,
-    KsymBatch, MAPPING_CACHE_ENTRIES, MAPPING_PID_PREFIX, MAX_FRAMES, MAX_STACK_DEPTH, MAX_TARGET_CGROUPS,
-    MAX_TARGET_PIDS, MAX_UNWIND_FILES, MAX_USER_DEPTH, MIN_SAMPLES_RING_BYTES, Mapping, MappingKey,
-    PROC_EVENTS_RING_BYTES, ProcEvent, ROW_CACHE_ENTRIES, RawSample, UNWIND_MODE_TABLES,
-    UNWIND_ROWS_MAP_FLAGS, UNWIND_STATUS_SLOTS, UnwindRow, UnwindState, UnwindStatus, cfa, mapping,
-    mapping_key, proc_event, proc_state, samples_wakeup_bytes,
+    KsymBatch, MAPPING_CACHE_ENTRIES, MAPPING_PID_PREFIX, MAX_FRAMES, MAX_MAPPINGS, MAX_PROCS,
+    MAX_STACK_DEPTH, MAX_TARGET_CGROUPS, MAX_TARGET_PIDS, MAX_UNWIND_FILES, MAX_USER_DEPTH,
+    MIN_SAMPLES_RING_BYTES, Mapping, MappingKey, PROC_EVENTS_RING_BYTES, ProcEvent, ROW_CACHE_ENTRIES,
+    RawSample, UNWIND_MODE_TABLES, UNWIND_ROWS_MAP_FLAGS, UNWIND_STATUS_SLOTS, UnwindRow, UnwindState,
+    UnwindStatus, cfa, mapping, mapping_key, proc_event, proc_state, samples_wakeup_bytes,
 };
 
 /// The daemon sets the real size before loading (`samples_ring_bytes`).
@@ -74,13 +74,13 @@ static UNWIND_ROWS: ArrayOfMaps<FileRows, { MAX_UNWIND_FILES as usize }> = Array
 static UNWIND_FILES: HashMap<u64, FileTable> = HashMap::with_max_entries(MAX_UNWIND_FILES, 0);
 
 #[map(name = "MAPPINGS")]
-static MAPPINGS: LpmTrie<MappingKey, Mapping> = LpmTrie::with_max_entries(1 << 20, 0);
+static MAPPINGS: LpmTrie<MappingKey, Mapping> = LpmTrie::with_max_entries(MAX_MAPPINGS, 0);
 
 #[map(name = "UNWIND_GENERATION")]
 static UNWIND_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map(name = "PROCS")]
-static PROCS: HashMap<u32, u32> = HashMap::with_max_entries(1 << 16, 0);
+static PROCS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_PROCS, 0);
 
 #[map(name = "PROC_EVENTS")]
 static PROC_EVENTS: RingBuf = RingBuf::with_byte_size(PROC_EVENTS_RING_BYTES, 0);

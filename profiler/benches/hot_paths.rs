@@ -11,15 +11,13 @@ use std::{hint::black_box, time::SystemTime};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use profiler::{
     aggregate::Aggregator,
-    bpf::{CounterSnapshot, EventSource},
+    bpf::EventSource,
     encode::gzip,
+    object::WindowedFile,
     process::ProcessRegistry,
     report::Reporter,
-    sampler::decode,
-    symbolize::{
-        NameCache, SymbolSource as _,
-        elf::{ElfImage, WindowedFile},
-    },
+    sample::{CounterSnapshot, decode},
+    symbolize::{NameCache, SymbolSource as _, elf::ElfImage},
     unwind::table,
 };
 use profiler_common::{HEADER_BYTES, RawSampleHeader};

@@ -3,20 +3,18 @@
 //! Frames are interned (`Frame` → id) and stacks are interned as id sequences, so a snapshot
 //! carries every distinct frame and stack once, however many samples hit them. User addresses
 //! are resolved to (file, ELF virtual address) here, while the process is most likely still
-//! alive; symbolization happens later, off this thread, in [`crate::report`].
+//! alive; symbolization happens later, on the report stage's thread, in [`crate::report`].
 use std::{sync::Arc, time::SystemTime};
 
 use foldhash::HashMap;
 
 use profiler_common::{MAX_USER_DEPTH, UnwindStatus};
-use tokio::sync::mpsc;
-use tracing::debug;
 
 use crate::{
-    bpf::CounterSnapshot,
     labels::Target,
-    process::{FileKey, ObjectFile, ProcessMeta, ProcessRegistry, RegistryStats, UserFrame},
-    sampler::{Message, Sample},
+    process::{ObjectFile, ProcessMeta, ProcessRegistry, RegistryStats, UserFrame},
+    procfs::FileKey,
+    sample::{CounterSnapshot, Sample},
 };
 
 /// One distinct frame of an interval. Non-leaf addresses are return addresses minus one, so
@@ -369,47 +367,6 @@ const FIRST_CODE_ADDRESS: u64 = 0x1000;
 
 fn caller_adjusted(index: usize, ip: u64) -> u64 {
     if index == 0 { ip } else { ip.saturating_sub(1) }
-}
-
-/// The aggregator stage: runs on a blocking thread (it reads /proc and parses ELF files) until
-/// it has flushed the last interval. A full report queue blocks it; the sampler then drops and
-/// counts samples instead of growing memory.
-pub fn run(mut aggregator: Aggregator, mut rx: mpsc::Receiver<Message>, tx: mpsc::Sender<Job>) {
-    while let Some(message) = rx.blocking_recv() {
-        match message {
-            Message::Samples(samples) => samples.iter().for_each(|s| aggregator.add(s)),
-            Message::Flush { end, counters, last } => {
-                let snapshot = aggregator.flush(end, counters);
-                debug!(
-                    samples = snapshot.samples(),
-                    stacks = snapshot.stacks.len(),
-                    "interval closed"
-                );
-                if tx.blocking_send(Job::Interval(snapshot)).is_err() || last {
-                    return;
-                }
-            }
-            Message::OpenTap { id, filter, counters } => aggregator.open_tap(id, filter, counters),
-            Message::CloseTap { id, counters, reply } => {
-                if let Some(snapshot) = aggregator.close_tap(id, counters) {
-                    // The requester may be gone (client disconnected): nothing to do then.
-                    let _ = reply.send(snapshot);
-                }
-            }
-        }
-    }
-}
-
-/// Work for the report stage.
-#[derive(Debug)]
-pub enum Job {
-    /// A closed interval: encode and export.
-    Interval(Snapshot),
-    /// An on-demand profile: encode and answer.
-    OnDemand {
-        snapshot: Snapshot,
-        reply: tokio::sync::oneshot::Sender<Vec<u8>>,
-    },
 }
 
 #[cfg(test)]

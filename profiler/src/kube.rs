@@ -17,7 +17,7 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::Duration,
 };
 
@@ -26,7 +26,10 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::{labels::Labels, remote::SecretFile};
+use crate::{
+    labels::{Labels, pods::PodIndex},
+    secret::SecretFile,
+};
 
 const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
@@ -54,41 +57,15 @@ enum Token {
     File(SecretFile),
 }
 
-/// The pods of this node, by container id.
-#[derive(Debug, Default)]
-pub struct PodIndex {
-    /// container id → the pod's labels for that container.
-    by_container: RwLock<Arc<HashMap<String, Arc<Labels>>>>,
-    /// Pods known, for /metrics.
-    pub pods: std::sync::atomic::AtomicU64,
-    /// Whether the last list or watch worked.
-    pub connected: std::sync::atomic::AtomicBool,
-}
-
-impl PodIndex {
-    /// The labels of the pod that runs `container_id`, if it is known.
-    pub fn get(&self, container_id: &str) -> Option<Arc<Labels>> {
-        let map = self
-            .by_container
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.get(container_id).cloned()
-    }
-
-    fn publish(&self, pods: &HashMap<String, Pod>) {
-        let mut map = HashMap::new();
-        for pod in pods.values() {
-            for (id, labels) in pod_labels(pod) {
-                map.insert(id, Arc::new(labels));
-            }
+/// Publishes the pods' labels by container id.
+fn publish(index: &PodIndex, pods: &HashMap<String, Pod>) {
+    let mut map = HashMap::new();
+    for pod in pods.values() {
+        for (id, labels) in pod_labels(pod) {
+            map.insert(id, Arc::new(labels));
         }
-        self.pods
-            .store(pods.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        *self
-            .by_container
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(map);
     }
+    index.replace(map, pods.len() as u64);
 }
 
 // The parts of the Pod object used here.
@@ -481,7 +458,7 @@ pub async fn watch(connection: Connection, node: String, index: Arc<PodIndex>, c
             None => match list(&connection, &selector).await {
                 Ok((items, v)) => {
                     pods = items.into_iter().map(|p| (p.metadata.uid.clone(), p)).collect();
-                    index.publish(&pods);
+                    publish(&index, &pods);
                     index.connected.store(true, std::sync::atomic::Ordering::Relaxed);
                     info!(node = %node, pods = pods.len(), "listed the pods of this node");
                     version = Some(v);
@@ -622,7 +599,7 @@ async fn watch_once(
                     } else {
                         pods.insert(pod.metadata.uid.clone(), pod);
                     }
-                    index.publish(pods);
+                    publish(index, pods);
                 }
                 other => debug!(kind = other, "unknown watch event ignored"),
             }

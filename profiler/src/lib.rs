@@ -1,29 +1,45 @@
 //! Whole-system eBPF CPU profiler.
 //!
-//! Data flow (see docs/architecture.md): the eBPF program samples every CPU and streams
-//! [`profiler_common::RawSample`]s through a ring buffer → [`sampler`] decodes them →
-//! [`aggregate`] resolves user addresses through the [`process`] registry and counts identical
-//! stacks per interval → [`report`] symbolizes ([`symbolize`]), encodes pprof ([`encode`]) and
-//! hands the result to the exporters ([`export`]). [`daemon`] owns the lifecycle.
-pub mod aggregate;
-pub mod bpf;
-pub mod config;
-pub mod daemon;
+//! The path of one sample (see docs/architecture.md): the eBPF program writes a record into a
+//! ring buffer → [`stages::sampler`] drains it and [`sample`] decodes it → [`aggregate`]
+//! resolves user addresses through the [`process`] registry and counts identical stacks per
+//! interval → [`report`] names the frames ([`symbolize`]) and builds the pprof profile
+//! ([`encode`]) → [`export`] and [`remote`] deliver it. [`stages`] wires the stages together;
+//! [`daemon`] owns the lifecycle.
+//!
+//! Modules are layered: each imports only from the floors below its own (the list is in
+//! docs/architecture.md, and `cargo xtask layers` checks it).
+
+// Floor 1: leaves.
 pub mod encode;
 pub mod export;
-pub mod kube;
-pub mod labels;
-pub mod metrics;
-pub mod process;
-pub mod remote;
-pub mod report;
-pub mod sampler;
-pub mod server;
-pub mod settings;
+pub mod object;
+pub mod procfs;
+pub mod sample;
+pub mod secret;
 pub mod summary;
+pub mod telemetry;
+pub mod units;
+// Floor 2.
+pub mod labels;
 pub mod symbolize;
+// Floor 3.
+pub mod bpf;
+pub mod kube;
+pub mod remote;
 pub mod targeting;
+// Floor 4.
+pub mod process;
 pub mod unwind;
+// Floors 5 and 6: the engines of the data path.
+pub mod aggregate;
+pub mod report;
+// Floor 7: the only code that owns channels, tasks and threads.
+pub mod stages;
+// Floors 8 and 9.
+pub mod config;
+pub mod daemon;
+pub mod server;
 
 /// Types generated from `proto/profile.proto` (package `perftools.profiles`).
 pub mod pprof {

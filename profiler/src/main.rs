@@ -3,14 +3,13 @@ use std::process::ExitCode;
 use anyhow::{Context as _, bail};
 use clap::Parser as _;
 use profiler::{
-    config::{Cli, Command, ConfigError, check_duration},
+    config::{Cli, Command, ConfigError, Settings, check_duration},
     daemon::{self, Plan},
     export::{ArchiveExporter, Exporter, FileExporter},
-    kube::{Connection, PodIndex},
-    labels::Labeler,
+    kube::Connection,
+    labels::{DEFAULT_LABEL_VALUE_LIMIT, Labeler},
     remote,
     server::ServerSettings,
-    settings::Settings,
     summary,
 };
 use profiler_common::Counter;
@@ -60,8 +59,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 server: ServerSettings::default(),
                 tls: None,
                 labeler: Labeler::default(),
-                label_value_limit: profiler::report::DEFAULT_LABEL_VALUE_LIMIT,
-                pods: None,
+                label_value_limit: DEFAULT_LABEL_VALUE_LIMIT,
+                kube: None,
             };
             let summary = daemon::run(plan).await?;
             if let Some(failure) = summary.export_failures.first() {
@@ -132,29 +131,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             let mut remotes = Vec::new();
             for (name, config) in &settings.exporters {
-                let (exporter, handle) =
-                    remote::start(name, config, settings.spool_dir.join(name), &identity)?;
+                let (exporter, handle, sender) =
+                    remote::build(name, config, settings.spool_dir.join(name), &identity)?;
                 tracing::info!(exporter = %name, kind = %config.kind, url = %config.url, "sending profiles");
                 exporters.push(Box::new(exporter));
-                remotes.push(handle);
-            }
-            let kube_cancel = tokio_util::sync::CancellationToken::new();
-            let mut labeler = settings.labeler;
-            let mut pods = None;
-            if let (Some(connection), Some(node)) = (kube, args.node_name.clone()) {
-                let index = std::sync::Arc::new(PodIndex::default());
-                tracing::info!(node = %node, server = %connection.server, "watching this node's pods for labels");
-                tokio::spawn(profiler::kube::watch(
-                    connection,
-                    node,
-                    std::sync::Arc::clone(&index),
-                    kube_cancel.clone(),
-                ));
-                labeler = labeler.with_pods(std::sync::Arc::clone(&index));
-                pods = Some(index);
+                remotes.push((handle, sender));
             }
             let plan = Plan {
-                pods,
+                kube: kube.zip(args.node_name.clone()),
                 sampling,
                 interval,
                 once: false,
@@ -163,12 +147,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 symbol_cache_bytes: args.symbols.symbol_cache_size,
                 server,
                 tls,
-                labeler,
+                labeler: settings.labeler,
                 label_value_limit: settings.label_value_limit,
             };
-            let summary = daemon::run(plan).await;
-            kube_cancel.cancel();
-            let summary = summary?;
+            let summary = daemon::run(plan).await?;
             tracing::info!(profiles = summary.profiles, samples = summary.samples, "done");
             Ok(())
         }

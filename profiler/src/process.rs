@@ -15,53 +15,13 @@ use std::{
 };
 
 use foldhash::HashMap;
-use procfs::process::{MMPermissions, MMapPath, Process};
 use tracing::debug;
 
 use crate::{
     labels::{Labeler, Labels, Target},
+    procfs::{self, ExecMapping, FileKey, MappingKind, mapped_file_paths},
     symbolize::{elf::ElfImage, perfmap::PerfMap},
 };
-
-/// Identity of a mapped file: device and inode as /proc/<pid>/maps shows them, plus size and
-/// modification time from stat, because filesystems reuse the inode of a deleted file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct FileKey {
-    pub dev: (i32, i32),
-    pub inode: u64,
-    pub size: u64,
-    pub mtime_ns: i128,
-}
-
-impl FileKey {
-    /// The key of a file found at a candidate path: `dev` and `inode` from /proc/<pid>/maps,
-    /// size and modification time from its metadata.
-    pub fn of(dev: (i32, i32), inode: u64, meta: &std::fs::Metadata) -> Self {
-        use std::os::unix::fs::MetadataExt as _;
-        FileKey {
-            dev,
-            inode,
-            size: meta.len(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-        }
-    }
-}
-
-/// Where a file mapped by a process can be opened, in order: its path inside the process's
-/// mount namespace (not for deleted files), then `map_files` of the mapping `[start, end)`.
-pub fn mapped_file_paths(
-    proc_dir: &std::path::Path,
-    path: &str,
-    deleted: bool,
-    (start, end): (u64, u64),
-) -> Vec<PathBuf> {
-    let mut candidates = Vec::with_capacity(2);
-    if !deleted {
-        candidates.push(proc_dir.join("root").join(path.trim_start_matches('/')));
-    }
-    candidates.push(proc_dir.join("map_files").join(format!("{start:x}-{end:x}")));
-    candidates
-}
 
 /// A file mapped executable by at least one process.
 #[derive(Debug)]
@@ -95,25 +55,10 @@ impl ObjectFile {
     }
 }
 
+/// An executable mapping and, once resolved for this read of the process, its parsed file.
 #[derive(Debug, Clone)]
-enum MappingKind {
-    File {
-        dev: (i32, i32),
-        inode: u64,
-        path: String,
-        deleted: bool,
-    },
-    /// `[vdso]`, anonymous executable memory (JIT code), `[anon:name]`.
-    Special(Arc<str>),
-}
-
-#[derive(Debug, Clone)]
-struct ExecMapping {
-    start: u64,
-    end: u64,
-    offset: u64,
-    kind: MappingKind,
-    /// The file, once resolved for this read of the process (one stat per mapping and read).
+struct Mapped {
+    mapping: ExecMapping,
     object: Option<Arc<ObjectFile>>,
 }
 
@@ -124,7 +69,7 @@ struct ProcessEntry {
     /// Discovered and relabeled labels (`None` until the first read of a live process).
     target: Option<Arc<Target>>,
     /// Executable mappings sorted by start.
-    mappings: Vec<ExecMapping>,
+    mappings: Vec<Mapped>,
     read_at: Option<Instant>,
     /// Re-reads caused by address misses so far (see [`REREAD_FIRST_AFTER_MISS`]).
     miss_rereads: u32,
@@ -191,28 +136,6 @@ struct JitMap {
     checked_at: Option<Instant>,
     /// The pid inside the process's own pid namespace (names its perf map file).
     ns_pid: Option<u32>,
-}
-
-/// The process a pid (or thread id) belongs to (`Tgid:` of its status), if it exists.
-pub fn thread_group(proc_root: &std::path::Path, pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(proc_root.join(pid.to_string()).join("status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Tgid:"))
-        .and_then(|v| v.trim().parse().ok())
-        .or(Some(pid))
-}
-
-/// Last `NSpid` entry of /proc/<pid>/status: the pid in the process's own namespace.
-fn namespace_pid(proc_dir: &std::path::Path) -> Option<u32> {
-    let status = std::fs::read_to_string(proc_dir.join("status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))?
-        .split_whitespace()
-        .last()?
-        .parse()
-        .ok()
 }
 
 /// Minimum time between two re-reads of one process's maps on an address miss, once the
@@ -356,9 +279,9 @@ impl ProcessRegistry {
         let Some(mapping) = index.and_then(|i| entry.mappings.get_mut(i)) else {
             return UserFrame::Unknown;
         };
-        let offset_in_mapping = addr.saturating_sub(mapping.start);
-        let file_offset = offset_in_mapping.saturating_add(mapping.offset);
-        let object = match (&mapping.kind, &mapping.object) {
+        let offset_in_mapping = addr.saturating_sub(mapping.mapping.start);
+        let file_offset = offset_in_mapping.saturating_add(mapping.mapping.offset);
+        let object = match (&mapping.mapping.kind, &mapping.object) {
             (MappingKind::Special(name), _) => {
                 if let Some(jit) = self.jit_symbol(pid, addr) {
                     return UserFrame::Jit { name: jit };
@@ -369,16 +292,9 @@ impl ProcessRegistry {
                 };
             }
             (MappingKind::File { .. }, Some(object)) => Arc::clone(object),
-            (
-                MappingKind::File {
-                    dev,
-                    inode,
-                    path,
-                    deleted,
-                },
-                None,
-            ) => {
-                let object = self.object(pid, (mapping.start, mapping.end), (*dev, *inode), path, *deleted);
+            (MappingKind::File { key, path, deleted }, None) => {
+                let range = (mapping.mapping.start, mapping.mapping.end);
+                let object = self.object(pid, range, *key, path, *deleted);
                 mapping.object = Some(Arc::clone(&object));
                 object
             }
@@ -485,12 +401,9 @@ impl ProcessRegistry {
     fn read_entry(&mut self, pid: u32, previous: Option<ProcessEntry>) -> ProcessEntry {
         self.stats.maps_reads += 1;
         let generation = self.generation;
-        let process = Process::new_with_root(self.procfs_root.join(pid.to_string()));
-        let read = process.and_then(|p| {
-            let maps = p.maps()?;
-            let comm = p.stat().ok().map(|s| s.comm);
-            let exe = p.exe().ok().map(|e| e.display().to_string());
-            Ok((maps, comm, exe))
+        let read = procfs::read_exec_mappings(&self.procfs_root, pid).map(|maps| {
+            let (comm, exe) = procfs::name_and_exe(&self.procfs_root, pid);
+            (maps, comm, exe)
         });
         match read {
             Ok((maps, comm, exe)) => {
@@ -498,32 +411,19 @@ impl ProcessRegistry {
                     .labeler
                     .discover(&self.procfs_root, pid, comm.as_deref(), exe.as_deref());
                 let target = Some(Arc::new(self.labeler.target(meta)));
-                let mut mappings: Vec<ExecMapping> = maps
+                // Files already parsed for other processes are attached now, under the identity
+                // the read gave them while this process was alive to be stat'ed: a short-lived
+                // process is often gone by the time its later samples are resolved.
+                let mappings = maps
                     .into_iter()
-                    .filter(|m| m.perms.contains(MMPermissions::EXECUTE))
-                    .map(|m| ExecMapping {
-                        start: m.address.0,
-                        end: m.address.1,
-                        offset: m.offset,
-                        kind: mapping_kind(m.pathname, m.dev, m.inode),
-                        object: None,
+                    .map(|mapping| {
+                        let object = match &mapping.kind {
+                            MappingKind::File { key, .. } => self.cached_object(*key),
+                            MappingKind::Special(_) => None,
+                        };
+                        Mapped { mapping, object }
                     })
                     .collect();
-                mappings.sort_unstable_by_key(|m| m.start);
-                // Files already parsed for other processes are attached now, while this one
-                // is alive to be stat'ed: a short-lived process is often gone by the time its
-                // later samples are resolved.
-                for m in &mut mappings {
-                    if let MappingKind::File {
-                        dev,
-                        inode,
-                        path,
-                        deleted,
-                    } = &m.kind
-                    {
-                        m.object = self.cached_object(pid, (m.start, m.end), (*dev, *inode), path, *deleted);
-                    }
-                }
                 ProcessEntry {
                     comm,
                     exe,
@@ -554,71 +454,31 @@ impl ProcessRegistry {
         }
     }
 
-    /// The parsed file behind a mapping if it is already in the cache (stat only, never
-    /// opened), under the same identity rules as [`Self::object`].
-    fn cached_object(
-        &mut self,
-        pid: u32,
-        range: (u64, u64),
-        (dev, inode): ((i32, i32), u64),
-        path: &str,
-        deleted: bool,
-    ) -> Option<Arc<ObjectFile>> {
-        use std::os::unix::fs::MetadataExt as _;
-        let proc_dir = self.procfs_root.join(pid.to_string());
-        let meta = mapped_file_paths(&proc_dir, path, deleted, range)
-            .into_iter()
-            .filter_map(|candidate| std::fs::metadata(candidate).ok())
-            .find(|meta| meta.is_file() && meta.ino() == inode)?;
-        let (object, used) = self.objects.get_mut(&FileKey::of(dev, inode, &meta))?;
+    /// The parsed file behind a mapping if it is already in the cache (never opened).
+    fn cached_object(&mut self, key: FileKey) -> Option<Arc<ObjectFile>> {
+        let (object, used) = self.objects.get_mut(&key)?;
         *used = self.generation;
         Some(Arc::clone(object))
     }
 
-    /// The parsed file behind a mapping. The candidate paths are stat'ed (never opened
-    /// blindly) so the cache key carries size and mtime; a path that now names another inode
-    /// is skipped.
+    /// The parsed file behind a mapping, under the identity [`procfs::read_exec_mappings`]
+    /// gave it. The candidate paths are opened as regular files with the mapped inode (a path
+    /// that now names another file is skipped); an unreadable file is cached as such.
     fn object(
         &mut self,
         pid: u32,
-        (start, end): (u64, u64),
-        (dev, inode): ((i32, i32), u64),
+        range: (u64, u64),
+        key: FileKey,
         path: &str,
         deleted: bool,
     ) -> Arc<ObjectFile> {
-        use std::os::unix::fs::MetadataExt as _;
-        let generation = self.generation;
+        if let Some(object) = self.cached_object(key) {
+            return object;
+        }
         let proc_dir = self.procfs_root.join(pid.to_string());
-        let candidates = mapped_file_paths(&proc_dir, path, deleted, (start, end));
         let mut last_error = String::from("no path to open");
-        let mut unread_key = FileKey {
-            dev,
-            inode,
-            size: 0,
-            mtime_ns: 0,
-        };
-        for candidate in candidates {
-            let meta = match std::fs::metadata(&candidate) {
-                Ok(meta) if meta.is_file() && meta.ino() == inode => meta,
-                Ok(meta) => {
-                    last_error = format!(
-                        "{} is not the mapped file (inode {} instead of {inode})",
-                        candidate.display(),
-                        meta.ino()
-                    );
-                    continue;
-                }
-                Err(e) => {
-                    last_error = format!("{}: {e}", candidate.display());
-                    continue;
-                }
-            };
-            let key = FileKey::of(dev, inode, &meta);
-            if let Some((object, used)) = self.objects.get_mut(&key) {
-                *used = generation;
-                return Arc::clone(object);
-            }
-            match ElfImage::open_with(&candidate, Some(inode), self.max_dwarf_cost()) {
+        for candidate in mapped_file_paths(&proc_dir, path, deleted, range) {
+            match ElfImage::open_with(&candidate, Some(key.inode), self.max_dwarf_cost()) {
                 Ok(mut image) => {
                     if image.wants_debug_file() {
                         self.attach_debug_file(pid, path, &mut image);
@@ -632,19 +492,12 @@ impl ProcessRegistry {
                     }
                     return self.insert_object(key, path, Ok(image));
                 }
-                Err(e) => {
-                    last_error = e.to_string();
-                    unread_key = key;
-                }
+                Err(e) => last_error = e.to_string(),
             }
-        }
-        if let Some((object, used)) = self.objects.get_mut(&unread_key) {
-            *used = generation;
-            return Arc::clone(object);
         }
         self.stats.objects_unreadable += 1;
         debug!(pid, path, error = %last_error, "mapped file unreadable");
-        self.insert_object(unread_key, path, Err(last_error))
+        self.insert_object(key, path, Err(last_error))
     }
 
     /// The perf-map name of a JIT address of `pid`. The map is read through the process's root
@@ -663,7 +516,7 @@ impl ProcessRegistry {
         jit.checked_at = Some(Instant::now());
         let ns_pid = *jit
             .ns_pid
-            .get_or_insert_with(|| namespace_pid(&proc_dir).unwrap_or(pid));
+            .get_or_insert_with(|| procfs::namespace_pid(&proc_dir).unwrap_or(pid));
         let path = proc_dir.join("root").join(format!("tmp/perf-{ns_pid}.map"));
         let meta = std::fs::metadata(&path).ok().filter(|m| m.is_file())?;
         if meta.size() != jit.size {
@@ -691,7 +544,7 @@ impl ProcessRegistry {
 
     /// Looks for the separate debug file of `image` inside the process's mount namespace.
     fn attach_debug_file(&mut self, pid: u32, path: &str, image: &mut ElfImage) {
-        let root = self.procfs_root.join(pid.to_string()).join("root");
+        let root = procfs::root_of(&self.procfs_root, pid);
         for candidate in image.debug_file_candidates(path) {
             let file = root.join(candidate.trim_start_matches('/'));
             if let Ok(debug) = ElfImage::open_with(&file, None, self.max_dwarf_cost())
@@ -745,36 +598,9 @@ impl ProcessEntry {
     fn find(&self, addr: u64) -> Option<usize> {
         let idx = self
             .mappings
-            .partition_point(|m| m.start <= addr)
+            .partition_point(|m| m.mapping.start <= addr)
             .checked_sub(1)?;
-        (addr < self.mappings[idx].end).then_some(idx)
-    }
-}
-
-fn mapping_kind(path: MMapPath, dev: (i32, i32), inode: u64) -> MappingKind {
-    match path {
-        MMapPath::Path(p) if inode != 0 => {
-            let text = p.to_string_lossy();
-            let (path, deleted) = match text.strip_suffix(" (deleted)") {
-                Some(stripped) => (stripped.to_owned(), true),
-                None => (text.into_owned(), false),
-            };
-            MappingKind::File {
-                dev,
-                inode,
-                path,
-                deleted,
-            }
-        }
-        MMapPath::Path(p) => MappingKind::Special(p.to_string_lossy().into()),
-        MMapPath::Vdso => MappingKind::Special("[vdso]".into()),
-        MMapPath::Vsyscall => MappingKind::Special("[vsyscall]".into()),
-        MMapPath::Heap => MappingKind::Special("[heap]".into()),
-        MMapPath::Stack | MMapPath::TStack(_) => MappingKind::Special("[stack]".into()),
-        MMapPath::Other(name) => MappingKind::Special(name.into()),
-        MMapPath::Anonymous | MMapPath::Vvar | MMapPath::Rollup | MMapPath::Vsys(_) => {
-            MappingKind::Special("[anon]".into())
-        }
+        (addr < self.mappings[idx].mapping.end).then_some(idx)
     }
 }
 

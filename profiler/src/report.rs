@@ -1,36 +1,25 @@
-//! The report stage: symbolizes an interval's snapshot, encodes it as pprof and hands it to
-//! the exporters. Runs on its own blocking thread; ELF parsing and kallsyms reads stay off the
-//! sampling path.
-use std::{
-    collections::HashMap,
-    path::PathBuf,
-    sync::{Arc, atomic::Ordering},
-};
+//! Snapshot → pprof profile: names every frame (kernel symbols, ELF/DWARF/Go tables, perf
+//! maps), adds one mapping per file, the samples with their labels (through the cardinality
+//! guard) and comments with the interval's counters. No channel, no thread: the report stage
+//! ([`crate::stages::report`]) runs it.
+use std::{collections::HashMap, sync::Arc};
 
-use tokio::sync::mpsc;
-use tracing::{error, info};
+use profiler_common::{Counter, UNWIND_STATUS_SLOTS, UNWIND_STATUSES, UnwindStatus};
 
 use crate::{
-    aggregate::{Frame, Job, Snapshot},
-    bpf::{CounterSnapshot, EventSource},
-    encode::{LineSpec, MappingSpec, ProfileBuilder, gzip},
-    export::{EncodedProfile, Exporter},
-    metrics::Telemetry,
+    aggregate::{Frame, Snapshot},
+    bpf::EventSource,
+    encode::{LineSpec, MappingSpec, ProfileBuilder},
+    labels::{DEFAULT_LABEL_VALUE_LIMIT, LabelGuard, OVERFLOW_VALUE},
     pprof,
-    process::{FileKey, ObjectFile},
-    sampler::PipelineStats,
+    process::ObjectFile,
+    procfs::FileKey,
     symbolize::{
         FunctionName, NameCache, SymbolSource, SymbolStats, Unresolved,
         kernel::{BpfKernelNames, KernelNames},
     },
+    unwind::UnwindStats,
 };
-use profiler_common::{Counter, UNWIND_STATUS_SLOTS, UNWIND_STATUSES, UnwindStatus};
-
-use crate::unwind::UnwindStats;
-
-/// Capacity of the aggregator → reporter queue. Two snapshots: one being reported, one
-/// waiting; a third blocks the aggregator (see [`crate::aggregate::run`]).
-pub const QUEUE_CAPACITY: usize = 2;
 
 pub struct Reporter {
     kernel: KernelNames,
@@ -56,45 +45,6 @@ pub struct Report {
     pub symbols: SymbolStats,
     /// Label values folded by the cardinality guard, per label name (sample groups).
     pub folded: std::collections::BTreeMap<String, u64>,
-}
-
-/// Default of [`Reporter::with_label_value_limit`].
-pub const DEFAULT_LABEL_VALUE_LIMIT: usize = 1000;
-/// What a label value past the limit becomes.
-pub const OVERFLOW_VALUE: &str = "_overflow_";
-
-/// The cardinality guard: at most `limit` distinct values per label name in one profile; the
-/// values past it are folded into [`OVERFLOW_VALUE`] and counted, so one label with an id in it
-/// cannot explode the backend's series.
-#[derive(Debug)]
-pub struct LabelGuard {
-    limit: usize,
-    seen: HashMap<String, std::collections::HashSet<String>>,
-    pub folded: std::collections::BTreeMap<String, u64>,
-}
-
-impl LabelGuard {
-    pub fn new(limit: usize) -> Self {
-        Self {
-            limit,
-            seen: HashMap::new(),
-            folded: std::collections::BTreeMap::new(),
-        }
-    }
-
-    /// The value to emit for `name=value`.
-    pub fn admit<'a>(&mut self, name: &str, value: &'a str) -> &'a str {
-        let seen = self.seen.entry(name.to_owned()).or_default();
-        if seen.contains(value) {
-            return value;
-        }
-        if seen.len() < self.limit {
-            seen.insert(value.to_owned());
-            return value;
-        }
-        *self.folded.entry(name.to_owned()).or_default() += 1;
-        OVERFLOW_VALUE
-    }
 }
 
 /// The functions at a frame, or why there are none and the synthetic name that stands in.
@@ -159,7 +109,12 @@ impl Reporter {
             .filter_map(|s| {
                 let n = c.0[(UNWIND_STATUS_SLOTS + s) as usize];
                 let status = UnwindStatus::from_u8(s as u8)?;
-                (n > 0).then(|| format!("{} {n}", unwind_status_name(status)))
+                // The one status a reader would not guess from its name.
+                let note = match status {
+                    UnwindStatus::FramePointerOnly => " (process not loaded yet)",
+                    _ => "",
+                };
+                (n > 0).then(|| format!("{}{note} {n}", status.name()))
             })
             .collect();
         b.comment(&format!("user stack walks: {}", statuses.join(", ")));
@@ -435,99 +390,5 @@ fn object_mapping(object: &ObjectFile, lo: u64, hi: u64) -> MappingSpec<'_> {
         has_inline: object.image.as_ref().is_ok_and(|image| {
             image.dwarf.is_some() || image.gopclntab.as_ref().is_some_and(|go| go.has_inline_trees())
         }),
-    }
-}
-
-/// Totals of a whole run, returned when the report stage ends.
-#[derive(Debug, Default)]
-pub struct RunSummary {
-    pub profiles: u64,
-    pub samples: u64,
-    pub written: Vec<PathBuf>,
-    pub export_failures: Vec<String>,
-    pub counters: CounterSnapshot,
-    /// The last profile built (what `record` summarizes).
-    pub last: Option<Report>,
-}
-
-pub fn run(
-    mut reporter: Reporter,
-    mut rx: mpsc::Receiver<Job>,
-    mut exporters: Vec<Box<dyn Exporter>>,
-    pipeline: Arc<PipelineStats>,
-    telemetry: Arc<Telemetry>,
-) -> RunSummary {
-    let mut summary = RunSummary::default();
-    while let Some(job) = rx.blocking_recv() {
-        let snap = match job {
-            Job::Interval(snap) => snap,
-            Job::OnDemand { snapshot, reply } => {
-                let report = reporter.build(&snapshot, pipeline.load());
-                telemetry.add_symbols(&report.symbols);
-                info!(
-                    samples = snapshot.samples(),
-                    processes = snapshot.processes.len(),
-                    "on-demand profile built"
-                );
-                // The requester may have gone away meanwhile; nothing to do then.
-                let _ = reply.send(gzip(&report.profile));
-                continue;
-            }
-        };
-        let report = reporter.build(&snap, pipeline.load());
-        telemetry.add_symbols(&report.symbols);
-        telemetry.set_registry(&snap.registry);
-        telemetry.add_labels(snap.dropped_by_relabeling, &report.folded);
-        let samples = snap.samples();
-        let unresolved: u64 = report.symbols.unresolved.values().sum();
-        info!(
-            samples,
-            processes = snap.processes.len(),
-            stacks = snap.stacks.len(),
-            named_frames = report.symbols.named,
-            unnamed_frames = unresolved,
-            lost_ring_full = snap.counters.get(Counter::RingFull),
-            "profile built"
-        );
-        let encoded = EncodedProfile {
-            gzip: gzip(&report.profile),
-            start: snap.start,
-            end: snap.end,
-            samples,
-        };
-        for exporter in &mut exporters {
-            match exporter.export(&encoded) {
-                Ok(Some(path)) => summary.written.push(path),
-                Ok(None) => {}
-                Err(e) => {
-                    error!(exporter = exporter.name(), error = %e, "export failed");
-                    telemetry.export_failures.fetch_add(1, Ordering::Relaxed);
-                    summary.export_failures.push(format!("{}: {e}", exporter.name()));
-                }
-            }
-        }
-        telemetry.profiles.fetch_add(1, Ordering::Relaxed);
-        summary.profiles += 1;
-        summary.samples += samples;
-        for (total, add) in summary.counters.0.iter_mut().zip(snap.counters.0) {
-            *total += add;
-        }
-        summary.last = Some(report);
-    }
-    summary
-}
-
-/// Short name of a walk outcome, for the profile comments.
-pub fn unwind_status_name(status: UnwindStatus) -> &'static str {
-    match status {
-        UnwindStatus::Complete => "complete",
-        UnwindStatus::FramePointerOnly => "frame-pointer-only (process not loaded yet)",
-        UnwindStatus::NoMapping => "no-mapping",
-        UnwindStatus::NoTable => "no-table",
-        UnwindStatus::UnsupportedRule => "unsupported-rule",
-        UnwindStatus::BadFrame => "bad-frame",
-        UnwindStatus::ReadError => "read-error",
-        UnwindStatus::MaxDepth => "max-depth",
-        UnwindStatus::BadPc => "bad-pc",
     }
 }

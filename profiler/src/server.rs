@@ -51,10 +51,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
-    aggregate::{Job, MAX_TAPS, TapFilter},
-    metrics::Telemetry,
-    remote::SecretFile,
-    sampler::Message,
+    aggregate::{MAX_TAPS, TapFilter},
+    sample::CounterSnapshot,
+    secret::SecretFile,
+    stages::{
+        messages::{Job, Message},
+        sampler::PipelineStats,
+    },
+    telemetry::{Collect, Exposition, Telemetry},
 };
 
 /// Longest on-demand profile.
@@ -180,6 +184,11 @@ pub struct Endpoint {
     /// Into the report stage (symbolize + encode).
     jobs: mpsc::WeakSender<Job>,
     pub telemetry: Arc<Telemetry>,
+    /// The kernel's counters as last read: each on-demand profile reports what happened while
+    /// it ran.
+    pipeline: Arc<PipelineStats>,
+    /// Profiles served by /debug/pprof/profile.
+    on_demand: AtomicU64,
     pub proc_root: PathBuf,
     token: Option<SecretFile>,
     taps: Semaphore,
@@ -191,17 +200,36 @@ impl Endpoint {
         samples: mpsc::WeakSender<Message>,
         jobs: mpsc::WeakSender<Job>,
         telemetry: Arc<Telemetry>,
+        pipeline: Arc<PipelineStats>,
         settings: &ServerSettings,
     ) -> Self {
         Self {
             samples,
             jobs,
             telemetry,
+            pipeline,
+            on_demand: AtomicU64::new(0),
             proc_root: PathBuf::from("/proc"),
             token: settings.bearer_token_file.as_deref().map(SecretFile::new),
             taps: Semaphore::new(MAX_TAPS),
             next_tap: AtomicU64::new(1),
         }
+    }
+}
+
+impl Endpoint {
+    fn kernel_counters(&self) -> CounterSnapshot {
+        self.pipeline.kernel()
+    }
+}
+
+impl Collect for Endpoint {
+    fn collect(&self, out: &mut Exposition) {
+        out.counter(
+            "profiler_on_demand_profiles_total",
+            "Profiles served by /debug/pprof/profile.",
+            self.on_demand.load(Ordering::Relaxed),
+        );
     }
 }
 
@@ -282,7 +310,7 @@ fn text_error(status: StatusCode, message: &str) -> Response {
 }
 
 async fn healthz(State(endpoint): State<Shared>) -> Response {
-    if endpoint.telemetry.failed.load(Ordering::Relaxed) {
+    if endpoint.telemetry.has_failed() {
         (StatusCode::SERVICE_UNAVAILABLE, "a pipeline stage failed\n").into_response()
     } else {
         (StatusCode::OK, "ok\n").into_response()
@@ -290,8 +318,7 @@ async fn healthz(State(endpoint): State<Shared>) -> Response {
 }
 
 async fn readyz(State(endpoint): State<Shared>) -> Response {
-    if endpoint.telemetry.ready.load(Ordering::Relaxed) && !endpoint.telemetry.failed.load(Ordering::Relaxed)
-    {
+    if endpoint.telemetry.is_ready() && !endpoint.telemetry.has_failed() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
@@ -349,7 +376,7 @@ pub fn parse_profile_query(query: &str, proc_root: &Path) -> Result<(u64, TapFil
                         .trim()
                         .parse()
                         .map_err(|_| bad(format!("pid `{part}` is not a process id")))?;
-                    let tgid = crate::process::thread_group(proc_root, pid)
+                    let tgid = crate::procfs::thread_group(proc_root, pid)
                         .ok_or_else(|| (StatusCode::NOT_FOUND, format!("no process with pid {pid}")))?;
                     if !filter.pids.contains(&tgid) {
                         filter.pids.push(tgid);
@@ -388,7 +415,7 @@ fn url_pairs(query: &str) -> Vec<(String, String)> {
 struct TapGuard {
     id: u64,
     samples: mpsc::WeakSender<Message>,
-    telemetry: Arc<Telemetry>,
+    endpoint: Shared,
     armed: bool,
 }
 
@@ -403,7 +430,7 @@ impl Drop for TapGuard {
         let (reply, _) = oneshot::channel();
         let message = Message::CloseTap {
             id: self.id,
-            counters: self.telemetry.kernel_counters(),
+            counters: self.endpoint.kernel_counters(),
             reply,
         };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -431,7 +458,7 @@ async fn profile(State(endpoint): State<Shared>, request: Request) -> Response {
     let open = Message::OpenTap {
         id,
         filter,
-        counters: endpoint.telemetry.kernel_counters(),
+        counters: endpoint.kernel_counters(),
     };
     let stopping = || text_error(StatusCode::SERVICE_UNAVAILABLE, "the profiler is stopping");
     let Some(samples) = endpoint.samples.upgrade() else {
@@ -444,7 +471,7 @@ async fn profile(State(endpoint): State<Shared>, request: Request) -> Response {
     let mut guard = TapGuard {
         id,
         samples: endpoint.samples.clone(),
-        telemetry: Arc::clone(&endpoint.telemetry),
+        endpoint: Arc::clone(&endpoint),
         armed: true,
     };
     tokio::time::sleep(Duration::from_secs(seconds)).await;
@@ -452,7 +479,7 @@ async fn profile(State(endpoint): State<Shared>, request: Request) -> Response {
     guard.armed = false;
     let close = Message::CloseTap {
         id,
-        counters: endpoint.telemetry.kernel_counters(),
+        counters: endpoint.kernel_counters(),
         reply,
     };
     let Some(samples) = endpoint.samples.upgrade() else {
@@ -476,7 +503,7 @@ async fn profile(State(endpoint): State<Shared>, request: Request) -> Response {
     let Ok(gzip) = encoded.await else {
         return stopping();
     };
-    endpoint.telemetry.on_demand.fetch_add(1, Ordering::Relaxed);
+    endpoint.on_demand.fetch_add(1, Ordering::Relaxed);
     debug!(id, bytes = gzip.len(), "on-demand profile sent");
     (
         [
@@ -589,13 +616,26 @@ pub async fn serve(
     }
 }
 
-/// Binds the listeners (so a busy port fails at start) and spawns them.
-pub async fn start(
+/// A bound listener and the routes it serves; the wiring spawns [`Listener::serve`].
+pub struct Listener {
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    router: Router,
+}
+
+impl Listener {
+    /// Serves connections until `cancel`.
+    pub async fn serve(self, cancel: CancellationToken) {
+        serve(self.listener, self.tls, self.router, cancel).await;
+    }
+}
+
+/// Binds the listeners, so a busy port fails at start.
+pub async fn bind(
     settings: &ServerSettings,
     tls: Option<TlsAcceptor>,
     endpoint: Shared,
-    cancel: &CancellationToken,
-) -> Result<Vec<SocketAddr>, ServerError> {
+) -> Result<Vec<Listener>, ServerError> {
     let mut bound = Vec::new();
     if let Some(addr) = settings.listen {
         let listener = TcpListener::bind(addr)
@@ -603,13 +643,11 @@ pub async fn start(
             .map_err(|source| ServerError::Bind { addr, source })?;
         let local = listener.local_addr().unwrap_or(addr);
         info!(address = %local, tls = tls.is_some(), "serving /debug/pprof/profile and /metrics");
-        tokio::spawn(serve(
+        bound.push(Listener {
             listener,
             tls,
-            router(Arc::clone(&endpoint)),
-            cancel.clone(),
-        ));
-        bound.push(local);
+            router: router(Arc::clone(&endpoint)),
+        });
     }
     if let Some(addr) = settings.health_listen {
         let listener = TcpListener::bind(addr)
@@ -617,8 +655,11 @@ pub async fn start(
             .map_err(|source| ServerError::Bind { addr, source })?;
         let local = listener.local_addr().unwrap_or(addr);
         info!(address = %local, "serving /healthz, /readyz and /metrics");
-        tokio::spawn(serve(listener, None, health_router(endpoint), cancel.clone()));
-        bound.push(local);
+        bound.push(Listener {
+            listener,
+            tls: None,
+            router: health_router(endpoint),
+        });
     }
     Ok(bound)
 }

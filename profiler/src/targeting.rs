@@ -1,7 +1,8 @@
 //! Targeting in the kernel: which processes are sampled at all.
 //!
 //! `--pid` fills `TARGET_PIDS` once. `--cgroup` and `--target` (label selectors) are kept up to
-//! date by this stage, on its own thread, every [`REFRESH`]:
+//! date by [`Targeter::refresh`], which the targeting stage ([`crate::stages::targeting`]) runs
+//! every two seconds:
 //! - a `--cgroup` directory and every cgroup below it go into `TARGET_CGROUPS` (cgroup v2
 //!   ids, the inode numbers of the directories), so containers started later under a selected
 //!   pod or slice are picked up;
@@ -17,20 +18,12 @@ use std::{
     fs,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
 };
 
 use aya::maps::{HashMap, MapData};
-use tracing::{debug, info, warn};
+use tracing::debug;
 
-use crate::{config::Selector, labels::Labeler};
-
-/// How often cgroups and selectors are resolved again.
-pub const REFRESH: Duration = Duration::from_secs(2);
+use crate::labels::{Labeler, Selector};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
@@ -126,6 +119,11 @@ impl Targeter {
     }
 
     /// Resolves the selection once and brings the maps in line.
+    /// How many cgroups and label selectors the selection names.
+    pub fn selection(&self) -> (usize, usize) {
+        (self.cgroups.len(), self.selectors.len())
+    }
+
     pub fn refresh(&mut self) -> Result<(), TargetError> {
         let mut cgroup_ids = HashSet::new();
         for dir in &self.cgroups {
@@ -212,21 +210,6 @@ impl Targeter {
                     pids.insert(pid);
                 }
             }
-        }
-    }
-}
-
-/// Runs [`Targeter::refresh`] every [`REFRESH`] until `stop`.
-pub fn run(mut targeter: Targeter, stop: Arc<AtomicBool>) {
-    info!(
-        cgroups = targeter.cgroups.len(),
-        selectors = targeter.selectors.len(),
-        "targeting: filtering in the kernel"
-    );
-    while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(REFRESH);
-        if let Err(error) = targeter.refresh() {
-            warn!(%error, "targeting refresh failed; keeping the previous selection");
         }
     }
 }

@@ -688,9 +688,9 @@ fn compressed_debug_sections_give_the_same_frames() {
 /// the zstd decoder stops just past the claimed size, and the section is refused, not grown.
 #[test]
 fn compressed_sections_cannot_expand_past_their_claimed_size() {
-    use profiler::symbolize::{
-        SymbolSource as _,
-        elf::{ElfImage, SectionError, section_bytes},
+    use profiler::{
+        object::{SectionError, section_bytes},
+        symbolize::{SymbolSource as _, elf::ElfImage},
     };
     let path = compressed_inline_fixture("zstd");
     let mut bytes = std::fs::read(&path).expect("read");

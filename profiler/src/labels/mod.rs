@@ -22,13 +22,18 @@
 //! afterwards are dropped, as Prometheus does. A `keep` or `drop` that removes the target
 //! drops the process's samples (counted).
 pub mod cgroup;
+pub mod guard;
+pub mod pods;
 pub mod relabel;
 
 use std::{path::Path, sync::Arc};
 
-use crate::kube::PodIndex;
-
+pub use guard::{DEFAULT_LABEL_VALUE_LIMIT, LabelGuard, OVERFLOW_VALUE};
+pub use pods::PodIndex;
 pub use relabel::{Labels, Rule, RuleConfig};
+
+/// A label selector: every `name=value` must hold.
+pub type Selector = Vec<(String, String)>;
 
 /// The discovered and the final labels of one process.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -130,15 +135,13 @@ impl Labeler {
         }
         if let Some(exe) = exe {
             // A replaced or deleted binary shows as `path (deleted)`.
-            let path = exe.strip_suffix(" (deleted)").unwrap_or(exe);
+            let path = crate::procfs::strip_deleted(exe);
             meta.insert("__meta_process_executable_path".into(), path.to_owned());
             if let Some(name) = Path::new(path).file_name().and_then(|n| n.to_str()) {
                 meta.insert("__meta_process_executable_name".into(), name.to_owned());
             }
         }
-        let info = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))
-            .ok()
-            .map(|content| cgroup::parse(&content));
+        let info = crate::procfs::cgroup_file(proc_root, pid).map(|content| cgroup::parse(&content));
         if let Some(info) = info.clone() {
             meta.insert("__meta_process_cgroup".into(), info.path);
             if let (Some(id), Some(pods)) = (&info.container_id, &self.pods)

@@ -9,7 +9,7 @@ use tonic::{
 };
 
 use super::{SendError, transport::Auth};
-use crate::settings::ExporterConfig;
+use crate::remote::config::ExporterConfig;
 
 pub struct Grpc {
     pub channel: Channel,

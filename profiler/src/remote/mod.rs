@@ -9,6 +9,7 @@
 //! and jitter, honouring `Retry-After`; profiles behind it wait in order. The spool's byte
 //! limit drops the oldest (counted). Delivery is at least once: a crash between the backend's
 //! answer and the removal sends that profile again after the restart.
+pub mod config;
 mod grpc;
 pub mod otlp;
 pub mod parca;
@@ -25,16 +26,16 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use tokio::{sync::Notify, task::JoinHandle};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use spool::{Item, Spool, SpoolError};
-pub use transport::SecretFile;
 
 use crate::{
     export::{EncodedProfile, ExportError, Exporter},
-    settings::{ExporterConfig, ExporterKind},
+    remote::config::{ExporterConfig, ExporterKind},
+    telemetry::{Collect, Exposition, Kind},
 };
 
 /// Why a send failed, and whether trying again can help.
@@ -70,6 +71,79 @@ pub struct ExporterStats {
     pub spool_unreadable: AtomicU64,
     /// Unix seconds of the last accepted send; 0 before the first.
     pub last_success: AtomicU64,
+}
+
+/// One exporter's value of a /metrics family.
+type Figure = fn(&RemoteHandle) -> u64;
+
+/// Every remote exporter, for /metrics (one family per figure, a sample per exporter).
+pub struct Exporters(pub Vec<RemoteHandle>);
+
+impl Collect for Exporters {
+    fn collect(&self, out: &mut Exposition) {
+        fn get(a: &AtomicU64) -> u64 {
+            a.load(Ordering::Relaxed)
+        }
+        let families: [(&str, Kind, &str, Figure); 8] = [
+            (
+                "profiler_export_sent_total",
+                Kind::Counter,
+                "Profiles the backend accepted.",
+                |e| get(&e.stats.sent),
+            ),
+            (
+                "profiler_export_sent_bytes_total",
+                Kind::Counter,
+                "Bytes of accepted profiles.",
+                |e| get(&e.stats.sent_bytes),
+            ),
+            (
+                "profiler_export_failures_total",
+                Kind::Counter,
+                "Failed send attempts (each is retried).",
+                |e| get(&e.stats.failures),
+            ),
+            (
+                "profiler_export_rejected_total",
+                Kind::Counter,
+                "Profiles the backend refused for good (dropped).",
+                |e| get(&e.stats.rejected),
+            ),
+            (
+                "profiler_export_spool_dropped_total",
+                Kind::Counter,
+                "Unsent profiles dropped because the spool was full or unreadable.",
+                |e| get(&e.stats.spool_dropped) + get(&e.stats.spool_unreadable),
+            ),
+            (
+                "profiler_export_spool_profiles",
+                Kind::Gauge,
+                "Profiles waiting in the spool.",
+                |e| e.spool.usage().0,
+            ),
+            (
+                "profiler_export_spool_bytes",
+                Kind::Gauge,
+                "Bytes waiting in the spool.",
+                |e| e.spool.usage().1,
+            ),
+            (
+                "profiler_export_last_success_timestamp_seconds",
+                Kind::Gauge,
+                "Unix time of the last accepted send.",
+                |e| get(&e.stats.last_success),
+            ),
+        ];
+        for (name, kind, help, value) in families {
+            let mut family = out.family(name, kind, help);
+            for e in &self.0 {
+                family.sample(
+                    &[("exporter", &e.name), ("type", e.kind.as_str())],
+                    value(e) as f64,
+                );
+            }
+        }
+    }
 }
 
 /// Labels every backend gets besides the configured ones.
@@ -140,21 +214,20 @@ pub struct RemoteExporter {
     stats: Arc<ExporterStats>,
 }
 
-/// The daemon's side: what `/metrics` reads and what shutdown waits for.
+/// The daemon's side of one exporter: what `/metrics` reads and what shutdown waits for.
+#[derive(Clone)]
 pub struct RemoteHandle {
     pub name: String,
     pub kind: ExporterKind,
     pub spool: Arc<Spool>,
     pub stats: Arc<ExporterStats>,
-    cancel: CancellationToken,
-    task: Option<JoinHandle<()>>,
 }
 
 impl RemoteHandle {
-    /// Gives the sender up to `grace` to empty the spool, then stops it; a failed send ends
-    /// the wait early (the backend is down: no point holding up the exit). What is left stays
-    /// on disk for the next start.
-    pub async fn shutdown(&mut self, grace: Duration) {
+    /// Waits up to `grace` for the sender to empty the spool; a failed send ends the wait
+    /// early (the backend is down: no point holding up the exit). The caller then stops the
+    /// sender; what is left stays on disk for the next start.
+    pub async fn drain(&self, grace: Duration) {
         let deadline = tokio::time::Instant::now() + grace;
         let failures = self.stats.failures.load(Ordering::Relaxed);
         while self.spool.usage().0 > 0
@@ -163,10 +236,10 @@ impl RemoteHandle {
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        self.cancel.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+    }
+
+    /// Logs what the spool still holds (after the sender stopped).
+    pub fn report_left(&self) {
         let (waiting, bytes) = self.spool.usage();
         if waiting > 0 {
             info!(
@@ -201,14 +274,15 @@ pub fn check(name: &str, config: &ExporterConfig, identity: &Identity) -> Result
     client(name, config, identity).map(drop)
 }
 
-/// Builds an exporter from its checked configuration and starts its sender task (needs a
-/// tokio runtime). Fails on unreadable certificates or keys.
-pub fn start(
+/// Builds an exporter from its checked configuration: the report stage's side, the daemon's
+/// side and the sender, whose [`Sender::run`] the wiring spawns. Fails on unreadable
+/// certificates or keys, or an unusable spool directory.
+pub fn build(
     name: &str,
     config: &ExporterConfig,
     spool_dir: PathBuf,
     identity: &Identity,
-) -> Result<(RemoteExporter, RemoteHandle), RemoteError> {
+) -> Result<(RemoteExporter, RemoteHandle, Sender), RemoteError> {
     let client = client(name, config, identity)?;
     let spool =
         Arc::new(
@@ -226,7 +300,6 @@ pub fn start(
     }
     let wake = Arc::new(Notify::new());
     let stats = Arc::new(ExporterStats::default());
-    let cancel = CancellationToken::new();
     let sender = Sender {
         name: name.to_owned(),
         client,
@@ -236,7 +309,6 @@ pub fn start(
         min_backoff: config.min_backoff,
         max_backoff: config.max_backoff,
     };
-    let task = tokio::spawn(sender.run(cancel.clone()));
     Ok((
         RemoteExporter {
             name: name.to_owned(),
@@ -249,9 +321,8 @@ pub fn start(
             kind: config.kind,
             spool,
             stats,
-            cancel,
-            task: Some(task),
         },
+        sender,
     ))
 }
 
@@ -280,7 +351,8 @@ impl Exporter for RemoteExporter {
     }
 }
 
-struct Sender {
+/// One exporter's sender: a task that empties the spool into the backend.
+pub struct Sender {
     name: String,
     client: Client,
     spool: Arc<Spool>,
@@ -291,7 +363,8 @@ struct Sender {
 }
 
 impl Sender {
-    async fn run(self, cancel: CancellationToken) {
+    /// Sends the spool's profiles, oldest first, until `cancel`.
+    pub async fn run(self, cancel: CancellationToken) {
         let mut backoff = self.min_backoff;
         loop {
             let mut unreadable = 0;

@@ -21,7 +21,7 @@ use super::{
 };
 use crate::{
     encode, pprof,
-    settings::{ExporterConfig, Protocol},
+    remote::config::{ExporterConfig, Protocol},
     wire::otlp::{self as wire, any_value::Value},
 };
 

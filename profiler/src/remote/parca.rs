@@ -12,7 +12,7 @@ use super::{
     grpc::{Grpc, classify},
 };
 use crate::{
-    settings::ExporterConfig,
+    remote::config::ExporterConfig,
     wire::parca::{self as wire, profile_store_service_client::ProfileStoreServiceClient},
 };
 

@@ -11,7 +11,7 @@ use super::{
     Item, SendError,
     transport::{Http, exchange},
 };
-use crate::{settings::ExporterConfig, wire::pyroscope as wire};
+use crate::{remote::config::ExporterConfig, wire::pyroscope as wire};
 
 /// Pyroscope's profile name for CPU profiles.
 pub const PROFILE_NAME: &str = "process_cpu";

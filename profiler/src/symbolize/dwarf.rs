@@ -74,7 +74,7 @@ impl Dwarf {
         let mut load = |id: SectionId| -> Result<Reader, gimli::Error> {
             let data = if NEEDED.contains(&id) {
                 elf.section_by_name(id.name())
-                    .and_then(|s| super::elf::section_bytes(&s, max_cost / PARSED_FACTOR).ok())
+                    .and_then(|s| crate::object::section_bytes(&s, max_cost / PARSED_FACTOR).ok())
                     .unwrap_or(Cow::Borrowed(&[]))
             } else {
                 Cow::Borrowed(&[][..])

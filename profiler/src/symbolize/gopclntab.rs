@@ -333,7 +333,7 @@ impl GoPclntab {
         let section = elf
             .section_by_name(".gopclntab")
             .or_else(|| elf.section_by_name(".data.rel.ro.gopclntab"))?;
-        let data = super::elf::section_bytes(&section, MAX_TABLE_BYTES)
+        let data = crate::object::section_bytes(&section, MAX_TABLE_BYTES)
             .ok()?
             .into_owned();
         let text = elf.section_by_name(".text").map_or(0, |s| s.address());

@@ -22,10 +22,9 @@ use foldhash::{HashMap, HashSet};
 use profiler_common::{KSYM_BATCH, KSYM_NAME_BYTES, KsymBatch};
 use tracing::warn;
 
-use super::{
-    FunctionName, SymbolSource, Unresolved,
-    elf::{SymbolTable, hex},
-};
+use crate::object::hex;
+
+use super::{FunctionName, SymbolSource, Unresolved, elf::SymbolTable};
 
 /// kallsyms changes only when modules or BPF programs load. The fallback table is read once,
 /// and again only after a kernel address found no symbol, at most this often.

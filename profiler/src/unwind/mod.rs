@@ -1,6 +1,6 @@
-//! The unwind stage: keeps the BPF unwinder's view of every sampled process current.
+//! The unwind engine: keeps the BPF unwinder's view of every sampled process current.
 //!
-//! For each process it reads /proc/<pid>/maps, compiles the unwind table of every executable
+//! For each process it reads its executable mappings ([`crate::procfs`]), compiles the unwind table of every executable
 //! file it maps ([`table`], once per file, shared by all processes that map it), loads the
 //! table into the BPF row store ([`store`]) and writes the process's address ranges into the
 //! `MAPPINGS` LPM trie.
@@ -16,19 +16,18 @@
 //! process or address (dlopen, JIT; also the fallback when a ring event was lost), and a
 //! periodic reconciliation that re-reads every loaded process.
 //!
-//! It runs on its own thread. Requests come over a bounded channel; when it is full the sampler
-//! drops the request and counts it (the next sample of that process asks again).
+//! It owns no thread and no channel: the unwind stage ([`crate::stages::unwind`]) runs it, feeding
+//! it the kernel's events, the sampler's requests and the clock.
 pub mod store;
 pub mod table;
 
 use std::{
     hash::{Hash as _, Hasher as _},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
-        mpsc::{Receiver, SyncSender, TryRecvError, TrySendError},
     },
     time::{Duration, Instant},
 };
@@ -37,10 +36,9 @@ use aya::maps::{HashMap as BpfHashMap, LpmTrie, MapData, RingBuf, lpm_trie::Key}
 use foldhash::{HashMap, HashSet};
 use object::{Object as _, ObjectSegment as _, ReadCache};
 
-use crate::symbolize::elf::WindowedFile;
-use procfs::process::{MMPermissions, MMapPath, Process};
 use profiler_common::{
-    MAPPING_PID_PREFIX, Mapping, MappingKey, ProcEvent, mapping, mapping_key, proc_event, proc_state,
+    MAPPING_PID_PREFIX, MAX_MAPPINGS, MAX_PROCS, MAX_UNWIND_FILES, Mapping, MappingKey, ProcEvent, mapping,
+    mapping_key, proc_event, proc_state,
 };
 use tracing::{debug, info, warn};
 
@@ -49,14 +47,12 @@ use self::{
     table::{Table, TableError},
 };
 use crate::{
-    process::{FileKey, mapped_file_paths},
-    symbolize::elf::open_regular,
+    bpf::UnwindMaps,
+    object::{WindowedFile, open_regular},
+    procfs::{self, ExecMapping, FileKey, MappingKind, mapped_file_paths},
+    telemetry::{Collect, Exposition, Kind},
 };
 
-/// Requests waiting for the stage; more are dropped (and counted) by the sender.
-pub const REQUEST_QUEUE: usize = 1024;
-/// How often every loaded process is re-read.
-const RECONCILE_EVERY: Duration = Duration::from_secs(10);
 /// After a process is loaded because of its first sample or an exec, its mappings are read
 /// again this long after: a program that has just started is still mapping its shared
 /// libraries (the dynamic loader runs after exec), and samples in them would otherwise find
@@ -64,11 +60,6 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(10);
 const RECHECK_AFTER: [Duration; 2] = [Duration::from_millis(50), Duration::from_millis(300)];
 /// Re-checks waiting at most; more are not scheduled (the sampler's requests still apply).
 const MAX_RECHECKS: usize = 4096;
-/// Longest sleep of the stage between reconciliation checks: the event ring and the request
-/// doorbell wake it earlier.
-const POLL_EVERY: Duration = Duration::from_secs(1);
-/// The same without a doorbell (no eventfd): requests are then picked up at this pace.
-const POLL_EVERY_WITHOUT_DOORBELL: Duration = Duration::from_millis(100);
 /// Files whose identity and kind are remembered (the tables themselves live in BPF).
 const MAX_KNOWN_FILES: usize = 8192;
 
@@ -108,6 +99,77 @@ impl UnwindStats {
     }
 }
 
+impl Collect for UnwindStats {
+    fn collect(&self, out: &mut Exposition) {
+        let u = self.snapshot();
+        out.gauge(
+            "profiler_unwind_processes",
+            "Processes with mappings loaded for the unwinder.",
+            u.processes as f64,
+        );
+        out.gauge(
+            "profiler_unwind_files",
+            "Files with unwind tables loaded.",
+            u.files_loaded as f64,
+        );
+        out.gauge(
+            "profiler_unwind_table_bytes",
+            "Bytes of the unwind-table BPF map in use.",
+            u.bytes_used as f64,
+        );
+        out.gauge(
+            "profiler_unwind_table_capacity_bytes",
+            "Size of the unwind-table BPF map.",
+            u.bytes_capacity as f64,
+        );
+        let maps = [
+            ("PROCS", u.processes, MAX_PROCS),
+            (
+                "MAPPINGS",
+                self.mapping_entries.load(Ordering::Relaxed),
+                MAX_MAPPINGS,
+            ),
+            ("UNWIND_FILES", u.files_loaded, MAX_UNWIND_FILES),
+        ];
+        let mut entries = out.family(
+            "profiler_bpf_map_entries",
+            Kind::Gauge,
+            "Entries the daemon keeps in a BPF map.",
+        );
+        for (map, n, _) in maps {
+            entries.sample(&[("map", map)], n as f64);
+        }
+        let mut capacity = out.family(
+            "profiler_bpf_map_capacity_entries",
+            Kind::Gauge,
+            "Capacity of a BPF map.",
+        );
+        for (map, _, n) in maps {
+            capacity.sample(&[("map", map)], f64::from(n));
+        }
+        out.counter(
+            "profiler_unwind_table_evictions_total",
+            "Tables evicted to make room.",
+            u.evictions,
+        );
+        out.counter(
+            "profiler_unwind_table_failures_total",
+            "Files whose unwind table could not be built.",
+            u.table_errors,
+        );
+        out.counter(
+            "profiler_unwind_requests_dropped_total",
+            "Load requests dropped because the unwinder's queue was full.",
+            u.requests_dropped,
+        );
+        out.counter(
+            "profiler_unwind_load_requests_total",
+            "Load requests from the sampling program: first samples of processes not loaded yet.",
+            u.load_requests,
+        );
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UnwindFigures {
     pub processes: u64,
@@ -120,114 +182,6 @@ pub struct UnwindFigures {
     pub evictions: u64,
     pub requests_dropped: u64,
     pub load_requests: u64,
-}
-
-/// An eventfd the sampler rings with each request, so the stage can sleep on it and on the
-/// event ring at once instead of waking on a timer.
-struct Doorbell(OwnedFd);
-
-impl Doorbell {
-    fn new() -> std::io::Result<Self> {
-        // SAFETY: plain syscall; the returned fd is owned below.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a fresh fd nothing else owns.
-        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    fn ring(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to our eventfd; a full counter (EAGAIN) still
-        // leaves it readable, which is all a ring needs.
-        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&raw const one).cast(), 8) };
-    }
-
-    fn clear(&self) {
-        let mut count: u64 = 0;
-        // SAFETY: reads 8 bytes into a live u64; EAGAIN when nothing rang.
-        let _ = unsafe { libc::read(self.0.as_raw_fd(), (&raw mut count).cast(), 8) };
-    }
-}
-
-/// The sampler's side of the request channel.
-#[derive(Clone)]
-pub struct Requests {
-    /// `None` only while being dropped.
-    tx: Option<SyncSender<u32>>,
-    stats: Arc<UnwindStats>,
-    doorbell: Option<Arc<Doorbell>>,
-}
-
-/// The stage's side of the request channel.
-pub struct RequestQueue {
-    rx: Receiver<u32>,
-    doorbell: Option<Arc<Doorbell>>,
-}
-
-/// A bounded request channel ([`REQUEST_QUEUE`]) whose sends wake the stage.
-pub fn request_queue(stats: Arc<UnwindStats>) -> (Requests, RequestQueue) {
-    let (tx, rx) = std::sync::mpsc::sync_channel(REQUEST_QUEUE);
-    let doorbell = match Doorbell::new() {
-        Ok(doorbell) => Some(Arc::new(doorbell)),
-        Err(error) => {
-            warn!(%error, "no eventfd: the unwind stage polls for requests every 100 ms");
-            None
-        }
-    };
-    (
-        Requests {
-            tx: Some(tx),
-            stats,
-            doorbell: doorbell.clone(),
-        },
-        RequestQueue { rx, doorbell },
-    )
-}
-
-impl Requests {
-    /// Asks the stage to (re)load `tgid`; never blocks.
-    pub fn load(&self, tgid: u32) {
-        let Some(tx) = &self.tx else {
-            return;
-        };
-        match tx.try_send(tgid) {
-            Ok(()) => {
-                if let Some(doorbell) = &self.doorbell {
-                    doorbell.ring();
-                }
-            }
-            Err(TrySendError::Disconnected(_)) => {}
-            Err(TrySendError::Full(_)) => {
-                self.stats.requests_dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-}
-
-impl Drop for Requests {
-    /// The last sender going away ends the stage; wake it so it notices now (after this
-    /// sender is gone, so the stage sees the channel closed).
-    fn drop(&mut self) {
-        drop(self.tx.take());
-        if let Some(doorbell) = &self.doorbell {
-            doorbell.ring();
-        }
-    }
-}
-
-/// The BPF maps the stage owns.
-pub struct UnwindMaps {
-    /// `UNWIND_ROWS`: slot → a file's rows (an array of maps).
-    pub rows: MapData,
-    /// The unwind-table budget in rows.
-    pub capacity: u32,
-    pub files: BpfHashMap<MapData, u64, profiler_common::FileTable>,
-    pub mappings: LpmTrie<MapData, MappingKey, Mapping>,
-    pub procs: BpfHashMap<MapData, u32, u32>,
-    pub events: RingBuf<MapData>,
-    pub generation: aya::maps::Array<MapData, u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -319,7 +273,7 @@ impl Unwinder {
         let started = Instant::now();
         let running: Vec<u32>;
         let pids = if pids.is_empty() {
-            running = running_processes(&self.proc_root);
+            running = procfs::running_processes(&self.proc_root);
             &running
         } else {
             pids
@@ -337,43 +291,9 @@ impl Unwinder {
         );
     }
 
-    /// The stage loop: until the request channel closes. It sleeps on the event ring, which
-    /// the sampling program wakes for every load request.
-    pub fn run(mut self, requests: RequestQueue) {
-        let mut last_reconcile = Instant::now();
-        let doorbell = requests.doorbell.as_deref();
-        let timeout = match doorbell {
-            Some(_) => POLL_EVERY,
-            None => POLL_EVERY_WITHOUT_DOORBELL,
-        };
-        loop {
-            let next_recheck = self
-                .rechecks
-                .peek()
-                .map(|r| r.0.0.saturating_duration_since(Instant::now()));
-            self.wait_for_events(doorbell, next_recheck.map_or(timeout, |d| d.min(timeout)));
-            if let Some(doorbell) = doorbell {
-                doorbell.clear();
-            }
-            self.drain_events();
-            self.run_due_rechecks();
-            loop {
-                match requests.rx.try_recv() {
-                    Ok(pid) => self.on_request(pid),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => return,
-                }
-            }
-            if last_reconcile.elapsed() >= RECONCILE_EVERY {
-                self.reconcile();
-                last_reconcile = Instant::now();
-            }
-        }
-    }
-
     /// A request from the sampler (a sample outside the loaded mappings, or of a process not
     /// loaded): a loaded process is reloaded only if its executable mappings changed.
-    fn on_request(&mut self, pid: u32) {
+    pub fn on_request(&mut self, pid: u32) {
         if self.processes.contains_key(&pid) {
             self.reload_if_changed(pid);
         } else {
@@ -394,7 +314,8 @@ impl Unwinder {
         }
     }
 
-    fn run_due_rechecks(&mut self) {
+    /// Re-reads the processes whose re-check is due.
+    pub fn run_due_rechecks(&mut self) {
         let now = Instant::now();
         while let Some(std::cmp::Reverse((at, pid))) = self.rechecks.peek().copied() {
             if at > now {
@@ -408,39 +329,30 @@ impl Unwinder {
     }
 
     fn is_gone(&self, pid: u32) -> bool {
-        !self.proc_root.join(pid.to_string()).exists()
+        !procfs::exists(&self.proc_root, pid)
     }
 
     fn reload_if_changed(&mut self, pid: u32) {
         let signature = self.processes.get(&pid).map(|p| p.signature);
-        match read_exec_mappings(&self.proc_root, pid) {
+        match procfs::read_exec_mappings(&self.proc_root, pid) {
             Ok(maps) if Some(signature_of(&maps)) == signature => {}
             Ok(_) => self.load(pid),
             Err(_) => self.unload(pid),
         }
     }
 
-    /// Sleeps until the event ring has data, the doorbell rang, or `timeout`.
-    fn wait_for_events(&self, doorbell: Option<&Doorbell>, timeout: Duration) {
-        let watch = |fd: i32| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let mut fds = [
-            watch(self.events.as_raw_fd()),
-            // A negative fd is skipped by poll.
-            watch(doorbell.map_or(-1, |d| d.0.as_raw_fd())),
-        ];
-        // SAFETY: valid pollfds for the duration of the call.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout.as_millis() as libc::c_int) };
-        if ready < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            // A broken fd: do not spin.
-            std::thread::sleep(timeout);
-        }
+    /// The event ring's descriptor: readable when exec, exit or load events wait.
+    pub fn event_fd(&self) -> std::os::fd::RawFd {
+        self.events.as_raw_fd()
     }
 
-    fn drain_events(&mut self) {
+    /// When the next scheduled re-read of a process is due.
+    pub fn next_recheck(&self) -> Option<Instant> {
+        self.rechecks.peek().map(|r| r.0.0)
+    }
+
+    /// Handles every exec, exit and load event waiting in the ring.
+    pub fn drain_events(&mut self) {
         let mut events = Vec::new();
         while let Some(item) = self.events.next() {
             if item.len() >= size_of::<ProcEvent>() {
@@ -449,27 +361,32 @@ impl Unwinder {
             }
         }
         for event in events {
-            match event.kind {
-                proc_event::EXEC if self.processes.contains_key(&event.tgid) => {
-                    debug!(pid = event.tgid, "exec: reloading mappings");
+            self.on_event(event);
+        }
+    }
+
+    /// One exec, exit or load event from the kernel.
+    pub fn on_event(&mut self, event: ProcEvent) {
+        match event.kind {
+            proc_event::EXEC if self.processes.contains_key(&event.tgid) => {
+                debug!(pid = event.tgid, "exec: reloading mappings");
+                self.load_new(event.tgid);
+            }
+            proc_event::EXIT => self.unload(event.tgid),
+            proc_event::LOAD => {
+                self.stats.load_requests.fetch_add(1, Ordering::Relaxed);
+                if !self.processes.contains_key(&event.tgid) {
                     self.load_new(event.tgid);
                 }
-                proc_event::EXIT => self.unload(event.tgid),
-                proc_event::LOAD => {
-                    self.stats.load_requests.fetch_add(1, Ordering::Relaxed);
-                    if !self.processes.contains_key(&event.tgid) {
-                        self.load_new(event.tgid);
-                    }
-                }
-                _ => {}
             }
+            _ => {}
         }
     }
 
     /// Re-reads every loaded process: gone ones are dropped, changed ones reloaded. Also drops
     /// `PROCS` entries of processes that were requested but never loaded and are gone (their
     /// exit came before their load, or an event was lost), so they cannot fill the map.
-    fn reconcile(&mut self) {
+    pub fn reconcile(&mut self) {
         let unloaded: Vec<u32> = self
             .procs
             .keys()
@@ -509,7 +426,7 @@ impl Unwinder {
     /// `REQUESTED` entry, so its samples do not ask again (the sampler's requests retry); one
     /// that is gone loses it.
     fn load(&mut self, pid: u32) {
-        let maps = match read_exec_mappings(&self.proc_root, pid) {
+        let maps = match procfs::read_exec_mappings(&self.proc_root, pid) {
             Ok(maps) => maps,
             Err(error) => {
                 debug!(pid, %error, "process unreadable (exited?)");
@@ -526,8 +443,8 @@ impl Unwinder {
         let marker = Key::new(MAPPING_PID_PREFIX, mapping_key(pid, 0));
         entries.push((marker, Mapping::default()));
         for m in &maps {
-            let value = match &m.target {
-                Target::File { key, path, deleted } => {
+            let value = match &m.kind {
+                MappingKind::File { key, path, deleted } => {
                     let info = self.file(pid, m, *key, path, *deleted);
                     files.push(info.id);
                     // An unreadable file has no segments; its frames end the walk as "no
@@ -550,7 +467,8 @@ impl Unwinder {
                         _pad: 0,
                     }
                 }
-                Target::Vdso => match &self.vdso {
+                MappingKind::Special(name) if &**name == procfs::VSYSCALL => continue,
+                MappingKind::Special(name) if &**name == procfs::VDSO => match &self.vdso {
                     Some(vdso) => {
                         if !self.store.contains(vdso.id)
                             && let Some(table) = &self.vdso_table
@@ -570,7 +488,7 @@ impl Unwinder {
                     None => fp_mapping(m),
                 },
                 // JIT code and other anonymous executable memory.
-                Target::Anonymous => fp_mapping(m),
+                MappingKind::Special(_) => fp_mapping(m),
             };
             for (prefix, start) in prefixes(m.start, m.end) {
                 entries.push((
@@ -728,7 +646,7 @@ impl Unwinder {
         if elf.section_by_name(".eh_frame").is_some() || elf.section_by_name(".debug_frame").is_some() {
             return None;
         }
-        let build_id = crate::symbolize::elf::hex(elf.build_id().ok()??);
+        let build_id = crate::object::hex(elf.build_id().ok()??);
         if build_id.len() < 3 {
             return None;
         }
@@ -778,107 +696,6 @@ fn fp_mapping(m: &ExecMapping) -> Mapping {
         kind: mapping::FRAME_POINTER,
         _pad: 0,
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Target {
-    File {
-        key: FileKey,
-        path: String,
-        deleted: bool,
-    },
-    Vdso,
-    Anonymous,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct ExecMapping {
-    start: u64,
-    end: u64,
-    offset: u64,
-    target: Target,
-}
-
-fn read_exec_mappings(proc_root: &Path, pid: u32) -> Result<Vec<ExecMapping>, procfs::ProcError> {
-    use std::os::unix::fs::MetadataExt as _;
-    let process = Process::new_with_root(proc_root.join(pid.to_string()))?;
-    let maps = process.maps()?;
-    let mut out = Vec::new();
-    for m in maps {
-        if !m.perms.contains(MMPermissions::EXECUTE) {
-            continue;
-        }
-        let target = match m.pathname {
-            MMapPath::Path(path) => {
-                let text = path.display().to_string();
-                let (path, deleted) = match text.strip_suffix(" (deleted)") {
-                    Some(p) => (p.to_owned(), true),
-                    None => (text, false),
-                };
-                // Size and mtime make the identity robust against inode reuse; a file that is
-                // gone keeps zeros (it is then read through map_files).
-                let meta = std::fs::metadata(
-                    proc_root
-                        .join(pid.to_string())
-                        .join("root")
-                        .join(path.trim_start_matches('/')),
-                )
-                .ok()
-                .filter(|meta| meta.ino() == m.inode);
-                let key = match meta {
-                    Some(meta) => FileKey::of(m.dev, m.inode, &meta),
-                    None => FileKey {
-                        dev: m.dev,
-                        inode: m.inode,
-                        size: 0,
-                        mtime_ns: 0,
-                    },
-                };
-                Target::File { key, path, deleted }
-            }
-            MMapPath::Vdso => Target::Vdso,
-            MMapPath::Vsyscall => continue,
-            _ => Target::Anonymous,
-        };
-        out.push(ExecMapping {
-            start: m.address.0,
-            end: m.address.1,
-            offset: m.offset,
-            target,
-        });
-    }
-    Ok(out)
-}
-
-/// Processes with at least one thread running or runnable (state `R`): the daemon always, as
-/// it is running while it looks.
-fn running_processes(proc_root: &Path) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir(proc_root) else {
-        return Vec::new();
-    };
-    // The daemon is kept: built with frame pointers it costs no table of its own (see
-    // [`own_frame_pointer_file`]), and its first samples then walk as fully as later ones.
-    let pids = dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok());
-    pids.filter(|pid| {
-        let tasks = proc_root.join(pid.to_string()).join("task");
-        let Ok(tasks) = std::fs::read_dir(tasks) else {
-            return false;
-        };
-        tasks.flatten().any(|task| {
-            std::fs::read(task.path().join("stat"))
-                .ok()
-                .and_then(|stat| stat_state(&stat))
-                == Some(b'R')
-        })
-    })
-    .collect()
-}
-
-/// The state letter of a /proc/<pid>/stat line: the first field after the `)` that ends the
-/// command name (which may itself hold spaces and parentheses).
-fn stat_state(stat: &[u8]) -> Option<u8> {
-    let close = stat.iter().rposition(|&b| b == b')')?;
-    stat.get(close + 2).copied()
 }
 
 fn signature_of(maps: &[ExecMapping]) -> u64 {
@@ -1019,15 +836,6 @@ fn own_vdso() -> Option<(FileInfo, Table)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stat_state_skips_odd_command_names() {
-        assert_eq!(stat_state(b"42 (burn) R 1 42 42 0 -1"), Some(b'R'));
-        assert_eq!(stat_state(b"7 (a) b (c)) S 1 7 7"), Some(b'S'));
-        assert_eq!(stat_state(b"9 (x y) D 1"), Some(b'D'));
-        assert_eq!(stat_state(b"9 (truncated"), None);
-        assert_eq!(stat_state(b"9 (x)"), None);
-    }
 
     #[test]
     fn prefixes_cover_the_range_exactly() {

@@ -34,7 +34,7 @@ pub enum TableError {
     #[error("{section} is unreadable: {source}")]
     Section {
         section: &'static str,
-        source: crate::symbolize::elf::SectionError,
+        source: crate::object::SectionError,
     },
     #[error("code spans {span:#x} bytes, more than a table can address (4 GiB)")]
     TooLarge { span: u64 },
@@ -232,7 +232,7 @@ fn section_data<'a, R: ReadRef<'a>>(
     section: &object::Section<'a, '_, R>,
     name: &'static str,
 ) -> Result<std::borrow::Cow<'a, [u8]>, TableError> {
-    crate::symbolize::elf::section_bytes(section, MAX_CFI_BYTES).map_err(|source| TableError::Section {
+    crate::object::section_bytes(section, MAX_CFI_BYTES).map_err(|source| TableError::Section {
         section: name,
         source,
     })

@@ -3,6 +3,12 @@ use std::{num::NonZeroU32, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::{
+    bpf::{MAX_UNWIND_TABLE_BYTES, MIN_UNWIND_TABLE_BYTES, SamplingConfig, Unwinder},
+    labels::Selector,
+    units::{parse_bytes, parse_duration},
+};
+
 /// Highest sampling frequency accepted. The kernel's own default cap
 /// (`kernel.perf_event_max_sample_rate`) is 100 kHz across all events; a CPU profiler gains
 /// nothing above 1 kHz and would pay for it in overhead.
@@ -56,15 +62,6 @@ pub struct SamplingArgs {
     /// libc needs ~0.2M.
     #[arg(long, env = "PROFILER_UNWIND_TABLE_SIZE", default_value = "64M", value_parser = parse_bytes)]
     pub unwind_table_size: u64,
-}
-
-/// User stack walker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Unwinder {
-    /// Unwind tables compiled from each file's CFI, walked in BPF.
-    Dwarf,
-    /// The kernel's frame-pointer walk (`bpf_get_stack`).
-    FramePointer,
 }
 
 #[derive(Debug, Args)]
@@ -190,25 +187,6 @@ impl HttpArgs {
     }
 }
 
-/// Validated sampling settings shared by both commands.
-#[derive(Debug, Clone)]
-pub struct SamplingConfig {
-    pub frequency: NonZeroU32,
-    /// Empty (with `cgroups` and `targets`) means every process.
-    pub pids: Vec<u32>,
-    pub cgroups: Vec<PathBuf>,
-    pub targets: Vec<Selector>,
-    pub unwinder: Unwinder,
-    /// Rows of the unwind-table array (8 bytes each).
-    pub unwind_rows: u32,
-}
-
-/// Smallest accepted unwind-table budget (8,192 rows: a small program; libc alone needs
-/// ~28,000).
-pub const MIN_UNWIND_TABLE_BYTES: u64 = 64 << 10;
-/// Largest: the row index is 32 bits, and a bigger preallocated array helps nobody.
-pub const MAX_UNWIND_TABLE_BYTES: u64 = 4 << 30;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("--frequency must be between 1 and {MAX_FREQUENCY_HZ} Hz, got {0}")]
@@ -267,13 +245,6 @@ pub fn check_duration(flag: &'static str, value: Duration) -> Result<Duration, C
     Ok(value)
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 10s, 500ms, 2m)"))
-}
-
-/// A label selector: every `name=value` must hold.
-pub type Selector = Vec<(String, String)>;
-
 fn parse_selector(s: &str) -> Result<Selector, String> {
     let mut pairs = Vec::new();
     for part in s.split(',') {
@@ -287,22 +258,6 @@ fn parse_selector(s: &str) -> Result<Selector, String> {
         pairs.push((name.to_owned(), value.trim().to_owned()));
     }
     Ok(pairs)
-}
-
-/// Parses `1048576`, `512K`, `64M`, `1G` (binary units).
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (digits, shift) = match s.as_bytes().last() {
-        Some(b'K' | b'k') => (&s[..s.len() - 1], 10),
-        Some(b'M' | b'm') => (&s[..s.len() - 1], 20),
-        Some(b'G' | b'g') => (&s[..s.len() - 1], 30),
-        _ => (s, 0),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (examples: 1048576, 512K, 64M, 1G)"))?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 #[cfg(test)]

@@ -1,21 +1,20 @@
-//! Reads the ring buffer and turns kernel records into [`Sample`]s for the aggregator.
+//! The sampler stage: a tokio task that drains the ring buffer, decodes each record
+//! ([`crate::sample::decode`]) and sends the samples to the aggregator in batches.
 //!
-//! Two types on purpose: [`profiler_common::RawSample`] is the fixed-size record the kernel
-//! writes (stack arrays padded to 127 frames, lengths beside them); [`Sample`] is the
-//! normalized sample the daemon works with (only the valid frames, comm as text, stack errors
-//! as values).
+//! Policy when the aggregator's queue is full: samples wait in a backlog of at most
+//! [`MAX_BACKLOG`]; past it the newest are dropped and counted (`aggregator_queue_full`). The
+//! ring buffer itself never waits for us: when it is full the kernel drops and counts.
 use std::{
     io,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::SystemTime,
 };
 
 use aya::maps::{MapData, RingBuf};
 use foldhash::HashMap;
-use profiler_common::{HEADER_BYTES, MAX_STACK_DEPTH, MAX_USER_DEPTH, RawSampleHeader, UnwindStatus};
+use profiler_common::{Counter, UNWIND_STATUS_SLOTS, UNWIND_STATUSES, UnwindStatus};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::mpsc,
@@ -23,100 +22,19 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::{bpf::CounterSnapshot, unwind::Requests};
+use super::{messages::Message, unwind::Requests};
+use crate::{
+    sample::{CounterSnapshot, Sample, decode},
+    telemetry::{Collect, Exposition, Kind},
+};
 
-/// One on-CPU sample, normalized.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sample {
-    pub ktime_ns: u64,
-    pub tgid: u32,
-    pub tid: u32,
-    pub cpu: u32,
-    /// Thread name.
-    pub comm: String,
-    /// Kernel instruction pointers, leaf first.
-    pub kernel: Vec<u64>,
-    /// User instruction pointers, leaf first.
-    pub user: Vec<u64>,
-    /// How the user walk ended.
-    pub unwind: UnwindStatus,
-    /// Negative errno of a failed kernel stack walk.
-    pub kernel_err: Option<i16>,
-    /// Negative errno of a failed user stack walk.
-    pub user_err: Option<i16>,
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum DecodeError {
-    #[error("ring buffer record of {got} bytes is shorter than a sample header ({HEADER_BYTES} bytes)")]
-    Short { got: usize },
-    #[error("record claims {kernel} kernel and {user} user frames but holds {room}")]
-    Frames { kernel: usize, user: usize, room: usize },
-    #[error("record has unwind status {0}, which this daemon does not know")]
-    Status(u8),
-}
-
-/// Decodes one ring-buffer record: a [`RawSampleHeader`], then `kernel_len` kernel and
-/// `user_len` user frames.
-pub fn decode(bytes: &[u8]) -> Result<Sample, DecodeError> {
-    let header_bytes = bytes
-        .get(..HEADER_BYTES)
-        .ok_or(DecodeError::Short { got: bytes.len() })?;
-    // SAFETY: the slice holds HEADER_BYTES = size_of::<RawSampleHeader>() bytes, the header is
-    // plain integers (any bit pattern is valid) and read_unaligned has no alignment requirement.
-    let raw: RawSampleHeader = unsafe { header_bytes.as_ptr().cast::<RawSampleHeader>().read_unaligned() };
-    let (kernel, user) = (usize::from(raw.kernel_len), usize::from(raw.user_len));
-    let room = (bytes.len() - HEADER_BYTES) / 8;
-    if kernel > MAX_STACK_DEPTH || user > MAX_USER_DEPTH || kernel + user > room {
-        return Err(DecodeError::Frames { kernel, user, room });
-    }
-    let unwind = UnwindStatus::from_u8(raw.unwind_status).ok_or(DecodeError::Status(raw.unwind_status))?;
-    let mut frames = bytes[HEADER_BYTES..]
-        .chunks_exact(8)
-        .map(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]));
-    let comm_end = raw.comm.iter().position(|&b| b == 0).unwrap_or(raw.comm.len());
-    Ok(Sample {
-        ktime_ns: raw.ktime_ns,
-        tgid: raw.tgid,
-        tid: raw.tid,
-        cpu: raw.cpu,
-        comm: String::from_utf8_lossy(&raw.comm[..comm_end]).into_owned(),
-        kernel: frames.by_ref().take(kernel).collect(),
-        user: frames.take(user).collect(),
-        unwind,
-        kernel_err: (raw.kernel_err != 0).then_some(raw.kernel_err),
-        user_err: (raw.user_err != 0).then_some(raw.user_err),
-    })
-}
-
-/// What flows from the sampler (and the interval clock) to the aggregator.
-#[derive(Debug)]
-pub enum Message {
-    /// The samples of one drain of the ring buffer (at most [`MAX_BATCH`]).
-    Samples(Vec<Sample>),
-    /// Close the current interval at `end` and report it; `last` ends the aggregator.
-    Flush {
-        end: SystemTime,
-        counters: CounterSnapshot,
-        last: bool,
-    },
-    /// Start collecting an on-demand profile beside the interval.
-    OpenTap {
-        id: u64,
-        filter: crate::aggregate::TapFilter,
-        counters: CounterSnapshot,
-    },
-    /// Finish an on-demand profile and send its snapshot to `reply`.
-    CloseTap {
-        id: u64,
-        counters: CounterSnapshot,
-        reply: tokio::sync::oneshot::Sender<crate::aggregate::Snapshot>,
-    },
-}
-
-/// Counters of the userspace pipeline (the kernel's are in [`CounterSnapshot`]).
+/// What the kernel and the sampler counted: the kernel's counters as last read (every second,
+/// by the daemon's clock) and the userspace pipeline's own.
 #[derive(Debug, Default)]
 pub struct PipelineStats {
+    /// Samples per second per CPU.
+    pub frequency: u32,
+    kernel: Mutex<CounterSnapshot>,
     pub received: AtomicU64,
     /// Samples dropped because the aggregator's queue was full (policy: drop newest, count).
     pub dropped_queue_full: AtomicU64,
@@ -124,12 +42,103 @@ pub struct PipelineStats {
 }
 
 impl PipelineStats {
+    pub fn new(frequency: u32) -> Self {
+        Self {
+            frequency,
+            ..Self::default()
+        }
+    }
+
+    /// (received, dropped because the queue was full, malformed) since start.
     pub fn load(&self) -> (u64, u64, u64) {
         (
             self.received.load(Ordering::Relaxed),
             self.dropped_queue_full.load(Ordering::Relaxed),
             self.malformed.load(Ordering::Relaxed),
         )
+    }
+
+    /// The kernel's counters as last read.
+    pub fn kernel(&self) -> CounterSnapshot {
+        *self
+            .kernel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn set_kernel(&self, counters: CounterSnapshot) {
+        *self
+            .kernel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = counters;
+    }
+}
+
+impl Collect for PipelineStats {
+    fn collect(&self, out: &mut Exposition) {
+        let k = self.kernel();
+        out.gauge(
+            "profiler_sampling_frequency_hz",
+            "Samples per second per CPU.",
+            f64::from(self.frequency),
+        );
+        out.counter(
+            "profiler_kernel_events_total",
+            "perf events the BPF program ran for.",
+            k.get(Counter::Events),
+        );
+        out.counter(
+            "profiler_samples_total",
+            "Samples written to the ring buffer.",
+            k.get(Counter::Submitted),
+        );
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        out.family(
+            "profiler_samples_lost_total",
+            Kind::Counter,
+            "Samples lost, by where.",
+        )
+        .sample(&[("reason", "ring_buffer_full")], k.get(Counter::RingFull) as f64)
+        .sample(
+            &[("reason", "aggregator_queue_full")],
+            get(&self.dropped_queue_full),
+        )
+        .sample(&[("reason", "malformed")], get(&self.malformed));
+        out.counter(
+            "profiler_idle_ticks_total",
+            "Ticks in the idle task (not recorded).",
+            k.get(Counter::Idle),
+        );
+        out.counter(
+            "profiler_filtered_ticks_total",
+            "Ticks of processes outside the selection.",
+            k.get(Counter::FilteredOut),
+        );
+        out.family(
+            "profiler_stack_errors_total",
+            Kind::Counter,
+            "Failed kernel stack walks and user frame-pointer walks.",
+        )
+        .sample(&[("stack", "kernel")], k.get(Counter::KernelStackError) as f64)
+        .sample(&[("stack", "user")], k.get(Counter::UserStackError) as f64);
+        out.counter(
+            "profiler_process_events_lost_total",
+            "Exec/exit events lost because their ring buffer was full.",
+            k.get(Counter::ProcEventsLost),
+        );
+        let mut walks = out.family(
+            "profiler_unwind_walks_total",
+            Kind::Counter,
+            "User stack walks by how they ended.",
+        );
+        for s in 0..UNWIND_STATUSES {
+            if let Some(status) = UnwindStatus::from_u8(s as u8) {
+                walks.sample(
+                    &[("status", status.name())],
+                    k.0[(UNWIND_STATUS_SLOTS + s) as usize] as f64,
+                );
+            }
+        }
     }
 }
 
@@ -298,50 +307,6 @@ fn drain(ring: &mut RingBuf<MapData>, backlog: &mut Backlog, stats: &PipelineSta
 mod tests {
     use super::*;
 
-    fn record(kernel: &[u64], user: &[u64], kernel_len: u16, user_len: u16) -> Vec<u8> {
-        let mut comm = [0u8; 16];
-        comm[..4].copy_from_slice(b"burn");
-        let header = RawSampleHeader {
-            ktime_ns: 5,
-            tgid: 42,
-            tid: 43,
-            cpu: 1,
-            kernel_len,
-            user_len,
-            kernel_err: 0,
-            user_err: -14,
-            unwind_status: 3,
-            _pad: [0; 3],
-            comm,
-        };
-        // SAFETY: the header is repr(C) plain data; viewing it as bytes is sound.
-        let mut bytes =
-            unsafe { std::slice::from_raw_parts((&raw const header).cast::<u8>(), HEADER_BYTES) }.to_vec();
-        for frame in kernel.iter().chain(user) {
-            bytes.extend(frame.to_ne_bytes());
-        }
-        bytes
-    }
-
-    #[test]
-    fn decodes_kernel_then_user_frames() {
-        let bytes = record(
-            &[0xffff_ffff_8100_0000, 0xffff_ffff_8100_0100],
-            &[0x40_1000, 0x40_2000, 0x40_3000],
-            2,
-            3,
-        );
-        assert_eq!(bytes.len(), HEADER_BYTES + 5 * 8);
-        let sample = decode(&bytes).expect("decodes");
-        assert_eq!((sample.tgid, sample.tid, sample.cpu), (42, 43, 1));
-        assert_eq!(sample.comm, "burn");
-        assert_eq!(sample.kernel, [0xffff_ffff_8100_0000, 0xffff_ffff_8100_0100]);
-        assert_eq!(sample.user, [0x40_1000, 0x40_2000, 0x40_3000]);
-        assert_eq!(sample.kernel_err, None);
-        assert_eq!(sample.user_err, Some(-14));
-        assert_eq!(sample.unwind, UnwindStatus::NoTable);
-    }
-
     fn sample(tgid: u32) -> Sample {
         Sample {
             ktime_ns: 0,
@@ -386,27 +351,5 @@ mod tests {
         assert_eq!(seen, (1..=MAX_BATCH as u32 + 5).collect::<Vec<_>>());
         assert_eq!(stats.dropped_queue_full.load(Ordering::Relaxed), 0);
         assert_eq!(backlog.samples, 0);
-    }
-
-    #[test]
-    fn rejects_records_that_lie_about_their_frames() {
-        let bytes = record(&[1, 2], &[3], 2, 5);
-        assert_eq!(
-            decode(&bytes),
-            Err(DecodeError::Frames {
-                kernel: 2,
-                user: 5,
-                room: 3
-            })
-        );
-        let bytes = record(&[], &[], 200, 0);
-        assert!(matches!(
-            decode(&bytes),
-            Err(DecodeError::Frames { kernel: 200, .. })
-        ));
-        assert_eq!(decode(&bytes[..20]), Err(DecodeError::Short { got: 20 }));
-        let mut bytes = record(&[1], &[2], 1, 1);
-        bytes[28] = 200;
-        assert_eq!(decode(&bytes), Err(DecodeError::Status(200)));
     }
 }

@@ -1,4 +1,7 @@
 //! Loading the embedded eBPF object and attaching it to every online CPU.
+mod config;
+mod maps;
+
 use std::{fs, io};
 
 use aya::{
@@ -10,18 +13,18 @@ use aya::{
     },
 };
 use profiler_common::{
-    COUNTER_SLOTS, Counter, GLOBAL_FILTER_CGROUPS, GLOBAL_FILTER_PIDS, GLOBAL_SAMPLES_WAKEUP_BYTES,
-    GLOBAL_UNWIND_MODE, MAP_COUNTERS, MAP_KSYM_IO, MAP_MAPPINGS, MAP_PROC_EVENTS, MAP_PROCS, MAP_SAMPLES,
-    MAP_TARGET_CGROUPS, MAP_TARGET_PIDS, MAP_UNWIND_FILES, MAP_UNWIND_GENERATION, MAP_UNWIND_ROWS,
-    MAX_TARGET_CGROUPS, MAX_TARGET_PIDS, PROGRAM_EXEC, PROGRAM_EXIT, PROGRAM_KSYM, PROGRAM_SAMPLE,
-    UNWIND_MODE_FRAME_POINTERS, UNWIND_MODE_TABLES, samples_ring_bytes, samples_wakeup_bytes,
+    GLOBAL_FILTER_CGROUPS, GLOBAL_FILTER_PIDS, GLOBAL_SAMPLES_WAKEUP_BYTES, GLOBAL_UNWIND_MODE, MAP_COUNTERS,
+    MAP_KSYM_IO, MAP_MAPPINGS, MAP_PROC_EVENTS, MAP_PROCS, MAP_SAMPLES, MAP_TARGET_CGROUPS, MAP_TARGET_PIDS,
+    MAP_UNWIND_FILES, MAP_UNWIND_GENERATION, MAP_UNWIND_ROWS, MAX_TARGET_CGROUPS, MAX_TARGET_PIDS,
+    PROGRAM_EXEC, PROGRAM_EXIT, PROGRAM_KSYM, PROGRAM_SAMPLE, UNWIND_MODE_FRAME_POINTERS, UNWIND_MODE_TABLES,
+    samples_ring_bytes, samples_wakeup_bytes,
 };
 
-use crate::{
-    config::{SamplingConfig, Unwinder},
-    symbolize::kernel::BpfKernelNames,
-    unwind::UnwindMaps,
+pub use self::{
+    config::{MAX_UNWIND_TABLE_BYTES, MIN_UNWIND_TABLE_BYTES, SamplingConfig, Unwinder},
+    maps::UnwindMaps,
 };
+use crate::{sample::CounterSnapshot, symbolize::kernel::BpfKernelNames};
 use tracing::{debug, info, warn};
 
 /// The eBPF object built by build.rs from the `profiler-ebpf` crate.
@@ -100,25 +103,6 @@ impl EventSource {
             EventSource::Cycles => "cycles",
             EventSource::CpuClock => "cpu-clock",
         }
-    }
-}
-
-/// Sums of the per-CPU counters, indexed like [`Counter`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CounterSnapshot(pub [u64; COUNTER_SLOTS as usize]);
-
-impl CounterSnapshot {
-    pub fn get(&self, counter: Counter) -> u64 {
-        self.0[counter as usize]
-    }
-
-    /// Counts since `earlier` (counters only grow).
-    pub fn since(&self, earlier: &CounterSnapshot) -> CounterSnapshot {
-        let mut out = [0; COUNTER_SLOTS as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            *slot = self.0[i].saturating_sub(earlier.0[i]);
-        }
-        CounterSnapshot(out)
     }
 }
 
