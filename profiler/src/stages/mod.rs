@@ -444,3 +444,74 @@ impl Running {
         Ok(summary)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use profiler_common::{Counter, UNWIND_STATUS_SLOTS, UnwindStatus};
+
+    use super::*;
+    use crate::sample::CounterSnapshot;
+
+    /// Every source the wiring registers, as /metrics renders them together.
+    #[test]
+    fn the_registry_renders_every_family_once_with_its_owners_figures() {
+        let telemetry = Telemetry::new();
+        let stats = Arc::new(PipelineStats::new(19));
+        let mut counters = CounterSnapshot::default();
+        counters.0[Counter::Submitted as usize] = 42;
+        counters.0[Counter::RingFull as usize] = 3;
+        counters.0[(UNWIND_STATUS_SLOTS + UnwindStatus::MaxDepth as u32) as usize] = 7;
+        stats.set_kernel(counters);
+        stats
+            .dropped_queue_full
+            .store(5, std::sync::atomic::Ordering::Relaxed);
+        let (tx, _rx) = mpsc::channel::<Message>(QUEUES[0].capacity);
+        let (snap_tx, _snap_rx) = mpsc::channel::<Job>(QUEUES[1].capacity);
+        telemetry.register(Arc::clone(&stats) as Arc<dyn Collect>);
+        telemetry.register(Arc::new(UnwindStats::default()));
+        telemetry.register(Arc::new(ReportStats::default()));
+        telemetry.register(Arc::new(Exporters(Vec::new())));
+        telemetry.register(Arc::new(PodIndex::default()));
+        telemetry.register(Arc::new(QueueDepths {
+            samples: tx.downgrade(),
+            snapshots: snap_tx.downgrade(),
+        }));
+        let text = telemetry.render();
+        for line in [
+            "profiler_sampling_frequency_hz 19\n",
+            "# TYPE profiler_samples_total counter\nprofiler_samples_total 42\n",
+            "profiler_samples_lost_total{reason=\"ring_buffer_full\"} 3\n",
+            "profiler_samples_lost_total{reason=\"aggregator_queue_full\"} 5\n",
+            "profiler_unwind_walks_total{status=\"frame-pointer-only\"} 0\n",
+            "profiler_unwind_walks_total{status=\"max-depth\"} 7\n",
+            "profiler_bpf_map_capacity_entries{map=\"MAPPINGS\"} 1048576\n",
+            "profiler_symbolized_frames_total{outcome=\"named\"} 0\n",
+            "profiler_kubernetes_connected 0\n",
+            "profiler_queue_capacity{queue=\"samples\",when_full=\"drop_newest\"} 64\n",
+            "profiler_queue_capacity{queue=\"snapshots\",when_full=\"block\"} 2\n",
+            "profiler_queue_depth{queue=\"samples\"} 0\n",
+            "process_resident_memory_bytes ",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        let mut declared = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().expect("name").to_owned();
+                assert!(declared.insert(name.clone()), "{name} is written by two sources");
+            }
+        }
+        assert!(declared.len() >= 40, "{} families", declared.len());
+    }
+
+    #[test]
+    fn every_queue_states_its_policy_and_its_loss_counter() {
+        for q in &QUEUES {
+            assert!(q.capacity > 0, "{}", q.name);
+            match q.when_full {
+                WhenFull::Block => assert_eq!(q.dropped, "none", "{}", q.name),
+                WhenFull::DropNewest => assert!(q.dropped.starts_with("profiler_"), "{}", q.name),
+            }
+        }
+    }
+}

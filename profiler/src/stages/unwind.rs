@@ -140,7 +140,7 @@ pub fn run(mut unwinder: Unwinder, requests: RequestQueue, cancel: CancellationT
             .next_recheck()
             .map(|at| at.saturating_duration_since(Instant::now()));
         wait_for_events(
-            unwinder.event_fd(),
+            unwinder.event_fd().unwrap_or(-1),
             doorbell,
             next_recheck.map_or(timeout, |d| d.min(timeout)),
         );

@@ -18,12 +18,12 @@
 //!
 //! It owns no thread and no channel: the unwind stage ([`crate::stages::unwind`]) runs it, feeding
 //! it the kernel's events, the sampler's requests and the clock.
+pub mod kernel;
 pub mod store;
 pub mod table;
 
 use std::{
     hash::{Hash as _, Hasher as _},
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -32,7 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap as BpfHashMap, LpmTrie, MapData, RingBuf, lpm_trie::Key};
+use aya::maps::lpm_trie::Key;
 use foldhash::{HashMap, HashSet};
 use object::{Object as _, ObjectSegment as _, ReadCache};
 
@@ -42,8 +42,9 @@ use profiler_common::{
 };
 use tracing::{debug, info, warn};
 
+pub use self::kernel::{BpfMaps, KernelMaps};
 use self::{
-    store::{RowStore, StoreError},
+    store::StoreError,
     table::{Table, TableError},
 };
 use crate::{
@@ -217,11 +218,8 @@ struct LoadedProcess {
     signature: u64,
 }
 
-pub struct Unwinder {
-    store: RowStore,
-    mappings: LpmTrie<MapData, MappingKey, Mapping>,
-    procs: BpfHashMap<MapData, u32, u32>,
-    events: RingBuf<MapData>,
+pub struct Unwinder<M: KernelMaps = BpfMaps> {
+    maps: M,
     proc_root: PathBuf,
     processes: HashMap<u32, LoadedProcess>,
     /// Processes whose mappings are read again at the given time (see [`RECHECK_AFTER`]).
@@ -238,21 +236,25 @@ pub struct Unwinder {
     stats: Arc<UnwindStats>,
 }
 
-impl Unwinder {
+impl Unwinder<BpfMaps> {
+    /// The engine over the maps of a loaded BPF session.
     pub fn new(maps: UnwindMaps, proc_root: PathBuf, stats: Arc<UnwindStats>) -> Result<Self, UnwindError> {
-        let store = RowStore::new(maps.rows, maps.capacity, maps.files, maps.generation)?;
         stats
             .rows_capacity
             .store(u64::from(maps.capacity), Ordering::Relaxed);
+        Ok(Self::with_maps(BpfMaps::new(maps)?, proc_root, stats))
+    }
+}
+
+impl<M: KernelMaps> Unwinder<M> {
+    /// The engine over any [`KernelMaps`] (a fake in tests).
+    pub fn with_maps(maps: M, proc_root: PathBuf, stats: Arc<UnwindStats>) -> Self {
         let (vdso, vdso_table) = match own_vdso() {
             Some((info, table)) => (Some(info), Some(table)),
             None => (None, None),
         };
-        Ok(Unwinder {
-            store,
-            mappings: maps.mappings,
-            procs: maps.procs,
-            events: maps.events,
+        Unwinder {
+            maps,
             proc_root,
             processes: HashMap::default(),
             rechecks: std::collections::BinaryHeap::new(),
@@ -263,7 +265,7 @@ impl Unwinder {
             clock: 0,
             loads: 0,
             stats,
-        })
+        }
     }
 
     /// Loads `pids`, or, when empty, the processes with a running thread (before sampling
@@ -341,9 +343,9 @@ impl Unwinder {
         }
     }
 
-    /// The event ring's descriptor: readable when exec, exit or load events wait.
-    pub fn event_fd(&self) -> std::os::fd::RawFd {
-        self.events.as_raw_fd()
+    /// A descriptor that is readable when exec, exit or load events wait.
+    pub fn event_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.maps.event_fd()
     }
 
     /// When the next scheduled re-read of a process is due.
@@ -353,14 +355,7 @@ impl Unwinder {
 
     /// Handles every exec, exit and load event waiting in the ring.
     pub fn drain_events(&mut self) {
-        let mut events = Vec::new();
-        while let Some(item) = self.events.next() {
-            if item.len() >= size_of::<ProcEvent>() {
-                // SAFETY: the record holds a ProcEvent (two u32); read_unaligned copies it.
-                events.push(unsafe { item.as_ptr().cast::<ProcEvent>().read_unaligned() });
-            }
-        }
-        for event in events {
+        for event in self.maps.read_events() {
             self.on_event(event);
         }
     }
@@ -388,9 +383,9 @@ impl Unwinder {
     /// exit came before their load, or an event was lost), so they cannot fill the map.
     pub fn reconcile(&mut self) {
         let unloaded: Vec<u32> = self
-            .procs
-            .keys()
-            .filter_map(Result::ok)
+            .maps
+            .processes()
+            .into_iter()
             .filter(|pid| !self.processes.contains_key(pid))
             .collect();
         for pid in unloaded {
@@ -408,15 +403,15 @@ impl Unwinder {
     fn unload(&mut self, pid: u32) {
         // Also a process that was requested but never loaded: its PROCS entry goes, so a new
         // process under the same pid asks again.
-        let _ = self.procs.remove(&pid);
+        self.maps.remove_process(pid);
         let Some(process) = self.processes.remove(&pid) else {
             return;
         };
         for key in &process.keys {
-            let _ = self.mappings.remove(key);
+            self.maps.remove_mapping(key);
         }
         for id in process.files {
-            self.store.add_user(id, -1);
+            self.maps.add_table_user(id, -1);
         }
         self.publish();
     }
@@ -470,9 +465,9 @@ impl Unwinder {
                 MappingKind::Special(name) if &**name == procfs::VSYSCALL => continue,
                 MappingKind::Special(name) if &**name == procfs::VDSO => match &self.vdso {
                     Some(vdso) => {
-                        if !self.store.contains(vdso.id)
+                        if !self.maps.has_table(vdso.id)
                             && let Some(table) = &self.vdso_table
-                            && let Err(error) = self.store.insert(vdso.id, table)
+                            && let Err(error) = self.maps.insert_table(vdso.id, table)
                         {
                             debug!(%error, "vdso table not loaded");
                         }
@@ -498,9 +493,9 @@ impl Unwinder {
             }
         }
         // The process's new tables first, so no mapping names a file BPF cannot find yet.
-        self.store.commit();
+        self.maps.commit_tables();
         for (key, value) in &entries {
-            match self.mappings.insert(key, value, 0) {
+            match self.maps.insert_mapping(key, value) {
                 Ok(()) => keys.push(*key),
                 Err(error) => {
                     warn!(pid, %error, "MAPPINGS is full; the process keeps partial unwinding");
@@ -512,18 +507,18 @@ impl Unwinder {
         let new_keys: HashSet<(u32, MappingKey)> = keys.iter().map(|k| (k.prefix_len(), k.data())).collect();
         for key in &old.keys {
             if !new_keys.contains(&(key.prefix_len(), key.data())) {
-                let _ = self.mappings.remove(key);
+                self.maps.remove_mapping(key);
             }
         }
         for &id in &files {
-            self.store.add_user(id, 1);
+            self.maps.add_table_user(id, 1);
         }
         for &id in &old.files {
-            self.store.add_user(id, -1);
+            self.maps.add_table_user(id, -1);
         }
         // A new value for every load: walks cached this pid's mappings under the old one.
         self.loads = self.loads.wrapping_add(1);
-        if let Err(error) = self.procs.insert(pid, proc_state::loaded(self.loads), 0) {
+        if let Err(error) = self.maps.set_process(pid, proc_state::loaded(self.loads)) {
             warn!(pid, %error, "PROCS is full; the process stays on frame pointers");
         }
         self.processes.insert(
@@ -543,7 +538,7 @@ impl Unwinder {
         if let Some(info) = self.files.get_mut(&key) {
             info.used = self.clock;
             let info = info.clone();
-            if matches!(info.kind, FileKind::Table) && !self.store.contains(info.id) {
+            if matches!(info.kind, FileKind::Table) && !self.maps.has_table(info.id) {
                 // Evicted earlier; build it again now that a process needs it.
                 self.files.remove(&key);
             } else {
@@ -586,7 +581,7 @@ impl Unwinder {
             segments,
             used: self.clock,
         };
-        if self.store.contains(id) {
+        if self.maps.has_table(id) {
             return Ok(info);
         }
         if self.own_file == Some(id) {
@@ -615,7 +610,7 @@ impl Unwinder {
                     ?source,
                     "unwind table built"
                 );
-                if let Err(error) = self.store.insert(id, &table) {
+                if let Err(error) = self.maps.insert_table(id, &table) {
                     warn!(path, %error, "unwind table not loaded");
                     info.kind = FileKind::Failed;
                 }
@@ -673,7 +668,7 @@ impl Unwinder {
     }
 
     fn publish(&self) {
-        let s = self.store.stats();
+        let s = self.maps.table_stats();
         self.stats
             .processes
             .store(self.processes.len() as u64, Ordering::Relaxed);
@@ -875,5 +870,217 @@ mod tests {
             Some(0x55f5_4109_c000 - 0x18000)
         );
         assert_eq!(bias(&segments, 0x1000, 0x5_0000_0000), None);
+    }
+
+    /// The kernel maps as plain collections, with an optional capacity for `MAPPINGS`.
+    #[derive(Default)]
+    struct FakeMaps {
+        mappings: std::collections::HashMap<(u32, MappingKey), Mapping>,
+        mapping_capacity: Option<usize>,
+        procs: std::collections::HashMap<u32, u32>,
+        /// file id → processes using its table.
+        tables: std::collections::HashMap<u64, i32>,
+        staged: Vec<u64>,
+        events: Vec<ProcEvent>,
+    }
+
+    impl KernelMaps for FakeMaps {
+        fn insert_mapping(
+            &mut self,
+            key: &Key<MappingKey>,
+            value: &Mapping,
+        ) -> Result<(), aya::maps::MapError> {
+            let k = (key.prefix_len(), key.data());
+            if !self.mappings.contains_key(&k)
+                && self.mapping_capacity.is_some_and(|c| self.mappings.len() >= c)
+            {
+                return Err(aya::maps::MapError::KeyNotFound);
+            }
+            self.mappings.insert(k, *value);
+            Ok(())
+        }
+        fn remove_mapping(&mut self, key: &Key<MappingKey>) {
+            self.mappings.remove(&(key.prefix_len(), key.data()));
+        }
+        fn set_process(&mut self, pid: u32, state: u32) -> Result<(), aya::maps::MapError> {
+            self.procs.insert(pid, state);
+            Ok(())
+        }
+        fn remove_process(&mut self, pid: u32) {
+            self.procs.remove(&pid);
+        }
+        fn processes(&self) -> Vec<u32> {
+            self.procs.keys().copied().collect()
+        }
+        fn has_table(&self, file_id: u64) -> bool {
+            self.tables.contains_key(&file_id)
+        }
+        fn insert_table(&mut self, file_id: u64, _table: &Table) -> Result<(), StoreError> {
+            self.tables.insert(file_id, 0);
+            self.staged.push(file_id);
+            Ok(())
+        }
+        fn commit_tables(&mut self) {
+            self.staged.clear();
+        }
+        fn add_table_user(&mut self, file_id: u64, delta: i32) {
+            if let Some(users) = self.tables.get_mut(&file_id) {
+                *users += delta;
+            }
+        }
+        fn table_stats(&self) -> store::StoreStats {
+            store::StoreStats {
+                files: self.tables.len() as u64,
+                ..store::StoreStats::default()
+            }
+        }
+        fn read_events(&mut self) -> Vec<ProcEvent> {
+            std::mem::take(&mut self.events)
+        }
+        fn event_fd(&self) -> Option<std::os::fd::RawFd> {
+            None
+        }
+    }
+
+    fn engine(maps: FakeMaps) -> Unwinder<FakeMaps> {
+        Unwinder::with_maps(maps, PathBuf::from("/proc"), Arc::new(UnwindStats::default()))
+    }
+
+    /// The mapping entries of `pid` (its marker included).
+    fn entries_of(maps: &FakeMaps, pid: u32) -> Vec<Mapping> {
+        let pid = pid.to_be_bytes();
+        maps.mappings
+            .iter()
+            .filter(|((_, key), _)| key[..4] == pid)
+            .map(|(_, m)| *m)
+            .collect()
+    }
+
+    #[test]
+    fn a_loaded_process_has_its_ranges_and_tables_and_a_loaded_state() {
+        let pid = std::process::id();
+        let mut u = engine(FakeMaps::default());
+        u.on_request(pid);
+        let state = u.maps.procs.get(&pid).copied().expect("in PROCS");
+        assert_eq!(proc_state::state(state), proc_state::LOADED);
+        let marker = (MAPPING_PID_PREFIX, mapping_key(pid, 0));
+        assert!(u.maps.mappings.contains_key(&marker), "the pid's marker entry");
+        let entries = entries_of(&u.maps, pid);
+        // Every executable mapping of this process is covered by entries naming its range.
+        let maps = procfs::read_exec_mappings(Path::new("/proc"), pid).expect("own maps");
+        for m in maps
+            .iter()
+            .filter(|m| !matches!(&m.kind, MappingKind::Special(n) if &**n == procfs::VSYSCALL))
+        {
+            assert!(
+                entries.iter().any(|e| e.start == m.start && e.end == m.end),
+                "no entry for {:x}-{:x} {:?}",
+                m.start,
+                m.end,
+                m.kind
+            );
+        }
+        // libc has CFI: its table was stored and is used by this process. (The vDSO's shared
+        // table counts no users.)
+        assert!(!u.maps.tables.is_empty(), "no table was stored");
+        let vdso = u.vdso.as_ref().map(|v| v.id);
+        assert!(
+            u.maps
+                .tables
+                .iter()
+                .all(|(id, &users)| users >= 1 || Some(*id) == vdso),
+            "{:?}",
+            u.maps.tables
+        );
+        assert!(
+            u.maps.staged.is_empty(),
+            "tables are committed before the mappings go in"
+        );
+        assert_eq!(u.stats.snapshot().processes, 1);
+    }
+
+    #[test]
+    fn an_exit_removes_the_process_and_releases_its_tables() {
+        let pid = std::process::id();
+        let mut u = engine(FakeMaps::default());
+        u.on_request(pid);
+        u.maps.events.push(ProcEvent {
+            kind: proc_event::EXIT,
+            tgid: pid,
+        });
+        u.drain_events();
+        assert!(entries_of(&u.maps, pid).is_empty());
+        assert!(!u.maps.procs.contains_key(&pid));
+        assert!(
+            u.maps.tables.values().all(|&users| users == 0),
+            "{:?}",
+            u.maps.tables
+        );
+        assert_eq!(u.stats.snapshot().processes, 0);
+    }
+
+    #[test]
+    fn an_unchanged_process_is_not_reloaded_but_an_exec_reloads_it() {
+        let pid = std::process::id();
+        let mut u = engine(FakeMaps::default());
+        u.on_request(pid);
+        let first = u.maps.procs[&pid];
+        u.on_request(pid);
+        assert_eq!(u.maps.procs[&pid], first, "same mappings: no new load");
+        assert!(u.next_recheck().is_none(), "a request schedules no re-check");
+        u.on_event(ProcEvent {
+            kind: proc_event::EXEC,
+            tgid: pid,
+        });
+        assert_ne!(u.maps.procs[&pid], first, "an exec loads again under a new value");
+        assert!(u.next_recheck().is_some(), "an exec schedules re-reads");
+        // An exec of a process never loaded is left to its first sample's request.
+        let other = u32::MAX - 11;
+        u.on_event(ProcEvent {
+            kind: proc_event::EXEC,
+            tgid: other,
+        });
+        assert!(!u.maps.procs.contains_key(&other));
+    }
+
+    #[test]
+    fn reconciliation_forgets_requested_processes_that_are_gone() {
+        let gone = u32::MAX - 13;
+        let alive = std::process::id();
+        let mut maps = FakeMaps::default();
+        maps.procs.insert(gone, proc_state::REQUESTED);
+        maps.procs.insert(alive, proc_state::REQUESTED);
+        let mut u = engine(maps);
+        u.reconcile();
+        assert!(
+            !u.maps.procs.contains_key(&gone),
+            "a gone process cannot fill PROCS"
+        );
+        assert_eq!(
+            u.maps.procs.get(&alive),
+            Some(&proc_state::REQUESTED),
+            "its load request is on its way"
+        );
+    }
+
+    #[test]
+    fn a_full_mappings_map_leaves_the_process_partly_loaded() {
+        let pid = std::process::id();
+        let mut u = engine(FakeMaps {
+            mapping_capacity: Some(3),
+            ..FakeMaps::default()
+        });
+        u.on_request(pid);
+        assert_eq!(u.maps.mappings.len(), 3);
+        assert!(
+            u.maps.procs.contains_key(&pid),
+            "still loaded: its first ranges unwind"
+        );
+        // What was inserted is what an exit removes.
+        u.on_event(ProcEvent {
+            kind: proc_event::EXIT,
+            tgid: pid,
+        });
+        assert!(u.maps.mappings.is_empty());
     }
 }
