@@ -9,16 +9,10 @@ use std::{
 };
 
 use tokio::time::{Instant, MissedTickBehavior};
-use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::{
     bpf::{BpfError, BpfSession, SamplingConfig},
-    export::Exporter,
-    kube::Connection,
-    labels::Labeler,
-    remote::{RemoteHandle, Sender},
-    server::ServerSettings,
     stages::{self, StageError, report::RunSummary},
 };
 
@@ -39,20 +33,8 @@ pub struct Plan {
     pub interval: Duration,
     /// Stop after the first interval (`record`).
     pub once: bool,
-    pub exporters: Vec<Box<dyn Exporter>>,
-    /// The remote exporters among `exporters`: their metrics, senders and shutdown.
-    pub remotes: Vec<(RemoteHandle, Sender)>,
-    /// Byte budget of the parsed-file cache.
-    pub symbol_cache_bytes: u64,
-    /// The HTTP endpoint (checked: [`ServerSettings::check`] gave `tls`).
-    pub server: ServerSettings,
-    pub tls: Option<TlsAcceptor>,
-    /// Discovery and relabeling of each process's labels.
-    pub labeler: Labeler,
-    /// The cardinality guard's limit per label per profile.
-    pub label_value_limit: usize,
-    /// The Kubernetes API and this node's name, to label processes with their pods.
-    pub kube: Option<(Connection, String)>,
+    /// Everything the stages are built from.
+    pub stages: stages::Config,
 }
 
 /// Maps each requested pid to its process (a thread id maps to its thread group).
@@ -101,22 +83,7 @@ enum Event {
 pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
     let pids = resolve_pids(&plan.sampling.pids)?;
     let mut session = BpfSession::load(&plan.sampling, &pids)?;
-    let config = stages::Config {
-        pids,
-        frequency: plan.sampling.frequency.get(),
-        unwinder: plan.sampling.unwinder,
-        cgroups: plan.sampling.cgroups.clone(),
-        targets: plan.sampling.targets.clone(),
-        exporters: plan.exporters,
-        remotes: plan.remotes,
-        symbol_cache_bytes: plan.symbol_cache_bytes,
-        server: plan.server,
-        tls: plan.tls,
-        labeler: plan.labeler,
-        label_value_limit: plan.label_value_limit,
-        kube: plan.kube,
-    };
-    let mut pipeline = stages::start(&mut session, config).await?;
+    let mut pipeline = stages::start(&mut session, &plan.sampling, &pids, plan.stages).await?;
     session.attach()?;
     pipeline.telemetry.set_ready();
 
@@ -128,6 +95,7 @@ pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
     let mut counters_clock = tokio::time::interval(Duration::from_secs(1));
     counters_clock.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut sampler_failed = None;
+    let mut signalled = false;
     loop {
         let event = tokio::select! {
             _ = counters_clock.tick() => Event::Counters,
@@ -144,11 +112,7 @@ pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
             }
             Event::Stop => {
                 info!("stopping: flushing the current interval (signal again to exit at once)");
-                tokio::spawn(async {
-                    shutdown_signal().await;
-                    warn!("second stop signal: exiting without flushing");
-                    std::process::exit(130);
-                });
+                signalled = true;
                 break;
             }
             Event::SamplerEnded(ended) => {
@@ -160,7 +124,18 @@ pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
 
     session.stop();
     let counters = session.counters()?;
-    let summary = pipeline.stop(counters).await;
+    let stopping = pipeline.stop(counters);
+    let summary = if signalled {
+        tokio::select! {
+            summary = stopping => summary,
+            () = shutdown_signal() => {
+                warn!("second stop signal: exiting without flushing");
+                std::process::exit(130);
+            }
+        }
+    } else {
+        stopping.await
+    };
     if let Some(ended) = sampler_failed {
         ended.map_err(StageError::from)?.map_err(StageError::Sampler)?;
     }

@@ -10,7 +10,7 @@ use profiler::{
     labels::{DEFAULT_LABEL_VALUE_LIMIT, Labeler},
     remote,
     server::ServerSettings,
-    summary,
+    stages, summary,
 };
 use profiler_common::Counter;
 use tracing_subscriber::EnvFilter;
@@ -53,14 +53,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 sampling,
                 interval: duration,
                 once: true,
-                exporters: vec![Box::new(exporter)],
-                remotes: Vec::new(),
-                symbol_cache_bytes: args.symbols.symbol_cache_size,
-                server: ServerSettings::default(),
-                tls: None,
-                labeler: Labeler::default(),
-                label_value_limit: DEFAULT_LABEL_VALUE_LIMIT,
-                kube: None,
+                stages: stages::Config {
+                    exporters: vec![Box::new(exporter)],
+                    remotes: Vec::new(),
+                    symbol_cache_bytes: args.symbols.symbol_cache_size,
+                    server: ServerSettings::default(),
+                    tls: None,
+                    labeler: Labeler::default(),
+                    label_value_limit: DEFAULT_LABEL_VALUE_LIMIT,
+                    kube: None,
+                },
             };
             let summary = daemon::run(plan).await?;
             if let Some(failure) = summary.export_failures.first() {
@@ -138,17 +140,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 remotes.push((handle, sender));
             }
             let plan = Plan {
-                kube: kube.zip(args.node_name.clone()),
                 sampling,
                 interval,
                 once: false,
-                exporters,
-                remotes,
-                symbol_cache_bytes: args.symbols.symbol_cache_size,
-                server,
-                tls,
-                labeler: settings.labeler,
-                label_value_limit: settings.label_value_limit,
+                stages: stages::Config {
+                    exporters,
+                    remotes,
+                    symbol_cache_bytes: args.symbols.symbol_cache_size,
+                    server,
+                    tls,
+                    labeler: settings.labeler,
+                    label_value_limit: settings.label_value_limit,
+                    kube: kube.zip(args.node_name.clone()),
+                },
             };
             let summary = daemon::run(plan).await?;
             tracing::info!(profiles = summary.profiles, samples = summary.samples, "done");

@@ -15,6 +15,11 @@
 //! backlog on, the aggregator flushes the last interval, the reporter exports it, the senders
 //! get [`EXPORT_GRACE`] to empty their spools, and the listeners, targeting and the unwind stage
 //! go last.
+//!
+//! Three spawns live elsewhere, each inside something this module started: a listener task
+//! spawns one task per connection ([`crate::server::Listener::serve`]), an on-demand request
+//! that goes away sends its tap's close message from a task of its own (a `Drop` cannot wait),
+//! and the loader builds the eBPF loader on a short-lived scoped thread ([`crate::bpf`]).
 pub mod aggregate;
 pub mod messages;
 pub mod report;
@@ -43,7 +48,7 @@ use self::{
 };
 use crate::{
     aggregate::Aggregator,
-    bpf::{BpfError, BpfSession, Unwinder as UnwinderMode},
+    bpf::{BpfError, BpfSession, SamplingConfig, Unwinder as UnwinderMode},
     export::Exporter,
     kube::Connection,
     labels::{Labeler, PodIndex},
@@ -135,14 +140,8 @@ pub enum StageError {
     Targeting(#[from] TargetError),
 }
 
-/// What the pipeline is built from, besides the BPF session.
+/// What the pipeline is built from, besides the BPF session and the sampling settings.
 pub struct Config {
-    /// The processes the unwind stage loads before the first tick (empty: those running).
-    pub pids: Vec<u32>,
-    pub frequency: u32,
-    pub unwinder: UnwinderMode,
-    pub cgroups: Vec<std::path::PathBuf>,
-    pub targets: Vec<crate::labels::Selector>,
     pub exporters: Vec<Box<dyn Exporter>>,
     /// The remote exporters among `exporters`: their metrics, senders and drain at stop.
     pub remotes: Vec<(RemoteHandle, Sender)>,
@@ -235,10 +234,19 @@ pub struct Running {
 /// Builds every stage from a loaded (not yet attached) session and starts them. Processes
 /// already running, and the targeting selection, are loaded before this returns, so the first
 /// samples after [`BpfSession::attach`] unwind and are filtered.
-pub async fn start(session: &mut BpfSession, config: Config) -> Result<Running, StageError> {
+///
+/// `pids` are the processes the unwind stage loads before the first tick (empty: those
+/// running).
+pub async fn start(
+    session: &mut BpfSession,
+    sampling: &SamplingConfig,
+    pids: &[u32],
+    config: Config,
+) -> Result<Running, StageError> {
     let cancel = CancellationToken::new();
     let telemetry = Arc::new(Telemetry::new());
-    let stats = Arc::new(PipelineStats::new(config.frequency));
+    let frequency = sampling.frequency.get();
+    let stats = Arc::new(PipelineStats::new(frequency));
     stats.set_kernel(session.counters()?);
     telemetry.register(Arc::clone(&stats) as Arc<dyn Collect>);
     let ring = session.take_samples()?;
@@ -247,10 +255,10 @@ pub async fn start(session: &mut BpfSession, config: Config) -> Result<Running, 
 
     let unwind_stats = Arc::new(UnwindStats::default());
     telemetry.register(Arc::clone(&unwind_stats) as Arc<dyn Collect>);
-    let (requests, unwind) = if config.unwinder == UnwinderMode::Dwarf {
+    let (requests, unwind) = if sampling.unwinder == UnwinderMode::Dwarf {
         let maps = session.take_unwind_maps()?;
         let mut unwinder = crate::unwind::Unwinder::new(maps, "/proc".into(), Arc::clone(&unwind_stats))?;
-        unwinder.load_initial(&config.pids);
+        unwinder.load_initial(pids);
         let (requests, queue) = unwind::request_queue(Arc::clone(&unwind_stats));
         let token = cancel.child_token();
         let thread = Thread::spawn("unwind", move || unwind::run(unwinder, queue, token))?;
@@ -273,15 +281,15 @@ pub async fn start(session: &mut BpfSession, config: Config) -> Result<Running, 
         labeler = labeler.with_pods(index);
     }
 
-    let targeting = if config.cgroups.is_empty() && config.targets.is_empty() {
+    let targeting = if sampling.cgroups.is_empty() && sampling.targets.is_empty() {
         None
     } else {
-        let (cgroup_map, pid_map) = session.take_target_maps(!config.targets.is_empty())?;
+        let (cgroup_map, pid_map) = session.take_target_maps(!sampling.targets.is_empty())?;
         let mut targeter = Targeter::new(
-            config.cgroups,
-            config.targets,
+            sampling.cgroups.clone(),
+            sampling.targets.clone(),
             labeler.clone(),
-            config.pids.clone(),
+            pids.to_vec(),
             cgroup_map,
             pid_map,
         )?;
@@ -310,7 +318,7 @@ pub async fn start(session: &mut BpfSession, config: Config) -> Result<Running, 
     )
     .with_labeler(labeler);
     let aggregator = Aggregator::new(registry, SystemTime::now(), session.counters()?);
-    let drain_every = match config.unwinder {
+    let drain_every = match sampling.unwinder {
         UnwinderMode::Dwarf => sampler::DRAIN_EVERY,
         UnwinderMode::FramePointer => sampler::DRAIN_EVERY_FRAME_POINTERS,
     };
@@ -323,7 +331,7 @@ pub async fn start(session: &mut BpfSession, config: Config) -> Result<Running, 
         requests,
         sampler_cancel.clone(),
     ));
-    let mut reporter = Reporter::new(config.frequency, session.event, Arc::clone(&unwind_stats))
+    let mut reporter = Reporter::new(frequency, session.event, Arc::clone(&unwind_stats))
         .with_label_value_limit(config.label_value_limit);
     if let Some(names) = session.take_kernel_names() {
         reporter = reporter.with_kernel_names(names);
