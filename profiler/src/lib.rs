@@ -31,15 +31,17 @@ pub mod targeting;
 // Floor 4.
 pub mod process;
 pub mod unwind;
-// Floors 5 and 6: the engines of the data path.
+// Floors 5 and 6: the engines of the data path, and what the channels between stages carry.
 pub mod aggregate;
+pub mod messages;
 pub mod report;
-// Floor 7: the only code that owns channels, tasks and threads.
+// Floor 7.
+pub mod server;
+// Floor 8: the only code that owns channels, tasks and threads.
 pub mod stages;
-// Floors 8 and 9.
+// Floor 9.
 pub mod config;
 pub mod daemon;
-pub mod server;
 
 /// Types generated from `proto/profile.proto` (package `perftools.profiles`).
 pub mod pprof {

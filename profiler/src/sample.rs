@@ -4,6 +4,8 @@
 //! record the kernel writes into the ring buffer, followed by `kernel_len` kernel and
 //! `user_len` user frames; [`Sample`] is the normalized sample (only the valid frames, comm as
 //! text, stack errors as values). [`CounterSnapshot`] is the kernel's per-CPU counters summed.
+use std::sync::Mutex;
+
 use profiler_common::{
     COUNTER_SLOTS, Counter, HEADER_BYTES, MAX_STACK_DEPTH, MAX_USER_DEPTH, RawSampleHeader, UnwindStatus,
 };
@@ -70,6 +72,20 @@ pub fn decode(bytes: &[u8]) -> Result<Sample, DecodeError> {
         kernel_err: (raw.kernel_err != 0).then_some(raw.kernel_err),
         user_err: (raw.user_err != 0).then_some(raw.user_err),
     })
+}
+
+/// The kernel's counters as last read, shared by those who report them.
+#[derive(Debug, Default)]
+pub struct KernelCounters(Mutex<CounterSnapshot>);
+
+impl KernelCounters {
+    pub fn get(&self) -> CounterSnapshot {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn set(&self, counters: CounterSnapshot) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = counters;
+    }
 }
 
 /// Sums of the per-CPU counters, indexed like [`Counter`].

@@ -52,12 +52,9 @@ use tracing::{debug, info, warn};
 
 use crate::{
     aggregate::{MAX_TAPS, TapFilter},
-    sample::CounterSnapshot,
+    messages::{Job, Message},
+    sample::{CounterSnapshot, KernelCounters},
     secret::SecretFile,
-    stages::{
-        messages::{Job, Message},
-        sampler::PipelineStats,
-    },
     telemetry::{Collect, Exposition, Telemetry},
 };
 
@@ -186,7 +183,7 @@ pub struct Endpoint {
     pub telemetry: Arc<Telemetry>,
     /// The kernel's counters as last read: each on-demand profile reports what happened while
     /// it ran.
-    pipeline: Arc<PipelineStats>,
+    kernel: Arc<KernelCounters>,
     /// Profiles served by /debug/pprof/profile.
     on_demand: AtomicU64,
     pub proc_root: PathBuf,
@@ -200,14 +197,14 @@ impl Endpoint {
         samples: mpsc::WeakSender<Message>,
         jobs: mpsc::WeakSender<Job>,
         telemetry: Arc<Telemetry>,
-        pipeline: Arc<PipelineStats>,
+        kernel: Arc<KernelCounters>,
         settings: &ServerSettings,
     ) -> Self {
         Self {
             samples,
             jobs,
             telemetry,
-            pipeline,
+            kernel,
             on_demand: AtomicU64::new(0),
             proc_root: PathBuf::from("/proc"),
             token: settings.bearer_token_file.as_deref().map(SecretFile::new),
@@ -219,7 +216,7 @@ impl Endpoint {
 
 impl Endpoint {
     fn kernel_counters(&self) -> CounterSnapshot {
-        self.pipeline.kernel()
+        self.kernel.get()
     }
 }
 

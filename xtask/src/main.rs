@@ -6,6 +6,9 @@
 //! - `test`:  every test, the privileged end-to-end ones included (run as root).
 //! - `bench`: overhead beside perf and bpftrace, plus hot-path benchmarks (docs/benchmarks.md).
 //! - `fuzz`:  the parsers of untrusted bytes under cargo-fuzz, seeded with real files.
+//! - `layers`: checks that profiler/src imports only downward (docs/architecture.md's floors).
+mod layering;
+
 use std::{
     env,
     ffi::OsStr,
@@ -80,7 +83,9 @@ enum Task {
         /// Only this target (default: all).
         target: Option<String>,
     },
-    /// Run every test (unit, integration, privileged end-to-end).
+    /// Check that profiler/src imports only from lower floors (docs/architecture.md).
+    Layers,
+    /// Run every test (layering, unit, integration, privileged end-to-end).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -102,7 +107,10 @@ fn main() -> Result<()> {
             build()?;
             record(&root, &args)
         }
+        Task::Layers => layering::run(&root),
         Task::Test { args } => {
+            // First, and cheap: a house with an upward import fails before anything builds.
+            layering::run(&root)?;
             setup()?;
             setup_test_tools(&root)?;
             build()?;

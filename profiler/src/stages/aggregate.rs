@@ -2,8 +2,10 @@
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use super::messages::{Job, Message};
-use crate::aggregate::Aggregator;
+use crate::{
+    aggregate::Aggregator,
+    messages::{Job, Message},
+};
 
 /// The aggregator stage: runs on a blocking thread (it reads /proc and parses ELF files) until
 /// it has flushed the last interval. A full report queue blocks it; the sampler then drops and

@@ -21,7 +21,6 @@
 //! that goes away sends its tap's close message from a task of its own (a `Drop` cannot wait),
 //! and the loader builds the eBPF loader on a short-lived scoped thread ([`crate::bpf`]).
 pub mod aggregate;
-pub mod messages;
 pub mod report;
 pub mod sampler;
 pub mod targeting;
@@ -42,7 +41,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use self::{
-    messages::{Job, Message},
     report::{ReportStats, RunSummary},
     sampler::PipelineStats,
 };
@@ -52,6 +50,7 @@ use crate::{
     export::Exporter,
     kube::Connection,
     labels::{Labeler, PodIndex},
+    messages::{Job, Message},
     process::{CacheLimits, ProcessRegistry},
     remote::{Exporters, RemoteHandle, Sender},
     report::Reporter,
@@ -348,7 +347,7 @@ pub async fn start(
         tx.downgrade(),
         snap_tx.downgrade(),
         Arc::clone(&telemetry),
-        Arc::clone(&stats),
+        Arc::clone(&stats.kernel),
         &config.server,
     ));
     telemetry.register(Arc::clone(&endpoint) as Arc<dyn Collect>);

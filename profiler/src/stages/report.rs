@@ -14,10 +14,11 @@ use profiler_common::Counter;
 use tokio::sync::mpsc;
 use tracing::{error, info};
 
-use super::{messages::Job, sampler::PipelineStats};
+use super::sampler::PipelineStats;
 use crate::{
     encode::gzip,
     export::{EncodedProfile, Exporter},
+    messages::Job,
     process::RegistryStats,
     report::{Report, Reporter},
     sample::CounterSnapshot,

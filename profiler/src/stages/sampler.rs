@@ -7,7 +7,7 @@
 use std::{
     io,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -22,9 +22,10 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::{messages::Message, unwind::Requests};
+use super::unwind::Requests;
 use crate::{
-    sample::{CounterSnapshot, Sample, decode},
+    messages::Message,
+    sample::{CounterSnapshot, KernelCounters, Sample, decode},
     telemetry::{Collect, Exposition, Kind},
 };
 
@@ -34,7 +35,8 @@ use crate::{
 pub struct PipelineStats {
     /// Samples per second per CPU.
     pub frequency: u32,
-    kernel: Mutex<CounterSnapshot>,
+    /// Shared with the endpoint, whose on-demand profiles report what happened while they ran.
+    pub kernel: Arc<KernelCounters>,
     pub received: AtomicU64,
     /// Samples dropped because the aggregator's queue was full (policy: drop newest, count).
     pub dropped_queue_full: AtomicU64,
@@ -60,17 +62,11 @@ impl PipelineStats {
 
     /// The kernel's counters as last read.
     pub fn kernel(&self) -> CounterSnapshot {
-        *self
-            .kernel
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.kernel.get()
     }
 
     pub fn set_kernel(&self, counters: CounterSnapshot) {
-        *self
-            .kernel
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = counters;
+        self.kernel.set(counters);
     }
 }
 

@@ -1,4 +1,5 @@
-//! What each channel between the stages carries.
+//! What the channels between the stages carry (the stages themselves are in
+//! [`crate::stages`]; the endpoint sends on two of them).
 use std::time::SystemTime;
 
 use tokio::sync::oneshot;
@@ -11,7 +12,7 @@ use crate::{
 /// What flows from the sampler (and the interval clock) to the aggregator.
 #[derive(Debug)]
 pub enum Message {
-    /// The samples of one drain of the ring buffer (at most [`super::sampler::MAX_BATCH`]).
+    /// The samples of one drain of the ring buffer (at most `MAX_BATCH` (see `crate::stages::sampler`)).
     Samples(Vec<Sample>),
     /// Close the current interval at `end` and report it; `last` ends the aggregator.
     Flush {
