@@ -392,3 +392,363 @@ fn object_mapping(object: &ObjectFile, lo: u64, hi: u64) -> MappingSpec<'_> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::BTreeMap,
+        time::{Duration, SystemTime},
+    };
+
+    use super::*;
+    use crate::{
+        aggregate::StackCount,
+        labels::Target,
+        object::LoadSegment,
+        process::{ProcessMeta, RegistryStats},
+        sample::CounterSnapshot,
+        symbolize::elf::{ElfImage, SymbolTable},
+    };
+
+    const START: Duration = Duration::from_secs(1_700_000_000);
+
+    /// A file whose text segment is at 0x1000 and holds `hot_loop` and `main`.
+    fn app(build_id: &str) -> Arc<ObjectFile> {
+        let image = ElfImage {
+            build_id: Some(build_id.into()),
+            segments: vec![LoadSegment {
+                vaddr: 0x1000,
+                mem_size: 0x1000,
+                file_offset: 0x1000,
+                file_size: 0x1000,
+            }],
+            symbols: SymbolTable::from_symbols([(0x1100, 0x100, "hot_loop"), (0x1200, 0x80, "main")]),
+            dwarf: None,
+            debuglink: None,
+            gopclntab: None,
+            dwarf_over_budget: false,
+        };
+        Arc::new(ObjectFile {
+            path: "/usr/bin/app".into(),
+            key: FileKey {
+                dev: (8, 1),
+                inode: 42,
+                size: 8192,
+                mtime_ns: 1,
+            },
+            bytes: 0,
+            image: Ok(image),
+        })
+    }
+
+    fn process(comm: &str, labels: &[(&str, &str)]) -> ProcessMeta {
+        let labels: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        ProcessMeta {
+            comm: Some(comm.into()),
+            exe: None,
+            target: Arc::new(Target {
+                meta: BTreeMap::new(),
+                labels: Some(labels),
+            }),
+        }
+    }
+
+    /// One stack per process: `frames` (leaf first), counted `count` times.
+    fn snapshot(
+        frames: Vec<Frame>,
+        objects: Vec<Arc<ObjectFile>>,
+        processes: &[(u32, ProcessMeta, u64)],
+    ) -> Snapshot {
+        let stack: Box<[u32]> = (0..frames.len() as u32).collect();
+        Snapshot {
+            start: SystemTime::UNIX_EPOCH + START,
+            end: SystemTime::UNIX_EPOCH + START + Duration::from_secs(10),
+            frames,
+            stacks: vec![stack],
+            objects,
+            counts: processes
+                .iter()
+                .map(|(pid, _, count)| StackCount {
+                    pid: *pid,
+                    stack: 0,
+                    count: *count,
+                })
+                .collect(),
+            processes: processes
+                .iter()
+                .map(|(pid, meta, _)| (*pid, meta.clone()))
+                .collect(),
+            counters: CounterSnapshot::default(),
+            registry: RegistryStats::default(),
+            dropped_by_relabeling: 0,
+        }
+    }
+
+    fn reporter() -> Reporter {
+        Reporter::new(99, EventSource::CpuClock, Arc::new(UnwindStats::default()))
+    }
+
+    fn text(p: &pprof::Profile, index: i64) -> &str {
+        p.string_table.get(index as usize).map_or("?", String::as_str)
+    }
+
+    /// The function names of a sample's locations, leaf first (one per line, innermost first).
+    fn names(p: &pprof::Profile, sample: &pprof::Sample) -> Vec<String> {
+        sample
+            .location_id
+            .iter()
+            .flat_map(|id| {
+                let location = p.location.iter().find(|l| l.id == *id).expect("location");
+                location.line.iter().map(|line| {
+                    let function = p
+                        .function
+                        .iter()
+                        .find(|f| f.id == line.function_id)
+                        .expect("function");
+                    text(p, function.name).to_owned()
+                })
+            })
+            .collect()
+    }
+
+    fn labels(p: &pprof::Profile, sample: &pprof::Sample) -> Vec<(String, String)> {
+        sample
+            .label
+            .iter()
+            .map(|l| {
+                let value = if l.str == 0 {
+                    l.num.to_string()
+                } else {
+                    text(p, l.str).to_owned()
+                };
+                (text(p, l.key).to_owned(), value)
+            })
+            .collect()
+    }
+
+    fn comments(p: &pprof::Profile) -> Vec<String> {
+        p.comment.iter().map(|&i| text(p, i).to_owned()).collect()
+    }
+
+    #[test]
+    fn every_frame_gets_a_name_real_or_synthetic() {
+        let frames = vec![
+            Frame::Object {
+                object: 0,
+                vaddr: 0x1110,
+            },
+            Frame::Special {
+                name: "[vdso]".into(),
+                offset: 0x9a0,
+            },
+            Frame::Jit("JS:*hotLoop /tmp/hot.js:1".into()),
+            Frame::Unknown(0x7f00_dead_beef),
+            Frame::Object {
+                object: 0,
+                vaddr: 0x1210,
+            },
+            Frame::Object {
+                object: 0,
+                vaddr: 0x1f00,
+            },
+            Frame::Truncated("[truncated: max depth 256]".into()),
+        ];
+        let snap = snapshot(frames, vec![app("ab12")], &[(7, process("app", &[]), 3)]);
+        let report = reporter().build(&snap, (0, 0, 0));
+        let p = &report.profile;
+        assert_eq!(p.sample.len(), 1);
+        assert_eq!(p.sample[0].value, [3, 3 * (1_000_000_000 / 99)]);
+        assert_eq!(
+            names(p, &p.sample[0]),
+            [
+                "hot_loop",
+                "[vdso]+0x9a0",
+                "JS:*hotLoop /tmp/hot.js:1",
+                "[unknown]+0x7f00deadbeef",
+                "main",
+                "app+0x1f00",
+                "[truncated: max depth 256]",
+            ]
+        );
+        // Named from the file: hot_loop and main; the address past main's symbol is not.
+        assert_eq!(report.symbols.named, 4, "{:?}", report.symbols);
+        assert_eq!(report.symbols.unresolved.get(&Unresolved::NoSymbol), Some(&1));
+        assert_eq!(report.symbols.unresolved.get(&Unresolved::NoMapping), Some(&1));
+        assert_eq!(report.symbols.unresolved.get(&Unresolved::NoFile), Some(&1));
+        assert_eq!(p.duration_nanos, 10_000_000_000);
+        assert_eq!(p.period, 1_000_000_000 / 99);
+    }
+
+    #[test]
+    fn file_frames_point_at_their_segment_in_elf_addresses() {
+        let unreadable = Arc::new(ObjectFile {
+            path: "/gone/lib.so".into(),
+            key: FileKey {
+                dev: (8, 1),
+                inode: 43,
+                size: 0,
+                mtime_ns: 0,
+            },
+            bytes: 0,
+            image: Err("unreadable".into()),
+        });
+        let frames = vec![
+            Frame::Object {
+                object: 0,
+                vaddr: 0x1110,
+            },
+            Frame::Object {
+                object: 1,
+                vaddr: 0x5000,
+            },
+            Frame::Kernel(0xffff_ffff_8100_0010),
+        ];
+        let snap = snapshot(
+            frames,
+            vec![app("ab12"), unreadable],
+            &[(7, process("app", &[]), 1)],
+        );
+        let p = reporter().build(&snap, (0, 0, 0)).profile;
+        let mapping = |name: &str| {
+            p.mapping
+                .iter()
+                .find(|m| text(&p, m.filename) == name)
+                .unwrap_or_else(|| panic!("no mapping {name}"))
+        };
+        let app = mapping("/usr/bin/app");
+        assert_eq!(
+            (app.memory_start, app.memory_limit, app.file_offset),
+            (0x1000, 0x2000, 0x1000)
+        );
+        assert_eq!(text(&p, app.build_id), "ab12");
+        // An unreadable file: locations carry file offsets, so its mapping is the identity.
+        let gone = mapping("/gone/lib.so");
+        assert_eq!((gone.memory_start, gone.file_offset), (0x5000, 0x5000));
+        let kernel = mapping("[kernel.kallsyms]");
+        assert!(kernel.memory_start <= 0xffff_ffff_8100_0010 && 0xffff_ffff_8100_0010 < kernel.memory_limit);
+        let location = p
+            .location
+            .iter()
+            .find(|l| l.address == 0x1110)
+            .expect("app location");
+        assert_eq!(location.mapping_id, app.id);
+    }
+
+    #[test]
+    fn samples_carry_pid_comm_and_target_labels() {
+        let frames = vec![Frame::Object {
+            object: 0,
+            vaddr: 0x1110,
+        }];
+        let web = process(
+            "web",
+            &[("service_name", "shop"), ("namespace", "prod"), ("comm", "dup")],
+        );
+        let snap = snapshot(
+            frames,
+            vec![app("ab12")],
+            &[(7, web, 2), (8, process("cron", &[]), 1)],
+        );
+        let p = reporter().build(&snap, (0, 0, 0)).profile;
+        let of = |pid: &str| {
+            p.sample
+                .iter()
+                .map(|s| labels(&p, s))
+                .find(|l| l.contains(&("pid".into(), pid.into())))
+                .unwrap_or_else(|| panic!("no sample of {pid}"))
+        };
+        let web = of("7");
+        assert!(web.contains(&("comm".into(), "web".into())), "{web:?}");
+        assert!(web.contains(&("service_name".into(), "shop".into())), "{web:?}");
+        assert!(web.contains(&("namespace".into(), "prod".into())), "{web:?}");
+        assert_eq!(
+            web.iter().filter(|(k, _)| k == "comm").count(),
+            1,
+            "comm once: {web:?}"
+        );
+        assert_eq!(
+            of("8"),
+            [("pid".into(), "8".into()), ("comm".into(), "cron".into())]
+        );
+    }
+
+    #[test]
+    fn label_values_past_the_limit_fold_into_overflow() {
+        let frames = vec![Frame::Object {
+            object: 0,
+            vaddr: 0x1110,
+        }];
+        let pods: Vec<(u32, ProcessMeta, u64)> = (0..5)
+            .map(|i| (100 + i, process("w", &[("pod", &format!("pod-{i}"))]), 1))
+            .collect();
+        let mut snap = snapshot(frames, vec![app("ab12")], &pods);
+        snap.dropped_by_relabeling = 9;
+        let report = reporter().with_label_value_limit(2).build(&snap, (0, 0, 0));
+        let p = &report.profile;
+        let values: std::collections::BTreeSet<String> = p
+            .sample
+            .iter()
+            .flat_map(|s| labels(p, s))
+            .filter(|(k, _)| k == "pod")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(values.len(), 3, "two values and the overflow: {values:?}");
+        assert!(values.contains(OVERFLOW_VALUE));
+        assert_eq!(report.folded.get("pod"), Some(&3));
+        let labels = comments(p)
+            .into_iter()
+            .find(|c| c.starts_with("labels:"))
+            .expect("labels comment");
+        assert!(labels.contains("9 samples dropped by relabeling"), "{labels}");
+        assert!(labels.contains("past 2 per label: pod 3"), "{labels}");
+    }
+
+    #[test]
+    fn comments_give_the_event_and_the_interval_counters() {
+        let frames = vec![Frame::NoStack];
+        let mut snap = snapshot(frames, Vec::new(), &[(7, process("app", &[]), 1)]);
+        snap.counters.0[Counter::Submitted as usize] = 120;
+        snap.counters.0[Counter::RingFull as usize] = 4;
+        snap.counters.0[(UNWIND_STATUS_SLOTS + UnwindStatus::MaxDepth as u32) as usize] = 5;
+        snap.counters.0[(UNWIND_STATUS_SLOTS + UnwindStatus::FramePointerOnly as u32) as usize] = 2;
+        let p = reporter().build(&snap, (120, 1, 0)).profile;
+        let comments = comments(&p);
+        assert!(
+            comments.contains(&"event: cpu-clock at 99 Hz per CPU".to_owned()),
+            "{comments:?}"
+        );
+        let kernel = comments
+            .iter()
+            .find(|c| c.starts_with("kernel:"))
+            .expect("kernel comment");
+        assert!(
+            kernel.contains("120 sampled") && kernel.contains("4 lost (ring buffer full)"),
+            "{kernel}"
+        );
+        let walks = comments
+            .iter()
+            .find(|c| c.starts_with("user stack walks:"))
+            .expect("walks");
+        assert!(walks.contains("max-depth 5"), "{walks}");
+        assert!(
+            walks.contains("frame-pointer-only (process not loaded yet) 2"),
+            "{walks}"
+        );
+        assert!(
+            !walks.contains("complete"),
+            "statuses that did not occur are left out: {walks}"
+        );
+        let daemon = comments
+            .iter()
+            .find(|c| c.starts_with("daemon"))
+            .expect("daemon comment");
+        assert!(
+            daemon.contains("120 received, 1 dropped (queue full)"),
+            "{daemon}"
+        );
+        assert_eq!(names(&p, &p.sample[0]), ["[no stack]"]);
+    }
+}
