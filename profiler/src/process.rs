@@ -401,12 +401,12 @@ impl ProcessRegistry {
     fn read_entry(&mut self, pid: u32, previous: Option<ProcessEntry>) -> ProcessEntry {
         self.stats.maps_reads += 1;
         let generation = self.generation;
-        let read = procfs::read_exec_mappings(&self.procfs_root, pid).map(|maps| {
-            let (comm, exe) = procfs::name_and_exe(&self.procfs_root, pid);
-            (maps, comm, exe)
-        });
-        match read {
-            Ok((maps, comm, exe)) => {
+        match procfs::read_process(&self.procfs_root, pid) {
+            Ok(procfs::ProcessView {
+                mappings: maps,
+                comm,
+                exe,
+            }) => {
                 let meta = self
                     .labeler
                     .discover(&self.procfs_root, pid, comm.as_deref(), exe.as_deref());
@@ -517,7 +517,7 @@ impl ProcessRegistry {
         let ns_pid = *jit
             .ns_pid
             .get_or_insert_with(|| procfs::namespace_pid(&proc_dir).unwrap_or(pid));
-        let path = proc_dir.join("root").join(format!("tmp/perf-{ns_pid}.map"));
+        let path = procfs::root_of(&self.procfs_root, pid).join(format!("tmp/perf-{ns_pid}.map"));
         let meta = std::fs::metadata(&path).ok().filter(|m| m.is_file())?;
         if meta.size() != jit.size {
             let mut text = String::new();

@@ -70,7 +70,34 @@ pub const VSYSCALL: &str = "[vsyscall]";
 /// comes from the first of [`mapped_file_paths`] that is a regular file with the mapped inode.
 pub fn read_exec_mappings(proc_root: &Path, pid: u32) -> Result<Vec<ExecMapping>, procfs::ProcError> {
     let proc_dir = proc_root.join(pid.to_string());
-    let maps = Process::new_with_root(proc_dir.clone())?.maps()?;
+    let process = Process::new_with_root(proc_dir.clone())?;
+    exec_mappings(&process, &proc_dir)
+}
+
+/// A process as the registry reads it: its executable mappings (as [`read_exec_mappings`]),
+/// its name (`comm` of its stat) and its executable path (the `exe` link, with the kernel's
+/// ` (deleted)` suffix when the binary was replaced), through one handle on `/proc/<pid>`.
+#[derive(Debug)]
+pub struct ProcessView {
+    pub mappings: Vec<ExecMapping>,
+    pub comm: Option<String>,
+    pub exe: Option<String>,
+}
+
+/// Reads [`ProcessView`]; fails only when the mappings cannot be read (the process is gone).
+pub fn read_process(proc_root: &Path, pid: u32) -> Result<ProcessView, procfs::ProcError> {
+    let proc_dir = proc_root.join(pid.to_string());
+    let process = Process::new_with_root(proc_dir.clone())?;
+    let mappings = exec_mappings(&process, &proc_dir)?;
+    Ok(ProcessView {
+        mappings,
+        comm: process.stat().ok().map(|s| s.comm),
+        exe: process.exe().ok().map(|e| e.display().to_string()),
+    })
+}
+
+fn exec_mappings(process: &Process, proc_dir: &Path) -> Result<Vec<ExecMapping>, procfs::ProcError> {
+    let maps = process.maps()?;
     let mut out: Vec<ExecMapping> = maps
         .into_iter()
         .filter(|m| m.perms.contains(MMPermissions::EXECUTE))
@@ -78,7 +105,7 @@ pub fn read_exec_mappings(proc_root: &Path, pid: u32) -> Result<Vec<ExecMapping>
             start: m.address.0,
             end: m.address.1,
             offset: m.offset,
-            kind: mapping_kind(&proc_dir, m.pathname, m.dev, m.inode, m.address),
+            kind: mapping_kind(proc_dir, m.pathname, m.dev, m.inode, m.address),
         })
         .collect();
     out.sort_unstable_by_key(|m| m.start);
@@ -191,17 +218,6 @@ pub fn namespace_pid(proc_dir: &Path) -> Option<u32> {
         .last()?
         .parse()
         .ok()
-}
-
-/// The process's name (`comm` of its stat) and executable path (the `exe` link, with the
-/// kernel's ` (deleted)` suffix when the binary was replaced).
-pub fn name_and_exe(proc_root: &Path, pid: u32) -> (Option<String>, Option<String>) {
-    let Ok(process) = Process::new_with_root(proc_root.join(pid.to_string())) else {
-        return (None, None);
-    };
-    let comm = process.stat().ok().map(|s| s.comm);
-    let exe = process.exe().ok().map(|e| e.display().to_string());
-    (comm, exe)
 }
 
 /// The text of `/proc/<pid>/cgroup`.

@@ -645,10 +645,8 @@ impl<M: KernelMaps> Unwinder<M> {
         if build_id.len() < 3 {
             return None;
         }
-        let path = self
-            .proc_root
-            .join(pid.to_string())
-            .join("root/usr/lib/debug/.build-id")
+        let path = procfs::root_of(&self.proc_root, pid)
+            .join("usr/lib/debug/.build-id")
             .join(&build_id[..2])
             .join(format!("{}.debug", &build_id[2..]));
         let (file, meta) = open_regular(&path, None).ok()?;
