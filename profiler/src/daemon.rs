@@ -104,7 +104,7 @@ pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
             ended = pipeline.sampler_ended() => Event::SamplerEnded(ended),
         };
         match event {
-            Event::Counters => pipeline.stats.set_kernel(session.counters()?),
+            Event::Counters => pipeline.stats.kernel.set(session.counters()?),
             Event::Interval => {
                 if plan.once || !pipeline.flush(SystemTime::now(), session.counters()?).await {
                     break;

@@ -411,7 +411,6 @@ fn url_pairs(query: &str) -> Vec<(String, String)> {
 /// Closes a tap if its request goes away before the profile is done (client disconnected).
 struct TapGuard {
     id: u64,
-    samples: mpsc::WeakSender<Message>,
     endpoint: Shared,
     armed: bool,
 }
@@ -421,7 +420,7 @@ impl Drop for TapGuard {
         if !self.armed {
             return;
         }
-        let Some(samples) = self.samples.upgrade() else {
+        let Some(samples) = self.endpoint.samples.upgrade() else {
             return;
         };
         let (reply, _) = oneshot::channel();
@@ -467,7 +466,6 @@ async fn profile(State(endpoint): State<Shared>, request: Request) -> Response {
     drop(samples);
     let mut guard = TapGuard {
         id,
-        samples: endpoint.samples.clone(),
         endpoint: Arc::clone(&endpoint),
         armed: true,
     };

@@ -25,7 +25,7 @@ use tracing::debug;
 use super::unwind::Requests;
 use crate::{
     messages::Message,
-    sample::{CounterSnapshot, KernelCounters, Sample, decode},
+    sample::{KernelCounters, Sample, decode},
     telemetry::{Collect, Exposition, Kind},
 };
 
@@ -59,20 +59,11 @@ impl PipelineStats {
             self.malformed.load(Ordering::Relaxed),
         )
     }
-
-    /// The kernel's counters as last read.
-    pub fn kernel(&self) -> CounterSnapshot {
-        self.kernel.get()
-    }
-
-    pub fn set_kernel(&self, counters: CounterSnapshot) {
-        self.kernel.set(counters);
-    }
 }
 
 impl Collect for PipelineStats {
     fn collect(&self, out: &mut Exposition) {
-        let k = self.kernel();
+        let k = self.kernel.get();
         out.gauge(
             "profiler_sampling_frequency_hz",
             "Samples per second per CPU.",
