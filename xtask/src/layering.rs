@@ -129,13 +129,10 @@ fn strip(src: &str) -> String {
                 }
             }
         } else {
-            let len = std::str::from_utf8(&rest[..rest.len().min(4)])
-                .ok()
-                .or_else(|| std::str::from_utf8(&rest[..1]).ok())
-                .and_then(|s| s.chars().next())
-                .map_or(1, char::len_utf8);
-            out.push_str(std::str::from_utf8(&rest[..len]).unwrap_or(" "));
-            i += len;
+            // Every branch above stops on an ASCII byte, so `i` is on a character boundary.
+            let c = src.get(i..).and_then(|r| r.chars().next()).unwrap_or(' ');
+            out.push(c);
+            i += c.len_utf8();
         }
     }
     out
@@ -610,6 +607,22 @@ mod tests {
             ("bpf/mod.rs", ""),
         ]);
         assert!(e.is_empty(), "{e:?}");
+    }
+
+    #[test]
+    fn text_beyond_ascii_keeps_lines_and_imports() {
+        let e = errors(&[
+            (
+                "units.rs",
+                "/// Größe → bytes\nconst Μ: char = 'µ'; fn f() -> &'static str { \"é\" }\nuse crate::bpf::Session;\n",
+            ),
+            ("bpf/mod.rs", ""),
+        ]);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("profiler/src/units.rs:3: units (floor 1) imports crate::bpf::Session"),
+            "{e:?}"
+        );
     }
 
     #[test]

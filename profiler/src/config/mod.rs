@@ -3,5 +3,5 @@
 pub mod cli;
 pub mod file;
 
-pub use cli::{Cli, Command, ConfigError, HttpArgs, RecordArgs, RunArgs, SamplingArgs, check_duration};
-pub use file::{Settings, SettingsError};
+pub use cli::{Cli, Command, ConfigError, check_duration};
+pub use file::Settings;
