@@ -53,7 +53,7 @@ use tracing::{debug, info, warn};
 use crate::{
     aggregate::{MAX_TAPS, TapFilter},
     messages::{Job, Message},
-    sample::{CounterSnapshot, KernelCounters},
+    sample::KernelCounters,
     secret::SecretFile,
     telemetry::{Collect, Exposition, Telemetry},
 };
@@ -211,12 +211,6 @@ impl Endpoint {
             taps: Semaphore::new(MAX_TAPS),
             next_tap: AtomicU64::new(1),
         }
-    }
-}
-
-impl Endpoint {
-    fn kernel_counters(&self) -> CounterSnapshot {
-        self.kernel.get()
     }
 }
 
@@ -426,7 +420,7 @@ impl Drop for TapGuard {
         let (reply, _) = oneshot::channel();
         let message = Message::CloseTap {
             id: self.id,
-            counters: self.endpoint.kernel_counters(),
+            counters: self.endpoint.kernel.get(),
             reply,
         };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -454,7 +448,7 @@ async fn profile(State(endpoint): State<Shared>, request: Request) -> Response {
     let open = Message::OpenTap {
         id,
         filter,
-        counters: endpoint.kernel_counters(),
+        counters: endpoint.kernel.get(),
     };
     let stopping = || text_error(StatusCode::SERVICE_UNAVAILABLE, "the profiler is stopping");
     let Some(samples) = endpoint.samples.upgrade() else {
@@ -474,7 +468,7 @@ async fn profile(State(endpoint): State<Shared>, request: Request) -> Response {
     guard.armed = false;
     let close = Message::CloseTap {
         id,
-        counters: endpoint.kernel_counters(),
+        counters: endpoint.kernel.get(),
         reply,
     };
     let Some(samples) = endpoint.samples.upgrade() else {
