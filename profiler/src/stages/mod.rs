@@ -244,7 +244,9 @@ pub async fn start(
     let telemetry = Arc::new(Telemetry::new());
     let frequency = sampling.frequency.get();
     let stats = Arc::new(PipelineStats::new(frequency));
-    stats.kernel.set(session.counters()?);
+    // One reading for /metrics and for the first interval's start, so both count from here.
+    let counters = session.counters()?;
+    stats.kernel.set(counters);
     telemetry.register(Arc::clone(&stats) as Arc<dyn Collect>);
     let ring = session.take_samples()?;
     let mut tasks = JoinSet::new();
@@ -314,7 +316,7 @@ pub async fn start(
         },
     )
     .with_labeler(labeler);
-    let aggregator = Aggregator::new(registry, SystemTime::now(), session.counters()?);
+    let aggregator = Aggregator::new(registry, SystemTime::now(), counters);
     let drain_every = match sampling.unwinder {
         UnwinderMode::Dwarf => sampler::DRAIN_EVERY,
         UnwinderMode::FramePointer => sampler::DRAIN_EVERY_FRAME_POINTERS,
