@@ -249,7 +249,7 @@ pub fn running_processes(proc_root: &Path) -> Vec<u32> {
 
 /// The state letter of a /proc/<pid>/stat line: the first field after the `)` that ends the
 /// command name (which may itself hold spaces and parentheses).
-pub fn stat_state(stat: &[u8]) -> Option<u8> {
+fn stat_state(stat: &[u8]) -> Option<u8> {
     let close = stat.iter().rposition(|&b| b == b')')?;
     stat.get(close + 2).copied()
 }
