@@ -19,6 +19,7 @@ use clap::Parser;
 use measure::Measured;
 use profiler::{
     encode::decode,
+    rootfs::FilePath,
     symbolize::{SymbolSource as _, elf::ElfImage},
 };
 use tests::{
@@ -369,7 +370,7 @@ fn symbolization(files: &[PathBuf]) -> Result<Symbolization> {
     let start = Instant::now();
     let images: Vec<ElfImage> = files
         .iter()
-        .map(|f| ElfImage::open(f, None).with_context(|| f.display().to_string()))
+        .map(|f| ElfImage::open(&FilePath::from(f), None).with_context(|| f.display().to_string()))
         .collect::<Result<_>>()?;
     let cold_ms_per_file = start.elapsed().as_secs_f64() * 1000.0 / files.len() as f64;
     let mut addresses = Vec::new();
@@ -416,7 +417,7 @@ fn dwarf_cold(files: &[&Path]) -> Result<DwarfCold> {
     let mut total = Duration::ZERO;
     let (mut addresses, mut inlined) = (0, 0);
     for file in files {
-        let open = || ElfImage::open(file, None).with_context(|| file.display().to_string());
+        let open = || ElfImage::open(&FilePath::from(*file), None).with_context(|| file.display().to_string());
         // A first copy finds the addresses that have DWARF frames (a file and line)...
         let scout = open()?;
         ensure!(

@@ -16,6 +16,7 @@ use profiler::{
     object::WindowedFile,
     process::ProcessRegistry,
     report::Reporter,
+    rootfs::FilePath,
     sample::{CounterSnapshot, decode},
     symbolize::{NameCache, SymbolSource as _, elf::ElfImage},
     unwind::table,
@@ -113,7 +114,7 @@ fn report(c: &mut Criterion) {
 
 fn symbolize(c: &mut Criterion) {
     let exe = std::fs::read_link("/proc/self/exe").expect("exe");
-    let image = ElfImage::open(&exe, None).expect("own ELF");
+    let image = ElfImage::open(&FilePath::from(&exe), None).expect("own ELF");
     let addrs: Vec<u64> = image
         .segments
         .iter()
@@ -124,11 +125,11 @@ fn symbolize(c: &mut Criterion) {
         b.iter(|| addrs.iter().filter_map(|&a| image.resolve(a)).count())
     });
     c.bench_function("parse own executable (cold)", |b| {
-        b.iter(|| ElfImage::open(&exe, None).expect("parse"))
+        b.iter(|| ElfImage::open(&FilePath::from(&exe), None).expect("parse"))
     });
     let libc = own_libc();
     c.bench_function("parse libc.so.6 (cold)", |b| {
-        b.iter(|| ElfImage::open(&libc, None).expect("parse"))
+        b.iter(|| ElfImage::open(&FilePath::from(&libc), None).expect("parse"))
     });
 }
 
@@ -166,7 +167,7 @@ fn own_libc() -> std::path::PathBuf {
 fn names(c: &mut Criterion) {
     let exe = std::fs::read_link("/proc/self/exe").expect("exe");
     // The whole binary's DWARF, however large (the daemon would cap it by its budget).
-    let image = ElfImage::open_with(&exe, None, u64::MAX).expect("own ELF");
+    let image = ElfImage::open_with(&FilePath::from(&exe), None, u64::MAX).expect("own ELF");
     assert!(
         image.dwarf.is_some(),
         "the bench binary has no DWARF (profile.bench debug)"
@@ -200,7 +201,7 @@ fn names(c: &mut Criterion) {
         "DWARF cold: first lookups of 10000 addresses (inline frames)",
         |b| {
             b.iter_batched(
-                || ElfImage::open_with(&exe, None, u64::MAX).expect("parse"),
+                || ElfImage::open_with(&FilePath::from(&exe), None, u64::MAX).expect("parse"),
                 |fresh| addrs.iter().filter_map(|&a| fresh.resolve(a)).count(),
                 BatchSize::PerIteration,
             )

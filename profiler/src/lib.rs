@@ -10,6 +10,8 @@
 //! Modules are layered: each imports only from the floors below its own (the list is in
 //! docs/architecture.md, and `cargo xtask layers` checks it).
 
+// Floor 0: no imports of the crate.
+pub mod rootfs;
 // Floor 1: leaves.
 pub mod encode;
 pub mod export;

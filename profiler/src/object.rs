@@ -1,20 +1,20 @@
 //! Opening and reading ELF files the daemon does not trust: regular-file and inode checks,
 //! windowed reads of large files, section bytes with a decompression bound, build ids as hex.
 //! Both the unwind tables and the symbolizer read files through here.
-use std::{io, path::Path};
+use std::io;
 
 use object::{Object as _, ObjectSection as _, ReadCache, ReadRef};
 
+use crate::rootfs::{self, FilePath, OpenError};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ElfError {
-    #[error("opening {path}: {source}")]
-    Open { path: String, source: io::Error },
+    #[error("opening {0}")]
+    Open(#[from] OpenError),
+    #[error("reading {path}: {source}")]
+    Read { path: String, source: io::Error },
     #[error("parsing {path} as ELF: {source}")]
     Parse { path: String, source: object::Error },
-    #[error("{path} is not a regular file")]
-    NotRegular { path: String },
-    #[error("{path} is inode {found}, not the mapped inode {expected} (replaced since it was mapped)")]
-    Replaced { path: String, expected: u64, found: u64 },
 }
 
 /// Why a section's bytes were not returned by [`section_bytes`].
@@ -209,37 +209,14 @@ pub struct LoadSegment {
     pub file_size: u64,
 }
 
-/// Opens `path` for reading without blocking (a path swapped for a FIFO would otherwise hang
-/// the caller) and checks that it is a regular file and, with `inode`, that inode: a path seen
-/// in /proc/<pid>/maps may since have been replaced.
-pub fn open_regular(path: &Path, inode: Option<u64>) -> Result<(std::fs::File, std::fs::Metadata), ElfError> {
-    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
-    let display = || path.display().to_string();
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|source| ElfError::Open {
-            path: display(),
-            source,
-        })?;
-    let meta = file.metadata().map_err(|source| ElfError::Open {
-        path: display(),
-        source,
-    })?;
-    if !meta.is_file() {
-        return Err(ElfError::NotRegular { path: display() });
-    }
-    if let Some(expected) = inode
-        && meta.ino() != expected
-    {
-        return Err(ElfError::Replaced {
-            path: display(),
-            expected,
-            found: meta.ino(),
-        });
-    }
-    Ok((file, meta))
+/// Opens `at` for reading through [`rootfs::open`]: inside the process's root, never
+/// blocking, a regular file only and, with `inode`, that inode (a path seen in
+/// /proc/<pid>/maps may since have been replaced).
+pub fn open_regular(
+    at: &FilePath,
+    inode: Option<u64>,
+) -> Result<(std::fs::File, std::fs::Metadata), ElfError> {
+    Ok(rootfs::open(at, inode)?)
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -297,12 +274,12 @@ mod tests {
         let c = std::ffi::CString::new(fifo.to_str().expect("utf8")).expect("cstring");
         // SAFETY: mkfifo reads a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        let err = open_regular(&fifo, None).expect_err("a FIFO is not a regular file");
-        assert!(matches!(err, ElfError::NotRegular { .. }), "{err}");
+        let err = open_regular(&FilePath::Trusted(fifo), None).expect_err("a FIFO is not a regular file");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
 
-        let exe = std::fs::read_link("/proc/self/exe").expect("exe");
+        let exe = FilePath::Trusted("/proc/self/exe".into());
         let err = open_regular(&exe, Some(1)).expect_err("wrong inode");
-        assert!(err.to_string().contains("replaced since it was mapped"), "{err}");
+        assert!(err.to_string().contains("replaced since"), "{err}");
     }
 
     #[test]

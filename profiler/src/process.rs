@@ -20,6 +20,7 @@ use tracing::debug;
 use crate::{
     labels::{Labeler, Labels, Target},
     procfs::{self, ExecMapping, FileKey, MappingKind, mapped_file_paths},
+    rootfs::{self, FilePath},
     symbolize::{elf::ElfImage, perfmap::PerfMap},
 };
 
@@ -517,11 +518,13 @@ impl ProcessRegistry {
         let ns_pid = *jit
             .ns_pid
             .get_or_insert_with(|| procfs::namespace_pid(&proc_dir).unwrap_or(pid));
-        let path = procfs::root_of(&self.procfs_root, pid).join(format!("tmp/perf-{ns_pid}.map"));
-        let meta = std::fs::metadata(&path).ok().filter(|m| m.is_file())?;
+        let path = FilePath::in_root(
+            procfs::root_of(&self.procfs_root, pid),
+            format!("/tmp/perf-{ns_pid}.map"),
+        );
+        let (file, meta) = rootfs::open(&path, None).ok()?;
         if meta.size() != jit.size {
             let mut text = String::new();
-            let file = std::fs::File::open(&path).ok()?;
             std::io::Read::read_to_string(
                 &mut std::io::Read::take(file, crate::symbolize::perfmap::MAX_PERF_MAP_BYTES as u64),
                 &mut text,
@@ -546,12 +549,12 @@ impl ProcessRegistry {
     fn attach_debug_file(&mut self, pid: u32, path: &str, image: &mut ElfImage) {
         let root = procfs::root_of(&self.procfs_root, pid);
         for candidate in image.debug_file_candidates(path) {
-            let file = root.join(candidate.trim_start_matches('/'));
+            let file = FilePath::in_root(&root, candidate);
             if let Ok(debug) = ElfImage::open_with(&file, None, self.max_dwarf_cost())
                 && image.attach_debug_file(debug)
             {
                 self.stats.debug_files += 1;
-                debug!(pid, path, debug_file = %file.display(), "separate debug file attached");
+                debug!(pid, path, debug_file = %file, "separate debug file attached");
                 return;
             }
         }

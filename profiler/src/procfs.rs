@@ -12,6 +12,8 @@ use std::{
 
 use procfs::process::{MMPermissions, MMapPath, Process};
 
+use crate::rootfs::{self, FilePath, Identity};
+
 /// Identity of a mapped file: device and inode as /proc/<pid>/maps shows them, plus size and
 /// modification time from stat, because filesystems reuse the inode of a deleted file. A file
 /// that could not be stat'ed through any of its paths keeps zero size and mtime.
@@ -25,14 +27,13 @@ pub struct FileKey {
 
 impl FileKey {
     /// The key of a file found at a candidate path: `dev` and `inode` from /proc/<pid>/maps,
-    /// size and modification time from its metadata.
-    pub fn of(dev: (i32, i32), inode: u64, meta: &std::fs::Metadata) -> Self {
-        use std::os::unix::fs::MetadataExt as _;
+    /// size and modification time from what fstat showed of it.
+    pub fn of(dev: (i32, i32), inode: u64, seen: &Identity) -> Self {
         FileKey {
             dev,
             inode,
-            size: meta.len(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            size: seen.size,
+            mtime_ns: seen.mtime_ns,
         }
     }
 }
@@ -151,11 +152,10 @@ fn identify(
     dev: (i32, i32),
     inode: u64,
 ) -> FileKey {
-    use std::os::unix::fs::MetadataExt as _;
     mapped_file_paths(proc_dir, path, deleted, range)
         .into_iter()
-        .filter_map(|candidate| std::fs::metadata(candidate).ok())
-        .find(|meta| meta.is_file() && meta.ino() == inode)
+        .filter_map(|candidate| rootfs::identify(&candidate).ok())
+        .find(|seen| seen.regular && seen.inode == inode)
         .map_or(
             FileKey {
                 dev,
@@ -163,7 +163,7 @@ fn identify(
                 size: 0,
                 mtime_ns: 0,
             },
-            |meta| FileKey::of(dev, inode, &meta),
+            |seen| FileKey::of(dev, inode, &seen),
         )
 }
 
@@ -182,19 +182,22 @@ pub fn root_of(proc_root: &Path, pid: u32) -> PathBuf {
     proc_root.join(pid.to_string()).join("root")
 }
 
-/// Where a file mapped by a process can be opened, in order: its path inside the process's
-/// mount namespace (not for deleted files), then `map_files` of the mapping `[start, end)`.
+/// Where a file mapped by a process can be opened, in order: its path resolved inside the
+/// process's root (not for deleted files), then `map_files` of the mapping `[start, end)`,
+/// which the kernel makes and which names the mapped file itself.
 pub fn mapped_file_paths(
     proc_dir: &Path,
     path: &str,
     deleted: bool,
     (start, end): (u64, u64),
-) -> Vec<PathBuf> {
+) -> Vec<FilePath> {
     let mut candidates = Vec::with_capacity(2);
     if !deleted {
-        candidates.push(proc_dir.join("root").join(path.trim_start_matches('/')));
+        candidates.push(FilePath::in_root(proc_dir.join("root"), path));
     }
-    candidates.push(proc_dir.join("map_files").join(format!("{start:x}-{end:x}")));
+    candidates.push(FilePath::Trusted(
+        proc_dir.join("map_files").join(format!("{start:x}-{end:x}")),
+    ));
     candidates
 }
 
@@ -280,7 +283,10 @@ mod tests {
                 _ => None,
             })
             .expect("the test binary is mapped executable");
-        assert_eq!(own, (FileKey::of(own.0.dev, meta.ino(), &meta), false));
+        assert_eq!(
+            own,
+            (FileKey::of(own.0.dev, meta.ino(), &Identity::from(&meta)), false)
+        );
         assert!(
             maps.iter()
                 .any(|m| matches!(&m.kind, MappingKind::Special(name) if &**name == VDSO)),
@@ -298,7 +304,10 @@ mod tests {
         let proc_dir = PathBuf::from("/proc/self");
         // Deleted: only map_files is a candidate; a range that maps nothing resolves to no file.
         let candidates = mapped_file_paths(&proc_dir, "/x/gone.bin", true, (0x1000, 0x2000));
-        assert_eq!(candidates, [proc_dir.join("map_files/1000-2000")]);
+        assert_eq!(
+            candidates,
+            [FilePath::Trusted(proc_dir.join("map_files/1000-2000"))]
+        );
         let key = identify(
             &proc_dir,
             "/x/gone.bin",
@@ -311,7 +320,7 @@ mod tests {
         // Present: the root path is tried first.
         let path = file.to_str().expect("utf-8 path");
         let key = identify(&proc_dir, path, false, (0x1000, 0x2000), (8, 1), meta.ino());
-        assert_eq!(key, FileKey::of((8, 1), meta.ino(), &meta));
+        assert_eq!(key, FileKey::of((8, 1), meta.ino(), &Identity::from(&meta)));
         // A path that now names another inode is not the mapped file.
         let other = identify(&proc_dir, path, false, (0x1000, 0x2000), (8, 1), meta.ino() + 1);
         assert_eq!((other.size, other.mtime_ns), (0, 0));

@@ -12,7 +12,7 @@ use std::{
 };
 
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _, read::File as ElfFile};
-use profiler::{encode::decode, pprof::Profile};
+use profiler::{encode::decode, pprof::Profile, rootfs::FilePath};
 use tests::{
     Fixture, build_dir, c_fixture, compressed_inline_fixture, cpp_fixture, dlopen_fixture, go_fixture,
     go_inline_fixture, inline_fixture, marker_line, nofp_c_fixture, nofp_cpp_fixture, nofp_rust_fixture,
@@ -592,7 +592,7 @@ fn gopclntab_names_every_function_of_a_stripped_go_binary() {
     use profiler::symbolize::{SymbolSource as _, elf::ElfImage};
     let full = std::fs::read(go_fixture()).expect("read Go fixture");
     let full = ElfFile::parse(full.as_slice()).expect("parse");
-    let stripped = ElfImage::open(stripped_go_fixture(), None).expect("stripped Go fixture");
+    let stripped = ElfImage::open(&FilePath::from(stripped_go_fixture()), None).expect("stripped Go fixture");
     assert!(
         stripped.symbols.is_empty() && stripped.dwarf.is_none(),
         "fixture is not stripped"
@@ -642,7 +642,7 @@ fn gopclntab_names_every_function_of_a_stripped_go_binary() {
 #[test]
 fn compressed_debug_sections_give_the_same_frames() {
     use profiler::symbolize::{SymbolSource as _, elf::ElfImage};
-    let plain = ElfImage::open(inline_fixture(), None).expect("inline fixture");
+    let plain = ElfImage::open(&FilePath::from(inline_fixture()), None).expect("inline fixture");
     let data = std::fs::read(inline_fixture()).expect("read");
     let elf = ElfFile::parse(data.as_slice()).expect("parse");
     let text = elf.section_by_name(".text").expect(".text");
@@ -655,7 +655,7 @@ fn compressed_debug_sections_give_the_same_frames() {
             info.compressed_file_range().expect("range").format != object::CompressionFormat::None,
             "{kind}: .debug_info is not compressed"
         );
-        let image = ElfImage::open(&path, None).expect("compressed fixture");
+        let image = ElfImage::open(&FilePath::from(&path), None).expect("compressed fixture");
         assert!(image.dwarf.is_some(), "{kind}: DWARF not loaded");
         let (mut named, mut inlined) = (0, 0);
         for addr in (text.address()..text.address() + text.size()).step_by(3) {
@@ -672,7 +672,7 @@ fn compressed_debug_sections_give_the_same_frames() {
         );
     }
     // DWARF that would cost more than allowed is left out, and said so; symbols still name.
-    let tight = ElfImage::open_with(inline_fixture(), None, 1024).expect("inline fixture");
+    let tight = ElfImage::open_with(&FilePath::from(inline_fixture()), None, 1024).expect("inline fixture");
     assert!(tight.dwarf.is_none() && tight.dwarf_over_budget);
     let symbol = elf
         .symbols()
@@ -730,7 +730,8 @@ fn gopclntab_inlined_calls_match_dwarf() {
     let full = std::fs::read(go_inline_fixture()).expect("read Go inline fixture");
     let full = ElfFile::parse(full.as_slice()).expect("parse");
     let dwarf = Dwarf::load(&full, u64::MAX).expect("uncompressed DWARF in the reference build");
-    let stripped = ElfImage::open(stripped_go_inline_fixture(), None).expect("stripped fixture");
+    let stripped =
+        ElfImage::open(&FilePath::from(stripped_go_inline_fixture()), None).expect("stripped fixture");
     assert!(stripped.symbols.is_empty(), "fixture is not stripped");
     let table = stripped.gopclntab.as_ref().expect(".gopclntab");
     assert!(
@@ -738,7 +739,7 @@ fn gopclntab_inlined_calls_match_dwarf() {
         "inline trees not found in the stripped binary"
     );
     // A pure Go binary is named from its table alone: its DWARF is not even loaded.
-    let unstripped = ElfImage::open(go_inline_fixture(), None).expect("Go inline fixture");
+    let unstripped = ElfImage::open(&FilePath::from(go_inline_fixture()), None).expect("Go inline fixture");
     assert!(unstripped.dwarf.is_none(), "DWARF loaded for a pure Go binary");
     let outer = full
         .symbols()

@@ -153,6 +153,25 @@ pub struct Config {
     pub kube: Option<(Connection, String)>,
 }
 
+/// Files a process named that [`rootfs::open`](crate::rootfs::open) refused, by reason.
+struct FileRefusals;
+
+impl Collect for FileRefusals {
+    fn collect(&self, out: &mut Exposition) {
+        let mut family = out.family(
+            "profiler_file_refusals_total",
+            Kind::Counter,
+            "Files a process named (mapped binaries, debug files, perf maps) that were refused: a magic link or link loop, not a regular file, or not the mapped inode.",
+        );
+        for reason in crate::rootfs::Refusal::ALL {
+            family.sample(
+                &[("reason", reason.as_str())],
+                crate::rootfs::REFUSALS.count(reason) as f64,
+            );
+        }
+    }
+}
+
 /// Queue depths for /metrics, read through weak senders (they keep no stage alive).
 struct QueueDepths {
     samples: mpsc::WeakSender<Message>,
@@ -337,6 +356,7 @@ pub async fn start(
     }
     let report_stats = Arc::new(ReportStats::default());
     telemetry.register(Arc::clone(&report_stats) as Arc<dyn Collect>);
+    telemetry.register(Arc::new(FileRefusals));
     telemetry.register(Arc::new(QueueDepths {
         samples: tx.downgrade(),
         snapshots: snap_tx.downgrade(),
@@ -479,6 +499,7 @@ mod tests {
         telemetry.register(Arc::new(ReportStats::default()));
         telemetry.register(Arc::new(Exporters(Vec::new())));
         telemetry.register(Arc::new(PodIndex::default()));
+        telemetry.register(Arc::new(FileRefusals));
         telemetry.register(Arc::new(QueueDepths {
             samples: tx.downgrade(),
             snapshots: snap_tx.downgrade(),
@@ -493,6 +514,7 @@ mod tests {
             "profiler_unwind_walks_total{status=\"max-depth\"} 7\n",
             "profiler_bpf_map_capacity_entries{map=\"MAPPINGS\"} 1048576\n",
             "profiler_symbolized_frames_total{outcome=\"named\"} 0\n",
+            "# TYPE profiler_file_refusals_total counter\n",
             "profiler_kubernetes_connected 0\n",
             "profiler_queue_capacity{queue=\"samples\",when_full=\"drop_newest\"} 64\n",
             "profiler_queue_capacity{queue=\"snapshots\",when_full=\"block\"} 2\n",

@@ -1,5 +1,4 @@
 //! ELF files: GNU build id, loadable segments and `.symtab`/`.dynsym` function symbols.
-use std::path::Path;
 
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, ReadRef, SymbolKind};
 
@@ -8,7 +7,10 @@ use super::{
     dwarf::{DEFAULT_MAX_COST, Dwarf},
     gopclntab::GoPclntab,
 };
-use crate::object::{ElfError, LargeFile, LoadSegment, READ_WHOLE_MAX, hex, open_regular};
+use crate::{
+    object::{ElfError, LargeFile, LoadSegment, READ_WHOLE_MAX, hex, open_regular},
+    rootfs::FilePath,
+};
 
 #[derive(Debug, Clone, Copy)]
 struct SymbolEntry {
@@ -100,14 +102,14 @@ impl ElfImage {
     /// swapped for a FIFO would otherwise hang the caller), only regular files are read, and
     /// reads go through `read(2)` rather than mmap, so a file truncated underneath cannot
     /// raise SIGBUS in the daemon. The file's data is dropped once the tables are built.
-    pub fn open(path: &Path, inode: Option<u64>) -> Result<Self, ElfError> {
+    pub fn open(path: &FilePath, inode: Option<u64>) -> Result<Self, ElfError> {
         Self::open_with(path, inode, DEFAULT_MAX_COST)
     }
 
     /// [`ElfImage::open`] with the most memory the file's parsed DWARF may take; a file whose
     /// DWARF would cost more is named from its symbol tables ([`ElfImage::dwarf_over_budget`]).
-    pub fn open_with(path: &Path, inode: Option<u64>, max_dwarf_cost: u64) -> Result<Self, ElfError> {
-        let display = || path.display().to_string();
+    pub fn open_with(path: &FilePath, inode: Option<u64>, max_dwarf_cost: u64) -> Result<Self, ElfError> {
+        let display = || path.to_string();
         let (file, meta) = open_regular(path, inode)?;
         let parse_error = |source| ElfError::Parse {
             path: display(),
@@ -115,7 +117,7 @@ impl ElfImage {
         };
         if meta.len() <= READ_WHOLE_MAX {
             let mut data = Vec::with_capacity(meta.len() as usize);
-            std::io::Read::read_to_end(&mut &file, &mut data).map_err(|source| ElfError::Open {
+            std::io::Read::read_to_end(&mut &file, &mut data).map_err(|source| ElfError::Read {
                 path: display(),
                 source,
             })?;
@@ -482,7 +484,7 @@ mod tests {
                 (path == exe.to_str()? && (lo..hi).contains(&runtime)).then_some((lo, offset))
             })
             .expect("own mapping");
-        let image = ElfImage::open(&exe, None).expect("own ELF");
+        let image = ElfImage::open(&FilePath::Trusted(exe.clone()), None).expect("own ELF");
         assert!(
             image.build_id.as_deref().is_some_and(|b| b.len() >= 16),
             "{:?}",

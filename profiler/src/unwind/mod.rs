@@ -24,7 +24,7 @@ pub mod table;
 
 use std::{
     hash::{Hash as _, Hasher as _},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -51,6 +51,7 @@ use crate::{
     bpf::UnwindMaps,
     object::{WindowedFile, open_regular},
     procfs::{self, ExecMapping, FileKey, MappingKind, mapped_file_paths},
+    rootfs::FilePath,
     telemetry::{Collect, Exposition, Kind},
 };
 
@@ -569,10 +570,16 @@ impl<M: KernelMaps> Unwinder<M> {
         }
     }
 
-    fn build(&mut self, pid: u32, candidate: &Path, key: FileKey, path: &str) -> Result<FileInfo, String> {
+    fn build(
+        &mut self,
+        pid: u32,
+        candidate: &FilePath,
+        key: FileKey,
+        path: &str,
+    ) -> Result<FileInfo, String> {
         let (file, meta) = open_regular(candidate, Some(key.inode)).map_err(|e| e.to_string())?;
         let cache = WindowedFile::cache(file, meta.len());
-        let elf = object::File::parse(&cache).map_err(|e| format!("{}: {e}", candidate.display()))?;
+        let elf = object::File::parse(&cache).map_err(|e| format!("{candidate}: {e}"))?;
         let segments = load_segments(&elf);
         let id = file_id(&elf, &cache, key);
         let mut info = FileInfo {
@@ -645,10 +652,14 @@ impl<M: KernelMaps> Unwinder<M> {
         if build_id.len() < 3 {
             return None;
         }
-        let path = procfs::root_of(&self.proc_root, pid)
-            .join("usr/lib/debug/.build-id")
-            .join(&build_id[..2])
-            .join(format!("{}.debug", &build_id[2..]));
+        let path = FilePath::in_root(
+            procfs::root_of(&self.proc_root, pid),
+            format!(
+                "/usr/lib/debug/.build-id/{}/{}.debug",
+                &build_id[..2],
+                &build_id[2..]
+            ),
+        );
         let (file, meta) = open_regular(&path, None).ok()?;
         Some(WindowedFile::cache(file, meta.len()))
     }
@@ -784,9 +795,13 @@ fn own_frame_pointer_file() -> Option<u64> {
     if !cfg!(frame_pointers) {
         return None;
     }
-    let (file, meta) = open_regular(Path::new("/proc/self/exe"), None).ok()?;
+    let (file, meta) = open_regular(&FilePath::Trusted("/proc/self/exe".into()), None).ok()?;
     // The key only counts for a file whose id cannot come from its contents (an empty one).
-    let key = FileKey::of((0, 0), std::os::unix::fs::MetadataExt::ino(&meta), &meta);
+    let key = FileKey::of(
+        (0, 0),
+        std::os::unix::fs::MetadataExt::ino(&meta),
+        &(&meta).into(),
+    );
     let cache = WindowedFile::cache(file, meta.len());
     let elf = object::File::parse(&cache).ok()?;
     Some(file_id(&elf, &cache, key))
@@ -965,7 +980,7 @@ mod tests {
         assert!(u.maps.mappings.contains_key(&marker), "the pid's marker entry");
         let entries = entries_of(&u.maps, pid);
         // Every executable mapping of this process is covered by entries naming its range.
-        let maps = procfs::read_exec_mappings(Path::new("/proc"), pid).expect("own maps");
+        let maps = procfs::read_exec_mappings(std::path::Path::new("/proc"), pid).expect("own maps");
         for m in maps
             .iter()
             .filter(|m| !matches!(&m.kind, MappingKind::Special(n) if &**n == procfs::VSYSCALL))
