@@ -417,7 +417,8 @@ fn dwarf_cold(files: &[&Path]) -> Result<DwarfCold> {
     let mut total = Duration::ZERO;
     let (mut addresses, mut inlined) = (0, 0);
     for file in files {
-        let open = || ElfImage::open(&FilePath::from(*file), None).with_context(|| file.display().to_string());
+        let open =
+            || ElfImage::open(&FilePath::from(*file), None).with_context(|| file.display().to_string());
         // A first copy finds the addresses that have DWARF frames (a file and line)...
         let scout = open()?;
         ensure!(

@@ -31,6 +31,6 @@ fuzz_target!(|data: &[u8]| {
     if let Some(table) = GoPclntab::parse_in(table.to_vec(), 0x50_0000, TEXT, Some(&image), true) {
         let _ = table.frames(pc);
         let _ = table.frames(TEXT + (pc & 0xffff));
-        let _ = table.frameless_ranges(|_| false);
+        let _ = table.frameless_ranges(|_| false, 1 << 16);
     }
 });

@@ -11,8 +11,10 @@
 //! docs/architecture.md, and `cargo xtask layers` checks it).
 
 // Floor 0: no imports of the crate.
+pub mod limits;
+// Floor 1.
 pub mod rootfs;
-// Floor 1: leaves.
+// Floor 2: leaves.
 pub mod encode;
 pub mod export;
 pub mod object;
@@ -22,26 +24,26 @@ pub mod secret;
 pub mod summary;
 pub mod telemetry;
 pub mod units;
-// Floor 2.
+// Floor 3.
 pub mod labels;
 pub mod symbolize;
-// Floor 3.
+// Floor 4.
 pub mod bpf;
 pub mod kube;
 pub mod remote;
 pub mod targeting;
-// Floor 4.
+// Floor 5.
 pub mod process;
 pub mod unwind;
-// Floors 5 and 6: the engines of the data path, and what the channels between stages carry.
+// Floors 6 and 7: the engines of the data path, and what the channels between stages carry.
 pub mod aggregate;
 pub mod messages;
 pub mod report;
-// Floor 7.
+// Floor 8.
 pub mod server;
-// Floor 8: the only code that owns channels, tasks and threads.
+// Floor 9: the only code that owns channels, tasks and threads.
 pub mod stages;
-// Floor 9.
+// Floor 10.
 pub mod config;
 pub mod daemon;
 

@@ -19,9 +19,13 @@ use tracing::debug;
 
 use crate::{
     labels::{Labeler, Labels, Target},
+    limits::{self, Limit},
     procfs::{self, ExecMapping, FileKey, MappingKind, mapped_file_paths},
     rootfs::{self, FilePath},
-    symbolize::{elf::ElfImage, perfmap::PerfMap},
+    symbolize::{
+        elf::ElfImage,
+        perfmap::{MAX_PERF_MAP_BYTES, PERF_MAPS_BUDGET, PerfMap},
+    },
 };
 
 /// A file mapped executable by at least one process.
@@ -524,18 +528,32 @@ impl ProcessRegistry {
         );
         let (file, meta) = rootfs::open(&path, None).ok()?;
         if meta.size() != jit.size {
-            let mut text = String::new();
-            std::io::Read::read_to_string(
-                &mut std::io::Read::take(file, crate::symbolize::perfmap::MAX_PERF_MAP_BYTES as u64),
-                &mut text,
-            )
-            .ok()?;
-            let (map, malformed) = PerfMap::parse(&text);
+            let path = path.to_string();
+            if meta.size() > MAX_PERF_MAP_BYTES as u64 {
+                limits::hit(Limit::PerfMapBytes, &path);
+            }
+            let want = meta.size().min(MAX_PERF_MAP_BYTES as u64);
+            // What the other processes' maps hold (each counted at most at the per-file bound).
+            let held: u64 = self
+                .jit
+                .iter()
+                .filter(|(other, _)| **other != pid)
+                .map(|(_, j)| j.size.min(MAX_PERF_MAP_BYTES as u64))
+                .sum();
+            let jit = self.jit.entry(pid).or_default();
+            if held.saturating_add(want) > PERF_MAPS_BUDGET {
+                limits::hit(Limit::PerfMapBudget, &path);
+                return jit.map.lookup(addr).map(Arc::clone);
+            }
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::Read::take(file, want), &mut bytes).ok()?;
+            let (map, malformed) = PerfMap::parse(&String::from_utf8_lossy(&bytes));
             self.stats.perf_map_reads += 1;
             self.stats.perf_map_malformed_lines += malformed as u64;
             jit.map = map;
             jit.size = meta.size();
         }
+        let jit = self.jit.get(&pid)?;
         jit.map.lookup(addr).map(Arc::clone)
     }
 

@@ -17,11 +17,10 @@
 //! file itself and is opened as it is ([`FilePath::Trusted`], as are the daemon's own paths), with the same type and inode checks. Refusals are
 //! counted by reason ([`REFUSALS`], in /metrics) and logged once per file.
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::VecDeque,
     ffi::OsString,
     fmt,
     fs::{File, Metadata},
-    hash::{Hash as _, Hasher as _},
     os::{
         fd::{AsFd as _, AsRawFd as _, OwnedFd},
         unix::{
@@ -30,16 +29,15 @@ use std::{
         },
     },
     path::{Path, PathBuf},
-    sync::{
-        Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 use rustix::{
     fs::{Mode, OFlags, ResolveFlags},
     io::Errno,
 };
+
+use crate::limits::LogOnce;
 
 /// Where a file is opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,17 +137,14 @@ impl fmt::Display for Refusal {
 /// Refused opens, by reason, since start; and which files were logged already.
 pub struct Refusals {
     counts: [AtomicU64; 3],
-    logged: Mutex<Option<HashSet<u64>>>,
+    logged: LogOnce,
 }
-
-/// Files logged once each, up to this many; then the set starts again.
-const LOGGED_MAX: usize = 4096;
 
 impl Refusals {
     const fn new() -> Self {
         Self {
             counts: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
-            logged: Mutex::new(None),
+            logged: LogOnce::new(),
         }
     }
 
@@ -159,17 +154,7 @@ impl Refusals {
 
     fn record(&self, reason: Refusal, path: &str) {
         self.counts[reason as usize].fetch_add(1, Ordering::Relaxed);
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (reason, path).hash(&mut hasher);
-        let first = {
-            let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
-            let set = logged.get_or_insert_with(HashSet::new);
-            if set.len() >= LOGGED_MAX {
-                set.clear();
-            }
-            set.insert(hasher.finish())
-        };
-        if first {
+        if self.logged.first(&(reason, path)) {
             tracing::warn!(
                 path,
                 reason = reason.as_str(),

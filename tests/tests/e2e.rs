@@ -729,7 +729,8 @@ fn gopclntab_inlined_calls_match_dwarf() {
     use profiler::symbolize::{SymbolSource as _, dwarf::Dwarf, elf::ElfImage};
     let full = std::fs::read(go_inline_fixture()).expect("read Go inline fixture");
     let full = ElfFile::parse(full.as_slice()).expect("parse");
-    let dwarf = Dwarf::load(&full, u64::MAX).expect("uncompressed DWARF in the reference build");
+    let dwarf =
+        Dwarf::load(&full, u64::MAX, "reference build").expect("uncompressed DWARF in the reference build");
     let stripped =
         ElfImage::open(&FilePath::from(stripped_go_inline_fixture()), None).expect("stripped fixture");
     assert!(stripped.symbols.is_empty(), "fixture is not stripped");

@@ -172,6 +172,25 @@ impl Collect for FileRefusals {
     }
 }
 
+/// Bounds a file or process ran into ([`crate::limits`]), by name.
+struct LimitHits;
+
+impl Collect for LimitHits {
+    fn collect(&self, out: &mut Exposition) {
+        let mut family = out.family(
+            "profiler_limit_hits_total",
+            Kind::Counter,
+            "Times a file or process reached a bound (docs/reliability.md) and was skipped or cut short there.",
+        );
+        for limit in crate::limits::Limit::ALL {
+            family.sample(
+                &[("limit", limit.as_str())],
+                crate::limits::HITS.count(limit) as f64,
+            );
+        }
+    }
+}
+
 /// Queue depths for /metrics, read through weak senders (they keep no stage alive).
 struct QueueDepths {
     samples: mpsc::WeakSender<Message>,
@@ -357,6 +376,7 @@ pub async fn start(
     let report_stats = Arc::new(ReportStats::default());
     telemetry.register(Arc::clone(&report_stats) as Arc<dyn Collect>);
     telemetry.register(Arc::new(FileRefusals));
+    telemetry.register(Arc::new(LimitHits));
     telemetry.register(Arc::new(QueueDepths {
         samples: tx.downgrade(),
         snapshots: snap_tx.downgrade(),
@@ -500,6 +520,7 @@ mod tests {
         telemetry.register(Arc::new(Exporters(Vec::new())));
         telemetry.register(Arc::new(PodIndex::default()));
         telemetry.register(Arc::new(FileRefusals));
+        telemetry.register(Arc::new(LimitHits));
         telemetry.register(Arc::new(QueueDepths {
             samples: tx.downgrade(),
             snapshots: snap_tx.downgrade(),
@@ -515,6 +536,7 @@ mod tests {
             "profiler_bpf_map_capacity_entries{map=\"MAPPINGS\"} 1048576\n",
             "profiler_symbolized_frames_total{outcome=\"named\"} 0\n",
             "# TYPE profiler_file_refusals_total counter\n",
+            "profiler_limit_hits_total{limit=\"dwarf_depth\"} ",
             "profiler_kubernetes_connected 0\n",
             "profiler_queue_capacity{queue=\"samples\",when_full=\"drop_newest\"} 64\n",
             "profiler_queue_capacity{queue=\"snapshots\",when_full=\"block\"} 2\n",

@@ -10,6 +10,41 @@ use gimli::{EndianArcSlice, RunTimeEndian, SectionId};
 use object::{Object, ObjectSection, ReadRef};
 
 use super::{FunctionName, demangle};
+use crate::limits::{self, Limit, MAX_DIE_DEPTH};
+
+/// Whether any unit of `dwarf` nests DIEs deeper than `max` (or cannot be read to its end).
+/// A walk of the raw entries, skipping attributes: no allocation per entry, no recursion.
+pub fn die_depth_exceeds<R: gimli::Reader>(dwarf: &gimli::Dwarf<R>, max: usize) -> bool {
+    let mut units = dwarf.units();
+    loop {
+        let header = match units.next() {
+            Ok(Some(header)) => header,
+            Ok(None) => return false,
+            // addr2line stops at the same unreadable header; what is before it was scanned.
+            Err(_) => return false,
+        };
+        let Ok(abbreviations) = dwarf.abbreviations(&header) else {
+            continue;
+        };
+        let Ok(mut entries) = header.entries_raw(&abbreviations, None) else {
+            continue;
+        };
+        while !entries.is_empty() {
+            if usize::try_from(entries.next_depth()).is_ok_and(|depth| depth > max) {
+                return true;
+            }
+            match entries.read_abbreviation() {
+                Ok(Some(abbrev)) => {
+                    if entries.skip_attributes(abbrev.attributes()).is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => {}
+                Err(_) => break,
+            }
+        }
+    }
+}
 
 type Reader = EndianArcSlice<RunTimeEndian>;
 
@@ -58,7 +93,13 @@ impl Dwarf {
     /// would cost more than `max_cost` bytes parsed (see [`Dwarf::cost`]). Location lists,
     /// macros and name indexes are never loaded: they are often the largest sections and say
     /// nothing about function names or lines.
-    pub fn load<'data, R: ReadRef<'data>>(elf: &object::File<'data, R>, max_cost: u64) -> Option<Self> {
+    /// Files whose DIEs nest deeper than [`MAX_DIE_DEPTH`] are refused, counted under
+    /// `subject` (the file's path).
+    pub fn load<'data, R: ReadRef<'data>>(
+        elf: &object::File<'data, R>,
+        max_cost: u64,
+        subject: &str,
+    ) -> Option<Self> {
         let info = elf.section_by_name(".debug_info")?;
         // Sizes come from section and compression headers: checked before anything is
         // decompressed.
@@ -83,6 +124,12 @@ impl Dwarf {
             Ok(EndianArcSlice::new(Arc::from(&*data), endian))
         };
         let dwarf = gimli::Dwarf::load(&mut load).ok()?;
+        // addr2line recurses once per nesting level of DIEs: refuse deep trees before it sees
+        // them (a stack overflow aborts the daemon; catch_unwind cannot stop it).
+        if die_depth_exceeds(&dwarf, MAX_DIE_DEPTH) {
+            limits::hit(Limit::DwarfDepth, subject);
+            return None;
+        }
         // Third-party parsing of untrusted bytes: a panic in it costs this file its DWARF, not
         // the daemon its reporter.
         let context = std::panic::catch_unwind(AssertUnwindSafe(|| Context::from_dwarf(dwarf)))
@@ -150,5 +197,87 @@ impl Dwarf {
             });
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `.debug_abbrev` and `.debug_info` of one DWARF 4 unit: a compile unit holding a
+    /// subprogram with `depth` inlined subroutines nested one in the other, all over
+    /// `0x1000..0x1010`.
+    fn nested_inlines(depth: usize) -> (Vec<u8>, Vec<u8>) {
+        const ADDR: u8 = 0x01;
+        const DATA8: u8 = 0x07;
+        const STRING: u8 = 0x08;
+        const REF4: u8 = 0x13;
+        let abbrev = [
+            &[1, 0x11, 1, 0x11, ADDR, 0x12, DATA8, 0, 0][..],
+            &[2, 0x2e, 1, 0x03, STRING, 0x11, ADDR, 0x12, DATA8, 0, 0],
+            &[3, 0x1d, 1, 0x31, REF4, 0x11, ADDR, 0x12, DATA8, 0, 0],
+            &[0],
+        ]
+        .concat();
+        let range = |out: &mut Vec<u8>| {
+            out.extend_from_slice(&0x1000u64.to_le_bytes());
+            out.extend_from_slice(&0x10u64.to_le_bytes());
+        };
+        let mut dies = vec![1];
+        range(&mut dies);
+        // Unit-relative offset of the subprogram: the 11-byte header, then the unit's DIE.
+        let subprogram = (11 + dies.len()) as u32;
+        dies.push(2);
+        dies.extend_from_slice(b"deep\0");
+        range(&mut dies);
+        for _ in 0..depth {
+            dies.push(3);
+            dies.extend_from_slice(&subprogram.to_le_bytes());
+            range(&mut dies);
+        }
+        dies.extend(std::iter::repeat_n(0, depth + 2));
+        let mut info = Vec::new();
+        info.extend_from_slice(&((7 + dies.len()) as u32).to_le_bytes());
+        info.extend_from_slice(&4u16.to_le_bytes());
+        info.extend_from_slice(&0u32.to_le_bytes());
+        info.push(8);
+        info.extend_from_slice(&dies);
+        (abbrev, info)
+    }
+
+    fn load(abbrev: &[u8], info: &[u8]) -> gimli::Dwarf<gimli::EndianSlice<'static, gimli::LittleEndian>> {
+        let abbrev: &'static [u8] = Box::leak(abbrev.to_vec().into_boxed_slice());
+        let info: &'static [u8] = Box::leak(info.to_vec().into_boxed_slice());
+        gimli::Dwarf::load(|id| -> Result<_, gimli::Error> {
+            Ok(gimli::EndianSlice::new(
+                match id {
+                    SectionId::DebugAbbrev => abbrev,
+                    SectionId::DebugInfo => info,
+                    _ => &[],
+                },
+                gimli::LittleEndian,
+            ))
+        })
+        .expect("sections")
+    }
+
+    #[test]
+    fn deep_inline_trees_are_found_before_addr2line_reads_them() {
+        // Depth counts the unit and the subprogram too.
+        let (abbrev, info) = nested_inlines(MAX_DIE_DEPTH - 2);
+        assert!(!die_depth_exceeds(&load(&abbrev, &info), MAX_DIE_DEPTH));
+        // The shallow tree is one addr2line reads: the scan must not have misread it.
+        let context = Context::from_dwarf(load(&abbrev, &info)).expect("context");
+        let frames = context.find_frames(0x1004).skip_all_loads().expect("frames");
+        let mut count = 0;
+        let mut frames = frames;
+        while let Ok(Some(_)) = frames.next() {
+            count += 1;
+        }
+        assert_eq!(count, MAX_DIE_DEPTH - 1, "every inlined level and the subprogram");
+        for depth in [MAX_DIE_DEPTH, 20_000] {
+            let (abbrev, info) = nested_inlines(depth);
+            assert!(die_depth_exceeds(&load(&abbrev, &info), MAX_DIE_DEPTH), "{depth}");
+        }
     }
 }

@@ -121,10 +121,10 @@ impl ElfImage {
                 path: display(),
                 source,
             })?;
-            return Self::parse_with(data.as_slice(), max_dwarf_cost).map_err(parse_error);
+            return Self::parse_named(data.as_slice(), max_dwarf_cost, &display()).map_err(parse_error);
         }
         let large = LargeFile::open(file, meta.len());
-        Self::parse_with(&large, max_dwarf_cost).map_err(parse_error)
+        Self::parse_named(&large, max_dwarf_cost, &display()).map_err(parse_error)
     }
 
     pub fn parse<'data, R: ReadRef<'data>>(data: R) -> Result<Self, object::Error> {
@@ -132,6 +132,15 @@ impl ElfImage {
     }
 
     pub fn parse_with<'data, R: ReadRef<'data>>(data: R, max_dwarf_cost: u64) -> Result<Self, object::Error> {
+        Self::parse_named(data, max_dwarf_cost, "an ELF image in memory")
+    }
+
+    /// [`ElfImage::parse_with`], with the file's path for counted limits and logs.
+    fn parse_named<'data, R: ReadRef<'data>>(
+        data: R,
+        max_dwarf_cost: u64,
+        subject: &str,
+    ) -> Result<Self, object::Error> {
         let elf = object::File::parse(data)?;
         let build_id = elf.build_id()?.map(hex);
         let debuglink = elf
@@ -172,7 +181,7 @@ impl ElfImage {
         let (dwarf, dwarf_over_budget) = match &gopclntab {
             Some(go) if go.has_inline_trees() && !has_foreign_code(&elf, go) => (None, false),
             _ => {
-                let dwarf = Dwarf::load(&elf, max_dwarf_cost);
+                let dwarf = Dwarf::load(&elf, max_dwarf_cost, subject);
                 let over = dwarf.is_none() && Dwarf::cost(&elf) > max_dwarf_cost;
                 (dwarf, over)
             }

@@ -554,14 +554,22 @@ impl GoPclntab {
     /// frame-pointer walk would skip the caller. Functions that move the stack pointer in ways
     /// `pcsp` does not follow (`funcFlag_SPWRITE`: systemstack, mcall, morestack, gogo …) and
     /// stack tops (`funcFlag_TOPFRAME`) are left out, as are those `skip` names.
-    pub fn frameless_ranges(&self, skip: impl Fn(&str) -> bool) -> Vec<(u64, u64)> {
+    ///
+    /// Ranges are non-empty and inside their function (`entry..next entry`), so there are at
+    /// most as many as the code has bytes; past `max` of them the table is refused (`None`).
+    pub fn frameless_ranges(&self, skip: impl Fn(&str) -> bool, max: usize) -> Option<Vec<(u64, u64)>> {
         const TOPFRAME_OR_SPWRITE: u8 = 1 | 2;
         let mut out = Vec::new();
+        let mut over = false;
         for i in 0..self.nfunc {
             let Some(func) = self.func(i) else { continue };
             let Some((end, _)) = self.functab_entry(i + 1) else {
                 continue;
             };
+            // Entries out of order (a hostile table) give no code to this function.
+            if end <= func.entry {
+                continue;
+            }
             if self
                 .field(func, 0)
                 .and_then(|off| self.name_at(off))
@@ -589,12 +597,21 @@ impl GoPclntab {
             let Some(pcsp) = self.field(func, 3) else { continue };
             let mut from = func.entry;
             let mut open: Option<u64> = None;
+            let mut push = |start: u64, to: u64, out: &mut Vec<(u64, u64)>| {
+                if to > start {
+                    if out.len() >= max {
+                        over = true;
+                    } else {
+                        out.push((start, to));
+                    }
+                }
+            };
             self.walk_pcvalue(pcsp, func.entry, |value, to| {
                 let to = to.min(end);
                 match (value == 0, open) {
                     (true, None) => open = Some(from),
                     (false, Some(start)) => {
-                        out.push((start, from));
+                        push(start, from, &mut out);
                         open = None;
                     }
                     _ => {}
@@ -603,10 +620,13 @@ impl GoPclntab {
                 to < end
             });
             if let Some(start) = open {
-                out.push((start, from));
+                push(start, from, &mut out);
+            }
+            if over {
+                return None;
             }
         }
-        out
+        Some(out)
     }
 
     /// Bytes held (the table and the inline trees are kept whole).
@@ -733,6 +753,12 @@ impl GoPclntab {
             };
             value = value.wrapping_add(vdelta);
             let pcdelta = u64::from(uvarint(&self.data, &mut at)?).checked_mul(self.quantum)?;
+            // Go's linker writes a pair per change of value, each over at least one
+            // instruction: a zero pc step is corrupt, and would let one table spin through
+            // 1<<16 steps on no code at all (per function, and every function may share it).
+            if pcdelta == 0 {
+                return None;
+            }
             pc = pc.checked_add(pcdelta)?;
             if !visit(value, pc) {
                 return Some(());

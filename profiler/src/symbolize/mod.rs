@@ -80,6 +80,37 @@ pub struct NameCache<K> {
     capacity: usize,
     current: HashMap<K, Option<Arc<[FunctionName]>>>,
     previous: HashMap<K, Option<Arc<[FunctionName]>>>,
+    /// Bytes of the names in `current` (strings and entries).
+    bytes: usize,
+}
+
+/// Most bytes of names one generation of a [`NameCache`] holds; with names capped at
+/// [`MAX_NAME_BYTES`](crate::limits::MAX_NAME_BYTES), two generations stay under 32 MiB.
+pub const NAME_CACHE_GENERATION_BYTES: usize = 16 * 1024 * 1024;
+
+impl FunctionName {
+    /// Bytes this name holds.
+    pub fn bytes(&self) -> usize {
+        size_of::<Self>()
+            + self.name.len()
+            + self.system_name.len()
+            + self.file.as_ref().map_or(0, String::len)
+    }
+
+    /// This name with each string cut to [`MAX_NAME_BYTES`](crate::limits::MAX_NAME_BYTES)
+    /// (counted as a limit hit under `subject`).
+    fn capped(mut self, subject: &str) -> Self {
+        use crate::limits::{MAX_NAME_BYTES, cap_name};
+        for text in [&mut self.name, &mut self.system_name] {
+            if text.len() > MAX_NAME_BYTES {
+                *text = cap_name(text, subject).to_owned();
+            }
+        }
+        if let Some(file) = self.file.as_mut().filter(|f| f.len() > MAX_NAME_BYTES) {
+            *file = cap_name(file, subject).to_owned();
+        }
+        self
+    }
 }
 
 impl<K: std::hash::Hash + Eq> NameCache<K> {
@@ -88,6 +119,7 @@ impl<K: std::hash::Hash + Eq> NameCache<K> {
             capacity: capacity.max(1),
             current: HashMap::new(),
             previous: HashMap::new(),
+            bytes: 0,
         }
     }
 
@@ -105,15 +137,23 @@ impl<K: std::hash::Hash + Eq> NameCache<K> {
             self.insert(key, names.clone());
             return (names, true);
         }
-        let names: Option<Arc<[FunctionName]>> = resolve().map(Arc::from);
+        // Every file's names pass here: each is cut to the length bound before it is kept.
+        let names: Option<Arc<[FunctionName]>> =
+            resolve().map(|names| names.into_iter().map(|n| n.capped("a symbol name")).collect());
         self.insert(key, names.clone());
         (names, false)
     }
 
     fn insert(&mut self, key: K, names: Option<Arc<[FunctionName]>>) {
-        if self.current.len() >= self.capacity {
+        let bytes = size_of::<(K, Option<Arc<[FunctionName]>>)>()
+            + names
+                .as_ref()
+                .map_or(0, |n| n.iter().map(FunctionName::bytes).sum());
+        if self.current.len() >= self.capacity || self.bytes + bytes > NAME_CACHE_GENERATION_BYTES {
             self.previous = std::mem::take(&mut self.current);
+            self.bytes = 0;
         }
+        self.bytes += bytes;
         self.current.insert(key, names);
     }
 
@@ -138,6 +178,10 @@ impl SymbolStats {
 
 /// Demangles Rust (legacy and v0) and Itanium C++ names; anything else is returned as is.
 pub fn demangle(name: &str) -> String {
+    // A name past the bound is not demangled (the demanglers' cost grows with it).
+    if name.len() > crate::limits::MAX_NAME_BYTES {
+        return name.to_owned();
+    }
     if let Ok(rust) = rustc_demangle::try_demangle(name) {
         // `{:#}` drops the hash suffix of legacy Rust symbols.
         return format!("{rust:#}");
@@ -186,6 +230,37 @@ mod tests {
         assert!(cache.len() <= 4, "{} entries", cache.len());
         assert!(!get(&mut cache, 99).1, "the oldest entry was not dropped");
         assert_eq!(lookups, 6);
+    }
+
+    #[test]
+    fn name_cache_cuts_long_names_and_holds_a_byte_bound() {
+        let mut cache: NameCache<u64> = NameCache::new(1 << 20);
+        let huge = "x".repeat(1 << 20);
+        for key in 0..200u64 {
+            let (names, _) = cache.get_or_resolve(key, || {
+                Some(vec![FunctionName {
+                    name: huge.clone(),
+                    system_name: huge.clone(),
+                    file: Some(huge.clone()),
+                    line: 1,
+                }])
+            });
+            let names = names.expect("named");
+            assert!(names[0].name.len() <= crate::limits::MAX_NAME_BYTES);
+            assert!(
+                names[0]
+                    .file
+                    .as_ref()
+                    .is_some_and(|f| f.len() <= crate::limits::MAX_NAME_BYTES)
+            );
+        }
+        assert!(cache.bytes <= NAME_CACHE_GENERATION_BYTES);
+        let per_entry = 3 * crate::limits::MAX_NAME_BYTES;
+        assert!(
+            cache.len() * per_entry <= 2 * NAME_CACHE_GENERATION_BYTES + 2 * per_entry,
+            "{} entries",
+            cache.len()
+        );
     }
 
     #[test]

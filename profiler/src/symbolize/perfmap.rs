@@ -7,7 +7,11 @@ use std::sync::Arc;
 
 /// Perf maps larger than this are read only up to it (a runaway JIT should not cost the
 /// daemon its memory budget).
-pub const MAX_PERF_MAP_BYTES: usize = 64 * 1024 * 1024;
+pub const MAX_PERF_MAP_BYTES: usize = 16 * 1024 * 1024;
+
+/// Most bytes of perf maps read for all processes together (each counted up to
+/// [`MAX_PERF_MAP_BYTES`]); a map that would go past it is not read.
+pub const PERF_MAPS_BUDGET: u64 = 32 * 1024 * 1024;
 
 #[derive(Debug, Default)]
 pub struct PerfMap {
@@ -25,7 +29,7 @@ impl PerfMap {
             let parsed = (|| {
                 let start = u64::from_str_radix(parts.next()?.trim_start_matches("0x"), 16).ok()?;
                 let size = u64::from_str_radix(parts.next()?.trim_start_matches("0x"), 16).ok()?;
-                let name = parts.next()?.trim();
+                let name = crate::limits::cap_name(parts.next()?.trim(), "a perf map");
                 let end = start.checked_add(size)?;
                 (!name.is_empty() && size > 0).then(|| (start, end, Arc::<str>::from(name)))
             })();

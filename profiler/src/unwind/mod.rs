@@ -486,7 +486,14 @@ impl<M: KernelMaps> Unwinder<M> {
                 // JIT code and other anonymous executable memory.
                 MappingKind::Special(_) => fp_mapping(m),
             };
-            for (prefix, start) in prefixes(m.start, m.end) {
+            let prefixes = prefixes(m.start, m.end);
+            if entries.len() + prefixes.len() > MAX_PROCESS_ENTRIES {
+                // The rest of this process's mappings are not loaded: its walks there end as
+                // they do in a process not loaded at all, and no other process loses room.
+                crate::limits::hit(crate::limits::Limit::ProcessMappings, &format!("pid {pid}"));
+                break;
+            }
+            for (prefix, start) in prefixes {
                 entries.push((
                     Key::new(MAPPING_PID_PREFIX + prefix, mapping_key(pid, start)),
                     value,
@@ -629,6 +636,12 @@ impl<M: KernelMaps> Unwinder<M> {
                 info.kind = FileKind::FramePointer;
                 Ok(info)
             }
+            Err(TableError::TooManyRows { .. }) => {
+                // Counted and logged once by the limit; frame pointers are what is left.
+                crate::limits::hit(crate::limits::Limit::TableRows, path);
+                info.kind = FileKind::FramePointer;
+                Ok(info)
+            }
             Err(error) => {
                 self.stats.table_errors.fetch_add(1, Ordering::Relaxed);
                 info!(path, %error, "unwind table not built; samples in this file end there");
@@ -735,6 +748,11 @@ fn bias(segments: &[(u64, u64, u64)], start: u64, offset: u64) -> Option<u64> {
 
 /// Splits `[start, end)` into aligned power-of-two blocks: (prefix bits of the address, block
 /// start), as the LPM trie needs.
+/// Most `MAPPINGS` entries one process may take: 1/64 of the node-wide map (16,384). A
+/// process maps a few hundred executable ranges of ~10 entries each; one that maps tens of
+/// thousands would otherwise fill the map for every other process on the node.
+pub const MAX_PROCESS_ENTRIES: usize = (profiler_common::MAX_MAPPINGS / 64) as usize;
+
 fn prefixes(start: u64, end: u64) -> Vec<(u32, u64)> {
     let mut out = Vec::new();
     let mut at = start;

@@ -38,7 +38,14 @@ pub enum TableError {
     },
     #[error("code spans {span:#x} bytes, more than a table can address (4 GiB)")]
     TooLarge { span: u64 },
+    #[error("more than {max} unwind rows (counted while compiling, before they are stored)")]
+    TooManyRows { max: usize },
 }
+
+/// Most rows one file's table may have while it is compiled (64 MiB of [`AbsRow`]s; half the
+/// default unwind-table budget once stored). Checked as rows are added, so a hostile file is
+/// refused before it costs more.
+pub const MAX_FILE_ROWS: usize = 1 << 22;
 
 /// A row with its absolute ELF virtual address (before rebasing to the table's base).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,7 +143,10 @@ pub fn compile<'a, 'b, R: ReadRef<'a>, D: ReadRef<'b>>(
     };
     if let Some((start, end)) = go_text {
         add_go_rows(&mut rows, start, end);
-        add_go_table_rows(file, &mut rows);
+        add_go_table_rows(file, &mut rows)?;
+    }
+    if rows.len() > MAX_FILE_ROWS {
+        return Err(TableError::TooManyRows { max: MAX_FILE_ROWS });
     }
     if rows.is_empty() {
         return Err(TableError::NoCfi);
@@ -173,9 +183,12 @@ const GO_SIGNAL_RETURNS: [&str; 4] = [
 /// Rows from `.gopclntab` (so stripped binaries get them too): rsp-based rows where Go code
 /// runs without a frame, STOP rows over the Go functions that start stacks, and SIGNAL rows
 /// over the signal return trampoline.
-fn add_go_table_rows<'a, R: ReadRef<'a>>(file: &object::File<'a, R>, rows: &mut Vec<AbsRow>) {
+fn add_go_table_rows<'a, R: ReadRef<'a>>(
+    file: &object::File<'a, R>,
+    rows: &mut Vec<AbsRow>,
+) -> Result<(), TableError> {
     let Some(table) = crate::symbolize::gopclntab::GoPclntab::from_elf(file, false) else {
-        return;
+        return Ok(());
     };
     // The rule of a function that has one of its own throughout.
     let own_rule = |name: &str| {
@@ -213,7 +226,12 @@ fn add_go_table_rows<'a, R: ReadRef<'a>>(file: &object::File<'a, R>, rows: &mut 
         cfa: 8,
         ..UnwindRow::default()
     };
-    for (from, to) in table.frameless_ranges(|name| own_rule(name).is_some()) {
+    // Two rows per range: the ranges may take what room the file has left.
+    let room = MAX_FILE_ROWS.saturating_sub(rows.len() + 2 * specials.len()) / 2;
+    let ranges = table
+        .frameless_ranges(|name| own_rule(name).is_some(), room)
+        .ok_or(TableError::TooManyRows { max: MAX_FILE_ROWS })?;
+    for (from, to) in ranges {
         rows.push(AbsRow {
             vaddr: from,
             rule: frameless,
@@ -223,6 +241,7 @@ fn add_go_table_rows<'a, R: ReadRef<'a>>(file: &object::File<'a, R>, rows: &mut 
     for &(entry, _, rule) in &specials {
         rows.push(AbsRow { vaddr: entry, rule });
     }
+    Ok(())
 }
 
 /// Largest CFI section read (`.eh_frame` of the largest binaries is tens of MiB).
@@ -360,6 +379,9 @@ where
             rows.truncate(first);
             stats.bad_fdes += 1;
             continue;
+        }
+        if rows.len() > MAX_FILE_ROWS {
+            return Err(TableError::TooManyRows { max: MAX_FILE_ROWS });
         }
         stats.invalid += rows[first..]
             .iter()
