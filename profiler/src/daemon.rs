@@ -2,14 +2,15 @@
 //! run the interval clock → stop cleanly.
 //!
 //! Ctrl-C or SIGTERM: detach the programs, let the stages drain and export the open interval
-//! ([`crate::stages::Running::stop`]), exit. A second signal exits at once (code 130).
+//! ([`crate::stages::Running::stop`]), exit. A second signal exits at once (code 130), and a
+//! stop that takes longer than [`STOP_DEADLINE`] (a wedged stage) exits with code 1.
 use std::{
     path::Path,
     time::{Duration, SystemTime},
 };
 
 use tokio::time::{Instant, MissedTickBehavior};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     bpf::{BpfError, BpfSession, SamplingConfig},
@@ -69,6 +70,23 @@ async fn shutdown_signal() {
     }
 }
 
+/// Longest a stop after SIGTERM may take (flushing the open interval, draining spools): the
+/// daemon then exits whatever a stage is doing, well inside Kubernetes' 30 s grace period.
+pub const STOP_DEADLINE: Duration = Duration::from_secs(9);
+
+/// How long a stage may be on one item before /healthz fails: three intervals, and at least
+/// 30 s (a first load of a large binary's tables and names can take seconds).
+pub fn stall_after(interval: Duration) -> Duration {
+    (interval * 3).max(Duration::from_secs(30))
+}
+
+fn pipeline_stall(telemetry: &crate::telemetry::Telemetry) -> String {
+    match telemetry.stalled() {
+        Some((stage, busy)) => format!("{stage} busy for {}s", busy.as_secs()),
+        None => "none past the stall bound".to_owned(),
+    }
+}
+
 /// What woke the daemon's loop.
 enum Event {
     /// Time to refresh the kernel's counters for /metrics and on-demand profiles.
@@ -85,6 +103,7 @@ pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
     let mut session = BpfSession::load(&plan.sampling, &pids)?;
     let mut pipeline = stages::start(&mut session, &plan.sampling, &pids, plan.stages).await?;
     session.attach()?;
+    pipeline.telemetry.set_stall_after(stall_after(plan.interval));
     pipeline.telemetry.set_ready();
 
     let stop = shutdown_signal();
@@ -106,8 +125,24 @@ pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
         match event {
             Event::Counters => pipeline.stats.kernel.set(session.counters()?),
             Event::Interval => {
-                if plan.once || !pipeline.flush(SystemTime::now(), session.counters()?).await {
+                if plan.once {
                     break;
+                }
+                // The send waits while the aggregator's queue is full: a stop signal still
+                // ends the wait (a wedged aggregator must not make SIGTERM go unheard).
+                let counters = session.counters()?;
+                let flushed = tokio::select! {
+                    flushed = pipeline.flush(SystemTime::now(), counters) => Some(flushed),
+                    () = &mut stop => None,
+                };
+                match flushed {
+                    Some(true) => {}
+                    Some(false) => break,
+                    None => {
+                        info!("stopping: flushing the current interval (signal again to exit at once)");
+                        signalled = true;
+                        break;
+                    }
                 }
             }
             Event::Stop => {
@@ -124,6 +159,7 @@ pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
 
     session.stop();
     let counters = session.counters()?;
+    let telemetry = std::sync::Arc::clone(&pipeline.telemetry);
     let stopping = pipeline.stop(counters);
     let summary = if signalled {
         tokio::select! {
@@ -131,6 +167,15 @@ pub async fn run(plan: Plan) -> Result<RunSummary, DaemonError> {
             () = shutdown_signal() => {
                 warn!("second stop signal: exiting without flushing");
                 std::process::exit(130);
+            }
+            () = tokio::time::sleep(STOP_DEADLINE) => {
+                let stalled = pipeline_stall(&telemetry);
+                error!(
+                    deadline_s = STOP_DEADLINE.as_secs(),
+                    stalled = %stalled,
+                    "the stages did not stop in time: exiting without the open interval (spooled profiles stay on disk)"
+                );
+                std::process::exit(1);
             }
         }
     } else {

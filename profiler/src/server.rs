@@ -303,6 +303,16 @@ fn text_error(status: StatusCode, message: &str) -> Response {
 async fn healthz(State(endpoint): State<Shared>) -> Response {
     if endpoint.telemetry.has_failed() {
         (StatusCode::SERVICE_UNAVAILABLE, "a pipeline stage failed\n").into_response()
+    } else if let Some((stage, busy)) = endpoint.telemetry.stalled() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the {stage} stage has been on one item for {}s (more than {}s): wedged\n",
+                busy.as_secs(),
+                endpoint.telemetry.stall_after().as_secs()
+            ),
+        )
+            .into_response()
     } else {
         (StatusCode::OK, "ok\n").into_response()
     }

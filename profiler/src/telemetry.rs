@@ -9,9 +9,9 @@ use std::{
     fmt::Write as _,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 /// Whether a family only grows or may go down.
@@ -105,6 +105,60 @@ pub trait Collect: Send + Sync {
     fn collect(&self, out: &mut Exposition);
 }
 
+/// One stage's progress, as /healthz judges it: when the item it works on was taken (none
+/// while it waits for work), and how many items it finished. A stage waiting for input is
+/// healthy however long it waits; one busy with one item past the stall bound is wedged.
+pub struct Heartbeat {
+    pub stage: &'static str,
+    started: Instant,
+    /// Milliseconds after `started` at which the current item was taken, plus one; 0 idle.
+    busy_since: AtomicU64,
+    done: AtomicU64,
+}
+
+/// Marks a stage busy until dropped.
+pub struct Busy<'a>(&'a Heartbeat);
+
+impl Heartbeat {
+    pub fn new(stage: &'static str) -> Self {
+        Self {
+            stage,
+            started: Instant::now(),
+            busy_since: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+        }
+    }
+
+    /// The stage takes an item; it is done with it when the guard goes.
+    pub fn busy(&self) -> Busy<'_> {
+        let now = self.started.elapsed().as_millis() as u64 + 1;
+        self.busy_since.store(now, Ordering::Relaxed);
+        Busy(self)
+    }
+
+    /// How long the stage has been on its current item (zero while idle).
+    pub fn busy_for(&self) -> Duration {
+        match self.busy_since.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            since => self
+                .started
+                .elapsed()
+                .saturating_sub(Duration::from_millis(since - 1)),
+        }
+    }
+
+    pub fn done(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.busy_since.store(0, Ordering::Relaxed);
+        self.0.done.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// The registry and the daemon's health.
 pub struct Telemetry {
     started: Instant,
@@ -113,7 +167,13 @@ pub struct Telemetry {
     /// Set when a stage failed and the daemon is stopping.
     failed: AtomicBool,
     sources: Mutex<Vec<Arc<dyn Collect>>>,
+    heartbeats: Mutex<Vec<Arc<Heartbeat>>>,
+    /// A stage busy with one item for longer than this is wedged (/healthz fails).
+    stall_after_ms: AtomicU64,
 }
+
+/// The stall bound before [`Telemetry::set_stall_after`] is called.
+pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(60);
 
 impl Default for Telemetry {
     fn default() -> Self {
@@ -128,7 +188,39 @@ impl Telemetry {
             ready: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             sources: Mutex::default(),
+            heartbeats: Mutex::default(),
+            stall_after_ms: AtomicU64::new(DEFAULT_STALL_AFTER.as_millis() as u64),
         }
+    }
+
+    /// A new stage's heartbeat, watched by [`Telemetry::stalled`] and shown in /metrics.
+    pub fn heartbeat(&self, stage: &'static str) -> Arc<Heartbeat> {
+        let beat = Arc::new(Heartbeat::new(stage));
+        self.heartbeats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Arc::clone(&beat));
+        beat
+    }
+
+    pub fn set_stall_after(&self, after: Duration) {
+        self.stall_after_ms
+            .store(after.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn stall_after(&self) -> Duration {
+        Duration::from_millis(self.stall_after_ms.load(Ordering::Relaxed))
+    }
+
+    /// The first stage busy with one item for longer than the stall bound, and for how long.
+    pub fn stalled(&self) -> Option<(&'static str, Duration)> {
+        let after = self.stall_after();
+        self.heartbeats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|beat| (beat.stage, beat.busy_for()))
+            .find(|(_, busy)| *busy > after)
     }
 
     /// Adds a source; scrapes ask it after those registered before it.
@@ -169,6 +261,32 @@ impl Telemetry {
         for source in sources {
             source.collect(&mut out);
         }
+        let beats: Vec<Arc<Heartbeat>> = self
+            .heartbeats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let mut busy = out.family(
+            "profiler_stage_busy_seconds",
+            Kind::Gauge,
+            "How long each stage has been on its current item (0 while it waits for work); past profiler_stage_stall_seconds /healthz fails.",
+        );
+        for beat in &beats {
+            busy.sample(&[("stage", beat.stage)], beat.busy_for().as_secs_f64());
+        }
+        let mut done = out.family(
+            "profiler_stage_items_total",
+            Kind::Counter,
+            "Items each stage finished (batches, intervals, profiles, load requests).",
+        );
+        for beat in &beats {
+            done.sample(&[("stage", beat.stage)], beat.done() as f64);
+        }
+        out.gauge(
+            "profiler_stage_stall_seconds",
+            "A stage busy with one item for longer than this is wedged: /healthz fails.",
+            self.stall_after().as_secs_f64(),
+        );
         let (cpu, rss) = own_usage();
         out.family(
             "process_cpu_seconds_total",
@@ -249,6 +367,31 @@ mod tests {
                 assert!(declared.contains(name), "undeclared {name}");
             }
         }
+    }
+
+    #[test]
+    fn a_stage_busy_past_the_bound_is_stalled_and_an_idle_one_never() {
+        let t = Telemetry::new();
+        t.set_stall_after(Duration::from_millis(50));
+        let idle = t.heartbeat("reporter");
+        let busy = t.heartbeat("aggregator");
+        {
+            let _item = idle.busy();
+        }
+        assert_eq!(idle.done(), 1);
+        let item = busy.busy();
+        assert_eq!(t.stalled(), None, "busy for less than the bound");
+        std::thread::sleep(Duration::from_millis(120));
+        let (stage, for_) = t.stalled().expect("stalled");
+        assert_eq!(stage, "aggregator");
+        assert!(for_ >= Duration::from_millis(100), "{for_:?}");
+        assert!(
+            t.render()
+                .contains("profiler_stage_busy_seconds{stage=\"reporter\"} 0\n")
+        );
+        drop(item);
+        assert_eq!(t.stalled(), None, "done with its item");
+        assert_eq!(busy.done(), 1);
     }
 
     #[test]

@@ -298,7 +298,8 @@ pub async fn start(
         unwinder.load_initial(pids);
         let (requests, queue) = unwind::request_queue(Arc::clone(&unwind_stats));
         let token = cancel.child_token();
-        let thread = Thread::spawn("unwind", move || unwind::run(unwinder, queue, token))?;
+        let beat = telemetry.heartbeat("unwind");
+        let thread = Thread::spawn("unwind", move || unwind::run(unwinder, queue, token, &beat))?;
         (Some(requests), Some(thread))
     } else {
         (None, None)
@@ -391,11 +392,13 @@ pub async fn start(
         &config.server,
     ));
     telemetry.register(Arc::clone(&endpoint) as Arc<dyn Collect>);
-    let aggregator = tokio::task::spawn_blocking(move || aggregate::run(aggregator, rx, snap_tx));
+    let beat = telemetry.heartbeat("aggregator");
+    let aggregator = tokio::task::spawn_blocking(move || aggregate::run(aggregator, rx, snap_tx, &beat));
     let exporters = config.exporters;
     let pipeline = Arc::clone(&stats);
+    let beat = telemetry.heartbeat("reporter");
     let reporter = tokio::task::spawn_blocking(move || {
-        report::run(reporter, snap_rx, exporters, pipeline, report_stats)
+        report::run(reporter, snap_rx, exporters, pipeline, report_stats, &beat)
     });
     for listener in crate::server::bind(&config.server, config.tls, endpoint).await? {
         tasks.spawn(listener.serve(tasks_cancel.clone()));

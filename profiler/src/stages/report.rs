@@ -23,7 +23,7 @@ use crate::{
     report::{Report, Reporter},
     sample::CounterSnapshot,
     symbolize::{SymbolStats, Unresolved},
-    telemetry::{Collect, Exposition, Kind},
+    telemetry::{Collect, Exposition, Heartbeat, Kind},
 };
 
 /// Capacity of the aggregator → reporter queue. Two snapshots: one being reported, one
@@ -161,9 +161,11 @@ pub fn run(
     mut exporters: Vec<Box<dyn Exporter>>,
     pipeline: Arc<PipelineStats>,
     stats: Arc<ReportStats>,
+    beat: &Heartbeat,
 ) -> RunSummary {
     let mut summary = RunSummary::default();
     while let Some(job) = rx.blocking_recv() {
+        let _busy = beat.busy();
         let snap = match job {
             Job::Interval(snap) => snap,
             Job::OnDemand { snapshot, reply } => {

@@ -18,7 +18,10 @@ use std::{
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::unwind::{UnwindStats, Unwinder};
+use crate::{
+    telemetry::Heartbeat,
+    unwind::{UnwindStats, Unwinder},
+};
 
 /// How often every loaded process is re-read.
 const RECONCILE_EVERY: Duration = Duration::from_secs(10);
@@ -128,7 +131,7 @@ impl Drop for Requests {
 
 /// The stage loop, until the request channel closes or `cancel`. It sleeps on the event ring,
 /// which the sampling program wakes for every load request, and on the request doorbell.
-pub fn run(mut unwinder: Unwinder, requests: RequestQueue, cancel: CancellationToken) {
+pub fn run(mut unwinder: Unwinder, requests: RequestQueue, cancel: CancellationToken, beat: &Heartbeat) {
     let mut last_reconcile = Instant::now();
     let doorbell = requests.doorbell.as_deref();
     let timeout = match doorbell {
@@ -147,6 +150,7 @@ pub fn run(mut unwinder: Unwinder, requests: RequestQueue, cancel: CancellationT
         if let Some(doorbell) = doorbell {
             doorbell.clear();
         }
+        let _busy = beat.busy();
         unwinder.drain_events();
         unwinder.run_due_rechecks();
         loop {
