@@ -38,7 +38,7 @@ use axum::{
     routing::get,
 };
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
     service::TowerToHyperService,
 };
@@ -82,6 +82,10 @@ pub enum ServerError {
         "refusing to serve profiles on {0} without authentication: bind a loopback address, or give --http-bearer-token-file or --http-client-ca (mutual TLS)"
     )]
     Unauthenticated(SocketAddr),
+    #[error(
+        "refusing to take a bearer token in plaintext on {0}: anyone on the network path could read it; give --http-tls-cert and --http-tls-key, or bind a loopback address"
+    )]
+    PlaintextToken(SocketAddr),
     #[error("{flag} {path}: {reason}")]
     File {
         flag: &'static str,
@@ -128,10 +132,13 @@ impl ServerSettings {
         }
         if let Some(addr) = self.listen
             && !addr.ip().is_loopback()
-            && self.bearer_token_file.is_none()
-            && self.client_ca.is_none()
         {
-            return Err(ServerError::Unauthenticated(addr));
+            if self.bearer_token_file.is_none() && self.client_ca.is_none() {
+                return Err(ServerError::Unauthenticated(addr));
+            }
+            if self.bearer_token_file.is_some() && tls.is_none() {
+                return Err(ServerError::PlaintextToken(addr));
+            }
         }
         Ok(tls)
     }
@@ -220,6 +227,11 @@ impl Collect for Endpoint {
             "profiler_on_demand_profiles_total",
             "Profiles served by /debug/pprof/profile.",
             self.on_demand.load(Ordering::Relaxed),
+        );
+        out.counter(
+            "profiler_http_connections_refused_total",
+            "Connections closed on arrival because a listener had its maximum open.",
+            CONNECTIONS_REFUSED.load(Ordering::Relaxed),
         );
     }
 }
@@ -563,6 +575,13 @@ async fn index(State(endpoint): State<Shared>) -> Html<String> {
     Html(page)
 }
 
+/// Most connections one listener keeps open at once; more are closed as they arrive.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Longest a client may take to finish its TLS handshake, and to send a request head.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections closed because [`MAX_CONNECTIONS`] were open.
+pub static CONNECTIONS_REFUSED: AtomicU64 = AtomicU64::new(0);
+
 /// Serves `router` on `listener` (over TLS when `tls` is set) until `cancel`.
 pub async fn serve(
     listener: TcpListener,
@@ -571,6 +590,7 @@ pub async fn serve(
     cancel: CancellationToken,
 ) {
     let service = TowerToHyperService::new(router);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -583,13 +603,30 @@ pub async fn serve(
             },
             () = cancel.cancelled() => return,
         };
+        // Past the cap a connection is closed at once: a flood of idle connections cannot take
+        // the daemon's descriptors, which its /proc and ELF reads need.
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            CONNECTIONS_REFUSED.fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, "connection refused: {MAX_CONNECTIONS} already open");
+            drop(stream);
+            continue;
+        };
         let service = service.clone();
         let tls = tls.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let _slot = slot;
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            // A client must send its request head in time (slow-loris connections end).
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
             let result = match tls {
-                Some(acceptor) => match acceptor.accept(stream).await {
+                Some(acceptor) => match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream))
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut)))
+                {
                     Ok(stream) => {
                         tokio::select! {
                             r = builder.serve_connection(TokioIo::new(stream), service) => r,
@@ -725,11 +762,24 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let token = dir.path().join("token");
         std::fs::write(&token, "s3cret\n").expect("write");
-        let with_token = ServerSettings {
-            bearer_token_file: Some(token),
+        // A token off loopback needs TLS: without it anyone on the path reads the token.
+        let plaintext_token = ServerSettings {
+            bearer_token_file: Some(token.clone()),
             ..open.clone()
         };
-        assert!(with_token.check().is_ok());
+        let Err(err) = plaintext_token.check() else {
+            panic!("plaintext token")
+        };
+        assert!(
+            err.to_string()
+                .contains("bearer token in plaintext on 0.0.0.0:7073"),
+            "{err}"
+        );
+        let loopback_token = ServerSettings {
+            bearer_token_file: Some(token),
+            ..loopback
+        };
+        assert!(loopback_token.check().is_ok());
         let missing = ServerSettings {
             bearer_token_file: Some(dir.path().join("absent")),
             ..open

@@ -6,6 +6,7 @@
 
 pub mod backends;
 pub mod daemon;
+pub mod hostile;
 pub mod kubeapi;
 
 use std::{

@@ -570,17 +570,36 @@ fn go_tool_pprof_reads_the_live_endpoint_and_filters_by_pid() {
 }
 
 #[test]
-fn a_non_loopback_endpoint_demands_the_bearer_token() {
+fn a_non_loopback_endpoint_demands_the_bearer_token_over_tls() {
     let _serial = serial();
     if !privileged() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::create(dir.path());
     let token = dir.path().join("token");
     std::fs::write(&token, "let-me-in\n").expect("write");
     let port = free_addr().port();
     let listen = format!("0.0.0.0:{port}");
-    let local: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    // A token sent in plaintext off loopback can be read by anyone on the path: refused.
+    let plaintext = Command::new(profiler_bin())
+        .args([
+            "run",
+            "--check-config",
+            "--http-listen",
+            &listen,
+            "--http-bearer-token-file",
+        ])
+        .arg(&token)
+        .output()
+        .expect("run profiler");
+    let said = String::from_utf8_lossy(&plaintext.stderr);
+    assert!(
+        !plaintext.status.success(),
+        "a plaintext token off loopback was accepted"
+    );
+    assert!(said.contains("--http-tls-cert"), "{said}");
+
     let daemon = Daemon::start(&[
         "--interval",
         "30s",
@@ -589,33 +608,58 @@ fn a_non_loopback_endpoint_demands_the_bearer_token() {
         &listen,
         "--http-bearer-token-file",
         token.to_str().expect("utf8"),
+        "--http-tls-cert",
+        pki.server_cert.to_str().expect("utf8"),
+        "--http-tls-key",
+        pki.server_key.to_str().expect("utf8"),
     ]);
-    wait_ready(local);
-    assert_eq!(http_get(local, "/healthz", &[]).0, 200, "probes need no token");
-    let (status, head, _) = http_get(local, "/debug/pprof/profile?seconds=1", &[]);
-    assert_eq!(status, 401);
-    assert!(head.to_ascii_lowercase().contains("www-authenticate: bearer"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&pki.ca).expect("ca")).expect("ca");
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(ca)
+        .build()
+        .expect("client");
+    let url = |path: &str| format!("https://localhost:{port}{path}");
+    let get = |path: &str, token: Option<&str>| {
+        runtime.block_on(async {
+            let mut request = client.get(url(path));
+            if let Some(token) = token {
+                request = request.header("Authorization", format!("Bearer {token}"));
+            }
+            let answer = request.send().await?;
+            let status = answer.status().as_u16();
+            let challenge = answer
+                .headers()
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = answer.bytes().await?.to_vec();
+            Ok::<_, reqwest::Error>((status, challenge, body))
+        })
+    };
+    wait_for("the TLS endpoint", Duration::from_secs(20), || {
+        get("/readyz", None).is_ok_and(|(status, _, _)| status == 200)
+    });
     assert_eq!(
-        http_get(local, "/metrics", &[("Authorization", "Bearer wrong")]).0,
-        401
+        get("/healthz", None).expect("healthz").0,
+        200,
+        "probes need no token"
     );
-    let (status, _, body) = http_get(
-        local,
-        "/debug/pprof/profile?seconds=1",
-        &[("Authorization", "Bearer let-me-in")],
-    );
+    let (status, challenge, _) = get("/debug/pprof/profile?seconds=1", None).expect("profile");
+    assert_eq!(status, 401);
+    assert!(challenge.is_some_and(|c| c.to_ascii_lowercase().starts_with("bearer")));
+    assert_eq!(get("/metrics", Some("wrong")).expect("metrics").0, 401);
+    let (status, _, body) = get("/debug/pprof/profile?seconds=1", Some("let-me-in")).expect("profile");
     assert_eq!(status, 200);
     decode(&body).expect("a profile");
     // A rotated token is read again from the file.
     std::fs::write(&token, "rotated-token-2\n").expect("rotate");
-    assert_eq!(
-        http_get(local, "/metrics", &[("Authorization", "Bearer let-me-in")]).0,
-        401
-    );
-    assert_eq!(
-        http_get(local, "/metrics", &[("Authorization", "Bearer rotated-token-2")]).0,
-        200
-    );
+    assert_eq!(get("/metrics", Some("let-me-in")).expect("metrics").0, 401);
+    assert_eq!(get("/metrics", Some("rotated-token-2")).expect("metrics").0, 200);
     daemon.stop();
 }
 

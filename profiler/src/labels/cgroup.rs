@@ -94,8 +94,10 @@ pub fn parse_path(path: &str) -> CgroupInfo {
         path: path.to_owned(),
         ..CgroupInfo::default()
     };
-    // The innermost container wins (a container can run nested cgroups below its own).
-    for (i, segment) in segments.iter().enumerate().rev() {
+    // The outermost container wins: it is the one the runtime created. A workload may make
+    // cgroups below its own (a delegated subtree) and name one after another pod's container,
+    // so a segment deeper down never decides whose pod this is.
+    for (i, segment) in segments.iter().enumerate() {
         let parent = i.checked_sub(1).map(|p| segments[p]);
         if let Some((id, runtime)) = container_of(segment, parent) {
             info.container_id = Some(id);
@@ -179,8 +181,19 @@ mod tests {
             Option<&'a str>,
             Option<&'a str>,
         );
+        let victim = "ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff";
         let cases: Vec<Case<'_>> = vec![
             // (path, container id, runtime, pod uid, systemd unit)
+            // A workload's own sub-cgroup named after another pod's container: still its own.
+            (
+                format!(
+                    "/kubepods.slice/kubepods-pod{uid_}.slice/cri-containerd-{ID}.scope/nested/cri-containerd-{victim}.scope"
+                ),
+                Some(ID),
+                Some("containerd"),
+                Some(UID),
+                None,
+            ),
             (
                 format!(
                     "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice/cri-containerd-{ID}.scope"

@@ -1031,6 +1031,56 @@ mod tests {
         frames.iter().map(|(n, l)| ((*n).to_owned(), *l)).collect()
     }
 
+    /// The synthetic Go 1.20 table with main.outer's `pcsp` pointing at `pcsp`, appended.
+    fn with_pcsp(pcsp: &[u8]) -> GoPclntab {
+        let (mut data, image) = synthetic(Layout::Go120);
+        let word = |at: usize| u64::from_le_bytes(data[at..at + 8].try_into().expect("8 bytes")) as usize;
+        // Header: magic, 4 bytes, nfunc, nfiles, textStart, then funcname, cu, filetab,
+        // pctab, functab offsets; outer's _func follows the 3 functab entries.
+        let (pctab, functab) = (word(56), word(64));
+        let pcsp_field = functab + 3 * 8 + 4 + 3 * 4;
+        let at = (data.len() - pctab) as u32;
+        data.extend_from_slice(pcsp);
+        data[pcsp_field..pcsp_field + 4].copy_from_slice(&at.to_le_bytes());
+        GoPclntab::parse_in(data, PCLNTAB, TEXT, Some(&image), true).expect("parses")
+    }
+
+    #[test]
+    fn frameless_ranges_are_bounded_by_the_code_they_cover() {
+        // The bomb: values 0, 1, 0, 1 … each over no code (pc step 0), 1<<15 times over. It
+        // once gave 32,768 ranges per function, and every function may share the table.
+        let mut bomb = Vec::new();
+        uvarint_into(&mut bomb, 2); // -1 → +1: value 0
+        uvarint_into(&mut bomb, 1);
+        for i in 0..(1 << 15) {
+            uvarint_into(&mut bomb, if i % 2 == 0 { 2 } else { 1 }); // +1, -1
+            uvarint_into(&mut bomb, 0);
+        }
+        bomb.push(0);
+        let table = with_pcsp(&bomb);
+        let ranges = table
+            .frameless_ranges(|_| false, 1 << 20)
+            .expect("within the bound");
+        assert!(ranges.len() <= 1, "a zero pc step ends the table: {ranges:?}");
+        // Alternating over one byte each: one range per two bytes of main.outer at most, and
+        // past the caller's bound the table is refused.
+        let mut runs = Vec::new();
+        for pc in 1..=0x40u32 {
+            runs.push((if pc % 2 == 0 { 8 } else { 0 }, pc));
+        }
+        let table = with_pcsp(&pcvalue_table(&runs));
+        let ranges = table
+            .frameless_ranges(|_| false, 1 << 20)
+            .expect("within the bound");
+        assert_eq!(ranges.len(), 0x20);
+        assert!(
+            ranges
+                .iter()
+                .all(|&(from, to)| TEXT <= from && from < to && to <= TEXT + 0x40)
+        );
+        assert!(table.frameless_ranges(|_| false, 0x1f).is_none());
+    }
+
     #[test]
     fn synthetic_tables_of_every_layout_name_inlined_calls() {
         for layout in [Layout::Go116, Layout::Go118, Layout::Go120, Layout::Go126] {

@@ -34,7 +34,7 @@ use std::{
 
 use aya::maps::lpm_trie::Key;
 use foldhash::{HashMap, HashSet};
-use object::{Object as _, ObjectSegment as _, ReadCache};
+use object::{Object as _, ObjectSection as _, ObjectSegment as _, ReadCache};
 
 use profiler_common::{
     MAPPING_PID_PREFIX, MAX_MAPPINGS, MAX_PROCS, MAX_UNWIND_FILES, Mapping, MappingKey, ProcEvent, mapping,
@@ -746,13 +746,13 @@ fn bias(segments: &[(u64, u64, u64)], start: u64, offset: u64) -> Option<u64> {
     Some(start.wrapping_sub(vaddr))
 }
 
-/// Splits `[start, end)` into aligned power-of-two blocks: (prefix bits of the address, block
-/// start), as the LPM trie needs.
 /// Most `MAPPINGS` entries one process may take: 1/64 of the node-wide map (16,384). A
 /// process maps a few hundred executable ranges of ~10 entries each; one that maps tens of
 /// thousands would otherwise fill the map for every other process on the node.
 pub const MAX_PROCESS_ENTRIES: usize = (profiler_common::MAX_MAPPINGS / 64) as usize;
 
+/// Splits `[start, end)` into aligned power-of-two blocks: (prefix bits of the address, block
+/// start), as the LPM trie needs.
 fn prefixes(start: u64, end: u64) -> Vec<(u32, u64)> {
     let mut out = Vec::new();
     let mut at = start;
@@ -771,12 +771,33 @@ fn prefixes(start: u64, end: u64) -> Vec<(u32, u64)> {
     out
 }
 
-/// A file's id: its build id, else a hash of its first and last 4 KiB and its length.
+/// A file's id: its build id and a hash of the sections its table is compiled from (so a
+/// file that claims another's build id with other CFI gets a table of its own, and cannot
+/// replace the rows every process of the genuine file walks with), else a hash of its first
+/// and last 4 KiB and its length.
 fn file_id<'a, R: object::ReadRef<'a>>(elf: &object::File<'a, R>, data: R, key: FileKey) -> u64 {
     let mut hasher = std::hash::DefaultHasher::new();
     if let Ok(Some(build_id)) = elf.build_id() {
         "build-id".hash(&mut hasher);
         build_id.hash(&mut hasher);
+        for name in [
+            ".eh_frame",
+            ".eh_frame_hdr",
+            ".debug_frame",
+            ".gopclntab",
+            ".text",
+        ] {
+            let Some(section) = elf.section_by_name(name) else {
+                continue;
+            };
+            (name, section.address(), section.size()).hash(&mut hasher);
+            // The bytes that become rows; `.text` only by its place and size.
+            if name != ".text"
+                && let Ok(bytes) = section.data()
+            {
+                bytes.hash(&mut hasher);
+            }
+        }
         return hasher.finish() | 1;
     }
     let len = data.len().unwrap_or(0);
@@ -862,6 +883,37 @@ fn own_vdso() -> Option<(FileInfo, Table)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_build_id_twin_with_other_cfi_gets_its_own_table_id() {
+        let genuine = std::fs::read("/proc/self/exe").expect("own executable");
+        let elf = object::File::parse(genuine.as_slice()).expect("ELF");
+        assert!(
+            elf.build_id().ok().flatten().is_some(),
+            "the test binary has a build id"
+        );
+        let (offset, size) = elf
+            .section_by_name(".eh_frame")
+            .and_then(|s| s.file_range())
+            .expect(".eh_frame");
+        let key = FileKey {
+            dev: (0, 0),
+            inode: 1,
+            size: 0,
+            mtime_ns: 0,
+        };
+        let id = file_id(&elf, genuine.as_slice(), key);
+        // The same bytes elsewhere: the same table.
+        let copy = genuine.clone();
+        let copy_elf = object::File::parse(copy.as_slice()).expect("ELF");
+        assert_eq!(file_id(&copy_elf, copy.as_slice(), key), id);
+        // Same build id, one CFI byte changed: another table.
+        let mut twin = genuine.clone();
+        twin[(offset + size / 2) as usize] ^= 0x5a;
+        let twin_elf = object::File::parse(twin.as_slice()).expect("ELF");
+        assert_eq!(twin_elf.build_id().ok().flatten(), elf.build_id().ok().flatten());
+        assert_ne!(file_id(&twin_elf, twin.as_slice(), key), id);
+    }
 
     #[test]
     fn prefixes_cover_the_range_exactly() {
