@@ -59,7 +59,9 @@ pub const MAP_UNWIND_FILES: &str = "UNWIND_FILES";
 /// LPM trie: [`MappingKey`] (tgid, address) → [`Mapping`].
 pub const MAP_MAPPINGS: &str = "MAPPINGS";
 /// Capacity of [`MAP_MAPPINGS`] (address-range prefixes, of every loaded process together).
-pub const MAX_MAPPINGS: u32 = 1 << 20;
+/// 262,144 entries: ~20,000 executable mappings at their typical 5–20 entries each; in the
+/// kernel at most ~48 MiB (a 96-byte leaf and at most one 96-byte inner node each).
+pub const MAX_MAPPINGS: u32 = 1 << 18;
 /// Hash: tgid → one of the [`proc_state`] values. A tgid absent here has not been seen yet:
 /// its first sample adds it as [`proc_state::REQUESTED`] and asks the daemon to load it.
 pub const MAP_PROCS: &str = "PROCS";

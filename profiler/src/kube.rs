@@ -193,22 +193,27 @@ pub fn pod_labels(pod: &Pod) -> Vec<(String, Labels)> {
     if !pod.status.pod_ip.is_empty() {
         base.insert("__meta_kubernetes_pod_ip".into(), pod.status.pod_ip.clone());
     }
-    for (k, v) in &m.labels {
-        base.insert(format!("__meta_kubernetes_pod_label_{}", sanitize(k)), v.clone());
-        base.insert(
-            format!("__meta_kubernetes_pod_labelpresent_{}", sanitize(k)),
-            "true".into(),
-        );
-    }
-    for (k, v) in &m.annotations {
-        base.insert(
-            format!("__meta_kubernetes_pod_annotation_{}", sanitize(k)),
-            v.clone(),
-        );
-        base.insert(
-            format!("__meta_kubernetes_pod_annotationpresent_{}", sanitize(k)),
-            "true".into(),
-        );
+    // Labels first, then annotations, each in name order, within one byte budget: a pod
+    // cannot make every one of its processes carry 256 KiB of annotations.
+    let subject = format!("pod {}/{}", m.namespace, m.name);
+    let mut budget = crate::limits::MAX_POD_META_BYTES;
+    for (kind, map) in [("label", &m.labels), ("annotation", &m.annotations)] {
+        let mut pairs: Vec<(&String, &String)> = map.iter().collect();
+        pairs.sort_unstable();
+        for (k, v) in pairs {
+            let name = sanitize(k);
+            let size = name.len() + v.len();
+            base.insert(
+                format!("__meta_kubernetes_pod_{kind}present_{name}"),
+                "true".into(),
+            );
+            if v.len() > crate::limits::MAX_META_VALUE_BYTES || size > budget {
+                crate::limits::hit(crate::limits::Limit::PodMetadata, &subject);
+                continue;
+            }
+            budget -= size;
+            base.insert(format!("__meta_kubernetes_pod_{kind}_{name}"), v.clone());
+        }
     }
     if let Some((kind, name)) = owner(pod) {
         base.insert("__meta_kubernetes_pod_controller_kind".into(), kind);
@@ -610,6 +615,58 @@ async fn watch_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pod_cannot_make_its_processes_carry_its_whole_metadata() {
+        use crate::limits::{HITS, Limit, MAX_META_VALUE_BYTES, MAX_POD_META_BYTES};
+        let mut pod = Pod::default();
+        pod.metadata.name = "big".into();
+        pod.metadata.labels.insert("app".into(), "shop".into());
+        // A 256 KiB annotation (Kubernetes' limit for all of them) and many small ones.
+        pod.metadata.annotations.insert(
+            "kubectl.kubernetes.io/last-applied-configuration".into(),
+            "x".repeat(256 << 10),
+        );
+        for i in 0..1000 {
+            pod.metadata
+                .annotations
+                .insert(format!("note-{i:04}"), "y".repeat(100));
+        }
+        pod.status.container_statuses.push(ContainerStatus {
+            name: "main".into(),
+            container_id: "containerd://abc".into(),
+            ..Default::default()
+        });
+        let before = HITS.count(Limit::PodMetadata);
+        let labels = pod_labels(&pod);
+        let (_, l) = &labels[0];
+        assert_eq!(l["__meta_kubernetes_pod_label_app"], "shop", "labels come first");
+        let name = "__meta_kubernetes_pod_annotation_kubectl_kubernetes_io_last_applied_configuration";
+        assert!(
+            !l.contains_key(name),
+            "a value over {MAX_META_VALUE_BYTES} bytes is left out"
+        );
+        assert_eq!(
+            l["__meta_kubernetes_pod_annotationpresent_kubectl_kubernetes_io_last_applied_configuration"],
+            "true"
+        );
+        let values: usize = l
+            .iter()
+            .filter_map(|(k, v)| {
+                let name = k
+                    .strip_prefix("__meta_kubernetes_pod_annotation_")
+                    .or_else(|| k.strip_prefix("__meta_kubernetes_pod_label_"))?;
+                Some(name.len() + v.len())
+            })
+            .sum();
+        assert!(values <= MAX_POD_META_BYTES, "{values}");
+        assert!(
+            l.contains_key("__meta_kubernetes_pod_annotation_note_0000"),
+            "in name order"
+        );
+        assert!(!l.contains_key("__meta_kubernetes_pod_annotation_note_0999"));
+        assert!(HITS.count(Limit::PodMetadata) >= before + 2);
+    }
 
     #[test]
     fn pod_json_gives_labels_per_container() {

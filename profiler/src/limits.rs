@@ -24,7 +24,8 @@ pub enum Limit {
     TableRows,
     /// A perf map larger than the per-file bound: read up to it.
     PerfMapBytes,
-    /// Perf maps of all processes together past their shared byte budget: not read.
+    /// Perf maps of all processes together past their shared byte budget (parsed form): the
+    /// map is parsed only up to what is left, or not at all.
     PerfMapBudget,
     /// Symbols of one file past the per-file count: the rest are not named from the table.
     SymbolCount,
@@ -32,10 +33,13 @@ pub enum Limit {
     NameLength,
     /// Executable mappings of one process past the per-process quota in the node-wide map.
     ProcessMappings,
+    /// A pod's label or annotation value past [`MAX_META_VALUE_BYTES`], or its labels and
+    /// annotations together past [`MAX_POD_META_BYTES`]: the rest are not discovered.
+    PodMetadata,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 7] = [
+    pub const ALL: [Limit; 8] = [
         Limit::DwarfDepth,
         Limit::TableRows,
         Limit::PerfMapBytes,
@@ -43,6 +47,7 @@ impl Limit {
         Limit::SymbolCount,
         Limit::NameLength,
         Limit::ProcessMappings,
+        Limit::PodMetadata,
     ];
 
     /// The `limit` label in /metrics.
@@ -55,6 +60,7 @@ impl Limit {
             Limit::SymbolCount => "symbol_count",
             Limit::NameLength => "name_length",
             Limit::ProcessMappings => "process_mappings",
+            Limit::PodMetadata => "pod_metadata",
         }
     }
 
@@ -63,11 +69,14 @@ impl Limit {
             Limit::DwarfDepth => "DWARF nested too deep: its DWARF is not used",
             Limit::TableRows => "unwind rows past the per-file bound: no unwind table from it",
             Limit::PerfMapBytes => "perf map larger than the per-file bound: read up to it",
-            Limit::PerfMapBudget => "perf maps over their shared budget: not read",
+            Limit::PerfMapBudget => "perf maps over their shared budget: read only up to it",
             Limit::SymbolCount => "more symbols than the per-file bound: the rest are unnamed",
             Limit::NameLength => "a function name past the length bound: cut",
             Limit::ProcessMappings => {
                 "more executable mappings than one process may load: the rest unwind with frame pointers"
+            }
+            Limit::PodMetadata => {
+                "pod labels or annotations past their bound: those are not discovered (the *present label stays)"
             }
         }
     }
@@ -80,6 +89,16 @@ pub const MAX_DIE_DEPTH: usize = 256;
 
 /// Longest function name kept, in bytes; longer ones are cut (at a character boundary).
 pub const MAX_NAME_BYTES: usize = 4096;
+
+/// Longest pod label or annotation value discovered (`__meta_kubernetes_pod_annotation_*`);
+/// a longer one (`kubectl.kubernetes.io/last-applied-configuration`, say) is left out, its
+/// `*present_*` label kept. Every process of the pod carries its discovered labels.
+pub const MAX_META_VALUE_BYTES: usize = 4096;
+
+/// Most bytes (names and values) of one pod's labels and annotations discovered, in name
+/// order; Kubernetes allows 256 KiB of annotations, which a node's thousand processes would
+/// otherwise each copy.
+pub const MAX_POD_META_BYTES: usize = 16 << 10;
 
 /// Hits per limit since start, and which (limit, file) pairs were logged.
 pub struct Hits {

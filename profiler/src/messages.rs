@@ -12,7 +12,8 @@ use crate::{
 /// What flows from the sampler (and the interval clock) to the aggregator.
 #[derive(Debug)]
 pub enum Message {
-    /// The samples of one drain of the ring buffer (at most `MAX_BATCH` (see `crate::stages::sampler`)).
+    /// The samples of one drain of the ring buffer (at most `MAX_BATCH` samples and
+    /// `MAX_BATCH_BYTES`, see `crate::stages::sampler`).
     Samples(Vec<Sample>),
     /// Close the current interval at `end` and report it; `last` ends the aggregator.
     Flush {

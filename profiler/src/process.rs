@@ -533,21 +533,25 @@ impl ProcessRegistry {
                 limits::hit(Limit::PerfMapBytes, &path);
             }
             let want = meta.size().min(MAX_PERF_MAP_BYTES as u64);
-            // What the other processes' maps hold (each counted at most at the per-file bound).
+            // What the other processes' parsed maps hold; this one gets what is left.
             let held: u64 = self
                 .jit
                 .iter()
                 .filter(|(other, _)| **other != pid)
-                .map(|(_, j)| j.size.min(MAX_PERF_MAP_BYTES as u64))
+                .map(|(_, j)| j.map.bytes() as u64)
                 .sum();
             let jit = self.jit.entry(pid).or_default();
-            if held.saturating_add(want) > PERF_MAPS_BUDGET {
+            let Some(room) = PERF_MAPS_BUDGET.checked_sub(held).filter(|room| *room > 0) else {
                 limits::hit(Limit::PerfMapBudget, &path);
                 return jit.map.lookup(addr).map(Arc::clone);
-            }
+            };
             let mut bytes = Vec::new();
             std::io::Read::read_to_end(&mut std::io::Read::take(file, want), &mut bytes).ok()?;
-            let (map, malformed) = PerfMap::parse(&String::from_utf8_lossy(&bytes));
+            let (map, malformed, cut) =
+                PerfMap::parse_bounded(&String::from_utf8_lossy(&bytes), room as usize);
+            if cut {
+                limits::hit(Limit::PerfMapBudget, &path);
+            }
             self.stats.perf_map_reads += 1;
             self.stats.perf_map_malformed_lines += malformed as u64;
             jit.map = map;

@@ -21,6 +21,7 @@
 //! that goes away sends its tap's close message from a task of its own (a `Drop` cannot wait),
 //! and the loader builds the eBPF loader on a short-lived scoped thread ([`crate::bpf`]).
 pub mod aggregate;
+pub mod budget;
 pub mod report;
 pub mod sampler;
 pub mod targeting;
@@ -92,7 +93,7 @@ pub const QUEUES: [Queue; 3] = [
     Queue {
         name: "samples",
         capacity: sampler::QUEUE_CAPACITY,
-        // The sampler keeps a backlog of `MAX_BACKLOG` samples while the queue is full; past
+        // The sampler keeps a backlog of `MAX_BACKLOG_BYTES` (8 MiB) while the queue is full; past
         // it the newest samples are dropped, counted as
         // `profiler_samples_lost_total{reason="aggregator_queue_full"}`.
         when_full: WhenFull::DropNewest,
@@ -191,6 +192,39 @@ impl Collect for LimitHits {
     }
 }
 
+/// The memory budget of these settings on this machine, and the cgroup's limit; a warning
+/// when the sum does not fit.
+fn memory_budget(sampling: &SamplingConfig, symbol_cache_bytes: u64) -> budget::Budget {
+    let sizing = budget::Sizing {
+        symbol_cache_bytes,
+        unwind_rows: if sampling.unwinder == UnwinderMode::Dwarf {
+            sampling.unwind_rows
+        } else {
+            0
+        },
+        frequency_hz: sampling.frequency.get(),
+        cpus: aya::util::nr_cpus().map_or(1, |n| n as u32),
+    };
+    let parts = budget::parts(&sizing);
+    let total = budget::total(&parts);
+    let limit = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|text| budget::cgroup_limit(&text, std::path::Path::new("/sys/fs/cgroup")));
+    match limit {
+        Some(limit) if total > limit => warn!(
+            budget_mib = total >> 20,
+            limit_mib = limit >> 20,
+            "the memory budget is larger than the cgroup's limit: lower --symbol-cache-size or --unwind-table-size, or raise the limit (docs/architecture.md, bounds)"
+        ),
+        _ => tracing::debug!(
+            budget_mib = total >> 20,
+            limit_mib = limit.map(|l| l >> 20),
+            "memory budget"
+        ),
+    }
+    budget::Budget { parts, limit }
+}
+
 /// Queue depths for /metrics, read through weak senders (they keep no stage alive).
 struct QueueDepths {
     samples: mpsc::WeakSender<Message>,
@@ -280,6 +314,7 @@ pub async fn start(
 ) -> Result<Running, StageError> {
     let cancel = CancellationToken::new();
     let telemetry = Arc::new(Telemetry::new());
+    telemetry.register(Arc::new(memory_budget(sampling, config.symbol_cache_bytes)));
     let frequency = sampling.frequency.get();
     let stats = Arc::new(PipelineStats::new(frequency));
     // One reading for /metrics and for the first interval's start, so both count from here.
@@ -528,6 +563,15 @@ mod tests {
             samples: tx.downgrade(),
             snapshots: snap_tx.downgrade(),
         }));
+        telemetry.register(Arc::new(budget::Budget {
+            parts: budget::parts(&budget::Sizing {
+                symbol_cache_bytes: 64 << 20,
+                unwind_rows: 1 << 20,
+                frequency_hz: 19,
+                cpus: 2,
+            }),
+            limit: Some(384 << 20),
+        }));
         let text = telemetry.render();
         for line in [
             "profiler_sampling_frequency_hz 19\n",
@@ -536,10 +580,15 @@ mod tests {
             "profiler_samples_lost_total{reason=\"aggregator_queue_full\"} 5\n",
             "profiler_unwind_walks_total{status=\"frame-pointer-only\"} 0\n",
             "profiler_unwind_walks_total{status=\"max-depth\"} 7\n",
-            "profiler_bpf_map_capacity_entries{map=\"MAPPINGS\"} 1048576\n",
+            "profiler_bpf_map_capacity_entries{map=\"MAPPINGS\"} 262144\n",
             "profiler_symbolized_frames_total{outcome=\"named\"} 0\n",
             "# TYPE profiler_file_refusals_total counter\n",
             "profiler_limit_hits_total{limit=\"dwarf_depth\"} ",
+            "profiler_limit_hits_total{limit=\"pod_metadata\"} ",
+            "profiler_memory_budget_bytes{part=\"symbol_cache\",memory=\"user\"} 67108864\n",
+            "profiler_memory_budget_bytes{part=\"unwind_tables\",memory=\"kernel\"} 8388608\n",
+            "# TYPE profiler_memory_budget_total_bytes gauge\n",
+            "profiler_memory_limit_bytes 402653184\n",
             "profiler_kubernetes_connected 0\n",
             "profiler_queue_capacity{queue=\"samples\",when_full=\"drop_newest\"} 64\n",
             "profiler_queue_capacity{queue=\"snapshots\",when_full=\"block\"} 2\n",

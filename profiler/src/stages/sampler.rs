@@ -2,8 +2,9 @@
 //! ([`crate::sample::decode`]) and sends the samples to the aggregator in batches.
 //!
 //! Policy when the aggregator's queue is full: samples wait in a backlog of at most
-//! [`MAX_BACKLOG`]; past it the newest are dropped and counted (`aggregator_queue_full`). The
-//! ring buffer itself never waits for us: when it is full the kernel drops and counts.
+//! [`MAX_BACKLOG_BYTES`]; past it the newest are dropped and counted (`aggregator_queue_full`).
+//! The ring buffer itself never waits for us: when it is full the kernel drops and counts.
+//! Queue and backlog together hold at most [`MAX_QUEUED_BYTES`], whatever the stacks' depth.
 use std::{
     io,
     sync::{
@@ -129,17 +130,32 @@ impl Collect for PipelineStats {
     }
 }
 
-/// Capacity of the sampler → aggregator queue, in batches of at most [`MAX_BATCH`] samples.
-/// Sending batches rather than single samples spares the aggregator thread a wakeup per
-/// sample. While the queue is full, drains go into the sampler's backlog (merged into batches,
-/// at most [`MAX_BACKLOG`] samples), so many small drains (first-sample wakeups when many
-/// processes start) cannot fill the queue with tiny batches and lose samples.
+/// Capacity of the sampler → aggregator queue, in batches of at most [`MAX_BATCH`] samples and
+/// [`MAX_BATCH_BYTES`]. Sending batches rather than single samples spares the aggregator thread
+/// a wakeup per sample. While the queue is full, drains go into the sampler's backlog (merged
+/// into batches, at most [`MAX_BACKLOG_BYTES`]), so many small drains (first-sample wakeups
+/// when many processes start) cannot fill the queue with tiny batches and lose samples.
 pub const QUEUE_CAPACITY: usize = 64;
 /// Most samples in one batch.
 pub const MAX_BATCH: usize = 4096;
-/// Most samples waiting in the sampler while the queue is full; past it, new samples are
-/// dropped and counted as `dropped (queue full)`.
-pub const MAX_BACKLOG: usize = QUEUE_CAPACITY * MAX_BATCH;
+/// Most bytes of samples (see [`footprint`]) in one batch: ~400 samples of 30 frames, ~40 of
+/// the deepest stacks.
+pub const MAX_BATCH_BYTES: usize = 128 << 10;
+/// Most bytes of samples waiting in the sampler while the queue is full (8 MiB); past it,
+/// new samples are dropped and counted as `dropped (queue full)`.
+pub const MAX_BACKLOG_BYTES: usize = QUEUE_CAPACITY * MAX_BATCH_BYTES;
+/// Most bytes of samples between the ring buffer and the aggregator: the full queue plus the
+/// full backlog (16 MiB). Before it was bounded by count, 524,288 samples of the deepest stacks
+/// were ~1.6 GB.
+pub const MAX_QUEUED_BYTES: usize = QUEUE_CAPACITY * MAX_BATCH_BYTES + MAX_BACKLOG_BYTES;
+const _: () = assert!(MAX_QUEUED_BYTES <= 16 << 20);
+
+/// The heap and inline bytes one sample holds while it waits.
+pub fn footprint(sample: &Sample) -> usize {
+    std::mem::size_of::<Sample>()
+        + sample.comm.len()
+        + std::mem::size_of::<u64>() * (sample.kernel.len() + sample.user.len())
+}
 
 /// How often the ring buffer is drained without a wakeup from the kernel. The program wakes
 /// the reader when the ring is a quarter full ([`profiler_common::samples_wakeup_bytes`]) and,
@@ -176,7 +192,7 @@ pub async fn run(
             () = cancel.cancelled() => {
                 drain(fd.get_mut(), &mut backlog, &stats, &mut asker);
                 // The aggregator still runs: wait for room rather than drop the last samples.
-                for batch in backlog.batches.drain(..) {
+                for (batch, _) in backlog.batches.drain(..) {
                     if tx.send(Message::Samples(batch)).await.is_err() {
                         break;
                     }
@@ -195,41 +211,45 @@ pub async fn run(
     }
 }
 
-/// Samples drained but not yet queued, in batches of at most [`MAX_BATCH`].
+/// Samples drained but not yet queued, in batches of at most [`MAX_BATCH`] samples and
+/// [`MAX_BATCH_BYTES`], each with its bytes.
 #[derive(Default)]
 struct Backlog {
-    batches: std::collections::VecDeque<Vec<Sample>>,
-    samples: usize,
+    batches: std::collections::VecDeque<(Vec<Sample>, usize)>,
+    bytes: usize,
 }
 
 impl Backlog {
     /// Adds a sample, or drops and counts it when the backlog is full.
     fn push(&mut self, sample: Sample, stats: &PipelineStats) {
-        if self.samples >= MAX_BACKLOG {
+        let size = footprint(&sample);
+        if self.bytes + size > MAX_BACKLOG_BYTES {
             stats.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
             return;
         }
         match self.batches.back_mut() {
-            Some(last) if last.len() < MAX_BATCH => last.push(sample),
-            _ => self.batches.push_back(vec![sample]),
+            Some((last, bytes)) if last.len() < MAX_BATCH && *bytes + size <= MAX_BATCH_BYTES => {
+                last.push(sample);
+                *bytes += size;
+            }
+            _ => self.batches.push_back((vec![sample], size)),
         }
-        self.samples += 1;
+        self.bytes += size;
     }
 
     /// Queues batches in order until the queue is full.
     fn flush(&mut self, tx: &mpsc::Sender<Message>) {
-        while let Some(batch) = self.batches.pop_front() {
-            let n = batch.len();
+        while let Some((batch, bytes)) = self.batches.pop_front() {
             match tx.try_send(Message::Samples(batch)) {
-                Ok(()) => self.samples -= n,
+                Ok(()) => self.bytes -= bytes,
                 Err(mpsc::error::TrySendError::Full(Message::Samples(batch))) => {
-                    self.batches.push_front(batch);
+                    self.batches.push_front((batch, bytes));
                     return;
                 }
                 // Closed: the aggregator is gone and nothing can be delivered.
                 Err(_) => {
                     self.batches.clear();
-                    self.samples = 0;
+                    self.bytes = 0;
                     return;
                 }
             }
@@ -325,8 +345,13 @@ mod tests {
             backlog.push(sample(tgid), &stats);
         }
         backlog.flush(&tx);
-        assert_eq!(backlog.samples, MAX_BATCH + 2);
-        assert_eq!(backlog.batches.len(), 2, "merged up to MAX_BATCH per batch");
+        assert_eq!(backlog.bytes, (MAX_BATCH + 2) * footprint(&sample(1)));
+        let per_batch = MAX_BATCH.min(MAX_BATCH_BYTES / footprint(&sample(1)));
+        assert_eq!(
+            backlog.batches.len(),
+            (MAX_BATCH + 2).div_ceil(per_batch),
+            "merged up to MAX_BATCH samples and MAX_BATCH_BYTES per batch"
+        );
         let mut seen = Vec::new();
         while seen.len() < MAX_BATCH + 5 {
             match rx.recv().await {
@@ -337,6 +362,31 @@ mod tests {
         }
         assert_eq!(seen, (1..=MAX_BATCH as u32 + 5).collect::<Vec<_>>());
         assert_eq!(stats.dropped_queue_full.load(Ordering::Relaxed), 0);
-        assert_eq!(backlog.samples, 0);
+        assert_eq!(backlog.bytes, 0);
+    }
+
+    #[test]
+    fn deep_stacks_are_bounded_by_bytes_not_count() {
+        let stats = PipelineStats::default();
+        let mut backlog = Backlog::default();
+        let deep = |tgid| Sample {
+            user: vec![0x40_1000; profiler_common::MAX_USER_DEPTH],
+            kernel: vec![0xffff_ffff_8100_0000; profiler_common::MAX_STACK_DEPTH],
+            ..sample(tgid)
+        };
+        let size = footprint(&deep(0));
+        let fit = MAX_BACKLOG_BYTES / size;
+        for tgid in 0..fit as u32 + 100 {
+            backlog.push(deep(tgid), &stats);
+        }
+        assert!(backlog.bytes <= MAX_BACKLOG_BYTES);
+        assert_eq!(stats.dropped_queue_full.load(Ordering::Relaxed), 100);
+        // Every batch respects the byte bound, so the queue's 64 batches do too.
+        assert!(
+            backlog
+                .batches
+                .iter()
+                .all(|(b, bytes)| *bytes <= MAX_BATCH_BYTES && b.len() * size == *bytes)
+        );
     }
 }

@@ -27,12 +27,37 @@ pub struct SymbolTable {
     names: String,
 }
 
+/// Most bytes one file's symbol table may hold (entries and names): more than the largest
+/// binaries need (a browser's ~1.5M symbols take ~60 MiB), less than the DaemonSet's symbol
+/// cache. Past it the rest of the file's symbols are not kept ([`Limit::SymbolCount`]), so a
+/// symbol table cannot be made to cost more than this whatever the file claims.
+///
+/// [`Limit::SymbolCount`]: crate::limits::Limit::SymbolCount
+pub const MAX_SYMBOL_TABLE_BYTES: usize = 64 << 20;
+
 impl SymbolTable {
     /// Builds a table from `(address, size, name)`; for several symbols at one address the
-    /// largest (then first) wins.
+    /// largest (then first) wins. Names are cut at [`crate::limits::MAX_NAME_BYTES`], and the
+    /// table stops at [`MAX_SYMBOL_TABLE_BYTES`].
     pub fn from_symbols<'a>(symbols: impl IntoIterator<Item = (u64, u64, &'a str)>) -> Self {
+        Self::bounded(symbols, MAX_SYMBOL_TABLE_BYTES, "a symbol table")
+    }
+
+    /// [`Self::from_symbols`] with a byte bound; a hit is counted for `subject`.
+    pub fn bounded<'a>(
+        symbols: impl IntoIterator<Item = (u64, u64, &'a str)>,
+        max_bytes: usize,
+        subject: &str,
+    ) -> Self {
         let mut table = SymbolTable::default();
         for (addr, size, name) in symbols {
+            let name = crate::limits::cap_name(name, subject);
+            if (table.entries.len() + 1) * size_of::<SymbolEntry>() + table.names.len() + name.len()
+                > max_bytes
+            {
+                crate::limits::hit(crate::limits::Limit::SymbolCount, subject);
+                break;
+            }
             let (Ok(name_start), Ok(name_len)) =
                 (u32::try_from(table.names.len()), u32::try_from(name.len()))
             else {
@@ -174,7 +199,7 @@ impl ElfImage {
             .filter(|s| s.kind() == SymbolKind::Text && s.is_definition() && s.address() != 0)
             .filter_map(|s| Some((s.address(), s.size(), s.name().ok()?)))
             .filter(|(_, _, name)| !name.is_empty());
-        let symbols = SymbolTable::from_symbols(functions);
+        let symbols = SymbolTable::bounded(functions, MAX_SYMBOL_TABLE_BYTES, subject);
         let gopclntab = GoPclntab::from_elf(&elf, true);
         // Go code is named from .gopclntab (cheaper, and present in stripped binaries); DWARF
         // is loaded only for the rest: files without the table, and the C code of cgo binaries.
@@ -332,6 +357,29 @@ fn has_foreign_code<'data, R: ReadRef<'data>>(elf: &object::File<'data, R>, go: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_symbol_table_stops_at_its_byte_bound_and_counts_the_hit() {
+        use crate::limits::{HITS, Limit, MAX_NAME_BYTES};
+        let before = HITS.count(Limit::SymbolCount);
+        let names: Vec<String> = (0..1000).map(|i| format!("function_{i:04}")).collect();
+        let table = SymbolTable::bounded(
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (0x1000 + 16 * i as u64, 16, n.as_str())),
+            100 * (size_of::<SymbolEntry>() + 13),
+            "/bin/many",
+        );
+        assert_eq!(table.len(), 100);
+        assert!(table.bytes() <= (100 * (size_of::<SymbolEntry>() + 13)) as u64);
+        assert_eq!(table.lookup(0x1000 + 16 * 99), Some("function_0099"));
+        assert_eq!(table.lookup(0x1000 + 16 * 100), None);
+        assert!(HITS.count(Limit::SymbolCount) > before);
+        let long = "x".repeat(1 << 20);
+        let table = SymbolTable::from_symbols([(0x1000, 16, long.as_str())]);
+        assert_eq!(table.lookup(0x1000).map(str::len), Some(MAX_NAME_BYTES));
+    }
 
     #[test]
     fn debug_sections_with_absurd_sizes_do_not_overflow() {

@@ -86,7 +86,7 @@ pub struct NameCache<K> {
 
 /// Most bytes of names one generation of a [`NameCache`] holds; with names capped at
 /// [`MAX_NAME_BYTES`](crate::limits::MAX_NAME_BYTES), two generations stay under 32 MiB.
-pub const NAME_CACHE_GENERATION_BYTES: usize = 16 * 1024 * 1024;
+pub const NAME_CACHE_GENERATION_BYTES: usize = 8 * 1024 * 1024;
 
 impl FunctionName {
     /// Bytes this name holds.

@@ -9,9 +9,14 @@ use std::sync::Arc;
 /// daemon its memory budget).
 pub const MAX_PERF_MAP_BYTES: usize = 16 * 1024 * 1024;
 
-/// Most bytes of perf maps read for all processes together (each counted up to
-/// [`MAX_PERF_MAP_BYTES`]); a map that would go past it is not read.
-pub const PERF_MAPS_BUDGET: u64 = 32 * 1024 * 1024;
+/// Most bytes all processes' parsed perf maps hold together ([`PerfMap::bytes`]); a map is
+/// parsed only up to what is left of it. Parsed, a line costs more than its text (a 6-byte
+/// line `1 1 a` is ~60 bytes of entry and name), so the budget is on the parsed form.
+pub const PERF_MAPS_BUDGET: u64 = 16 * 1024 * 1024;
+
+/// What one parsed line holds besides its name's bytes: the entry, and the name's
+/// reference-counted allocation header.
+const ENTRY_BYTES: usize = size_of::<(u64, u64, Arc<str>)>() + 2 * size_of::<usize>();
 
 #[derive(Debug, Default)]
 pub struct PerfMap {
@@ -22,8 +27,17 @@ pub struct PerfMap {
 impl PerfMap {
     /// Parses a perf map; malformed lines are skipped and counted.
     pub fn parse(text: &str) -> (Self, usize) {
+        let (map, malformed, _) = Self::parse_bounded(text, usize::MAX);
+        (map, malformed)
+    }
+
+    /// [`Self::parse`] that stops before the map would hold more than `max_bytes`
+    /// ([`Self::bytes`]); the third value says whether it stopped early.
+    pub fn parse_bounded(text: &str, max_bytes: usize) -> (Self, usize, bool) {
         let mut malformed = 0;
         let mut symbols: Vec<(u64, u64, Arc<str>)> = Vec::new();
+        let mut bytes = 0usize;
+        let mut cut = false;
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let mut parts = line.splitn(3, ' ');
             let parsed = (|| {
@@ -34,20 +48,33 @@ impl PerfMap {
                 (!name.is_empty() && size > 0).then(|| (start, end, Arc::<str>::from(name)))
             })();
             match parsed {
-                Some(symbol) => symbols.push(symbol),
+                Some(symbol) => {
+                    let size = ENTRY_BYTES + symbol.2.len();
+                    if bytes.saturating_add(size) > max_bytes {
+                        cut = true;
+                        break;
+                    }
+                    bytes += size;
+                    symbols.push(symbol);
+                }
                 None => malformed += 1,
             }
         }
-        // Stable sort keeps file order among equal starts; keep the last of each.
+        // Stable sort keeps file order among equal starts; keep the last of each, in place
+        // (no second vector at the peak).
         symbols.sort_by_key(|s| s.0);
-        let mut deduped: Vec<(u64, u64, Arc<str>)> = Vec::with_capacity(symbols.len());
-        for symbol in symbols {
-            match deduped.last_mut() {
-                Some(last) if last.0 == symbol.0 => *last = symbol,
-                _ => deduped.push(symbol),
-            }
-        }
-        (Self { symbols: deduped }, malformed)
+        symbols.reverse();
+        // Reversed, the latest line of each start comes first, and `dedup_by_key` keeps the
+        // first of each run.
+        symbols.dedup_by_key(|s| s.0);
+        symbols.reverse();
+        symbols.shrink_to_fit();
+        (Self { symbols }, malformed, cut)
+    }
+
+    /// Bytes the parsed map holds (entries and names), what [`PERF_MAPS_BUDGET`] counts.
+    pub fn bytes(&self) -> usize {
+        self.symbols.iter().map(|s| ENTRY_BYTES + s.2.len()).sum()
     }
 
     pub fn lookup(&self, addr: u64) -> Option<&Arc<str>> {
@@ -130,5 +157,27 @@ mod tests {
         );
         assert_eq!(map.lookup(0x013c_ac0c_aac6 + 0x2d), None);
         assert_eq!(map.lookup(0x10), None);
+    }
+
+    #[test]
+    fn the_tiniest_lines_cannot_make_a_map_outgrow_its_bound() {
+        // 6 bytes of text per line, ~60 parsed: the bound is on the parsed form.
+        let text: String = (0..100_000u64)
+            .map(|i| format!("{:x} 1 a\n", 0x1000 + 2 * i))
+            .collect();
+        let (whole, _, cut) = PerfMap::parse_bounded(&text, usize::MAX);
+        assert!(!cut);
+        assert_eq!(whole.len(), 100_000);
+        assert!(
+            whole.bytes() > 5 * text.len(),
+            "{} parsed from {}",
+            whole.bytes(),
+            text.len()
+        );
+        let (bounded, malformed, cut) = PerfMap::parse_bounded(&text, 1 << 20);
+        assert!(cut && malformed == 0);
+        assert!(bounded.bytes() <= 1 << 20);
+        assert!(bounded.len() > 10_000);
+        assert_eq!(bounded.lookup(0x1000).map(|n| &**n), Some("a"));
     }
 }

@@ -746,10 +746,10 @@ fn bias(segments: &[(u64, u64, u64)], start: u64, offset: u64) -> Option<u64> {
     Some(start.wrapping_sub(vaddr))
 }
 
-/// Most `MAPPINGS` entries one process may take: 1/64 of the node-wide map (16,384). A
+/// Most `MAPPINGS` entries one process may take: 1/16 of the node-wide map (16,384). A
 /// process maps a few hundred executable ranges of ~10 entries each; one that maps tens of
 /// thousands would otherwise fill the map for every other process on the node.
-pub const MAX_PROCESS_ENTRIES: usize = (profiler_common::MAX_MAPPINGS / 64) as usize;
+pub const MAX_PROCESS_ENTRIES: usize = (profiler_common::MAX_MAPPINGS / 16) as usize;
 
 /// Splits `[start, end)` into aligned power-of-two blocks: (prefix bits of the address, block
 /// start), as the LPM trie needs.

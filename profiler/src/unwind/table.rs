@@ -42,10 +42,14 @@ pub enum TableError {
     TooManyRows { max: usize },
 }
 
-/// Most rows one file's table may have while it is compiled (64 MiB of [`AbsRow`]s; half the
-/// default unwind-table budget once stored). Checked as rows are added, so a hostile file is
-/// refused before it costs more.
-pub const MAX_FILE_ROWS: usize = 1 << 22;
+/// Most rows one file's table may have while it is compiled (1,048,576: 8 MiB once stored;
+/// the largest table benchmarked has 228k rows). Checked as rows are added, so a hostile file
+/// is refused before it costs more than [`MAX_FILE_ROWS`] × [`MAX_ROW_BYTES_WHILE_COMPILING`].
+pub const MAX_FILE_ROWS: usize = 1 << 20;
+
+/// Most bytes one row costs while its file compiles: the [`AbsRow`] vector with up to as much
+/// again of growth slack (32), one sorted or joined copy (16), and the stored row (8).
+pub const MAX_ROW_BYTES_WHILE_COMPILING: usize = 2 * size_of::<AbsRow>() + size_of::<AbsRow>() + 8;
 
 /// A row with its absolute ELF virtual address (before rebasing to the table's base).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
